@@ -1,0 +1,109 @@
+"""PersonaMaskConfig: what a persona mask adapter targets, and where it came from."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from .._peft_type import PERSONA_MASK
+
+METHODS = ("wanda", "contrastive", "obs", "magnitude", "random", "explicit", "combined")
+
+
+@dataclass
+class PersonaMaskConfig(PeftConfig):
+    """Configuration of a persona mask adapter: a binary mask ``M`` per targeted linear layer, applied as ``W * M``.
+
+    The targeting fields behave as in LoRA. The provenance fields are filled by
+    [`PersonaExtractor`] and are informational, except ``base_model_fingerprint``, which is checked when the adapter
+    is injected into a model.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Module names or a regex of the linear layers to mask. None (the default) means every nn.Linear "
+                "(or transformers Conv1D) inside the decoder blocks; embeddings and lm_head are never targeted."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names or a regex of modules never to mask, even when matched by target_modules."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Indices of the decoder blocks to mask; None masks every block."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the decoder-block list (e.g. 'layers' or 'h'); used with layers_to_transform."},
+    )
+    persona: Optional[str] = field(default=None, metadata={"help": "The persona this mask expresses, e.g. 'extrovert'."})
+    opposite_persona: Optional[str] = field(
+        default=None, metadata={"help": "The persona it was contrasted against, if any, e.g. 'introvert'."}
+    )
+    method: Optional[str] = field(
+        default=None,
+        metadata={"help": f"How the mask was built: one of {METHODS}."},
+    )
+    sparsity: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of weights removed per output row, in [0, 1)."}
+    )
+    calibration: Optional[dict[str, Any]] = field(
+        default=None,
+        metadata={"help": "Description of the calibration data: source, number of texts and tokens, licence, seed."},
+    )
+    base_model_fingerprint: Optional[dict[str, Any]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Fingerprint of the base model the mask was extracted on (layer shapes and a weight probe). "
+                "Injection into a model with a different fingerprint raises an error; set the environment "
+                "variable PEFT_PERSONA_SKIP_FINGERPRINT=1 to skip the check."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PERSONA_MASK
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("PersonaMaskConfig: `layers_pattern` only applies together with `layers_to_transform`.")
+        if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"PersonaMaskConfig: `sparsity` must lie in [0, 1), got {self.sparsity}.")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"PersonaMaskConfig: unknown `method` {self.method!r}; expected one of {METHODS}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Load the config; for a local directory, also check that its weights file is readable safetensors.
+
+        PEFT reads the config before the weights, so a corrupt ``adapter_model.safetensors`` is reported here with
+        its path, instead of as a bare deserialisation error later.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        weights = os.path.join(directory, "adapter_model.safetensors")
+        if os.path.isfile(weights):
+            check_safetensors_file(weights)
+        return config
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Raise a ``ValueError`` naming ``path`` if it is not a readable safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None

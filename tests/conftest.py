@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny models built from config in-process, and their random masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from peft_persona.fingerprint import decoder_linear_modules, oriented_weight
+
+VOCAB = 1000
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def random_masks(model: torch.nn.Module, seed: int, keep: float = 0.5) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.rand(oriented_weight(module).shape, generator=generator) < keep
+        for name, module in decoder_linear_modules(model).items()
+    }
+
+
+def masked_reference(model_factory, seed: int, masks_list: list[dict[str, torch.Tensor]]) -> torch.nn.Module:
+    """A fresh copy of the base model with W * M applied by hand, for every mask in ``masks_list``."""
+    reference = model_factory(seed)
+    with torch.no_grad():
+        for masks in masks_list:
+            for name, mask in masks.items():
+                oriented_weight(reference.get_submodule(name)).mul_(mask.to(oriented_weight(reference.get_submodule(name)).dtype))
+    return reference
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def arch(request) -> str:
+    return request.param
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
