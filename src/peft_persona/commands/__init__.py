@@ -1,0 +1,1 @@
+"""Sub-commands of the ``peft-persona`` CLI, one module each, each with ``register(subparsers)``."""
