@@ -1,0 +1,1 @@
+"""Evaluation harness: batched scoring, item formats, conditions, statistics and the report."""
