@@ -3,7 +3,7 @@
 Formats:
 
 ``yes_no``      Anthropic persona question, rendered with the chat template; " Yes" against " No" as the answer.
-``paper_ab``    The paper's A/B test files: question and both answer texts as choices (A)/(B); "(A)" against "(B)".
+``paper_ab``    The paper's A/B test files: question and both answer texts as choices (A)/(B); "A" against "B".
 ``statement``   Held-out statements as the assistant's reply to a fixed user turn; per-token log-likelihood of the
                 trait statements minus that of the opposite statements.
 
@@ -24,7 +24,7 @@ from .. import data
 
 FORMATS = ("yes_no", "paper_ab", "statement")
 STATEMENT_PROMPT = "Say something about yourself in one sentence."
-AB_SUFFIX = "\n\nAnswer with (A) or (B)."
+AB_SUFFIX = "\n\nAnswer with A or B."
 CALIBRATION_PER_ANSWER = 100
 CALIBRATION_SEED = 0
 
@@ -148,7 +148,7 @@ def load_items(data_root: Path, persona: Persona, fmt: str, n: int, seed: int = 
     rows = _balanced_sample(rows, n, seed, "matching")
     return [
         Item(f"{persona.name}/{i}", fmt, f"{r['question'].strip()}\n\nChoices:\n (A) {r['A'].strip()}\n (B) {r['B'].strip()}"
-             + AB_SUFFIX, ("(A)", "(B)"), 0 if r["matching"].strip() == "A" else 1)
+             + AB_SUFFIX, ("A", "B"), 0 if r["matching"].strip() == "A" else 1)
         for i, r in enumerate(rows)
     ]
 

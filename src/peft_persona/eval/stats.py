@@ -118,3 +118,31 @@ def proportion_ci(successes: float, n: int) -> dict[str, float]:
     return {"mean": successes / n, "ci_low": low, "ci_high": high, "n": int(n)}
 
 
+
+
+def group_difference(
+    values: ArrayLike, labels: Sequence[int | bool], n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """``mean(values | label) - mean(values | not label)`` with a stratified bootstrap CI and two-sided p-value.
+
+    With ``values`` a per-item difference between two conditions, this tests whether the conditions' margins differ.
+    """
+    check_same_length(values, labels, ("values", "labels"))
+    v = _vector(values, "values")
+    y = np.asarray(labels).astype(bool).reshape(-1)
+    pos, neg = v[y], v[~y]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"group_difference needs both groups; got {pos.size} and {neg.size} items")
+    rng = np.random.default_rng(seed)
+    draws = (
+        pos[rng.integers(0, pos.size, size=(n_resamples, pos.size))].mean(axis=1)
+        - neg[rng.integers(0, neg.size, size=(n_resamples, neg.size))].mean(axis=1)
+    )
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    diff = float(pos.mean() - neg.mean())
+    if np.all(v == v[0]):
+        p_value = 1.0
+    else:
+        p_value = min(1.0, 2 * min(float(np.mean(draws <= 0)), float(np.mean(draws >= 0))))
+    return {"diff": diff, "ci_low": float(low), "ci_high": float(high), "p_value": p_value, "n": int(v.size)}

@@ -1,0 +1,91 @@
+"""``peft-persona eval``: score persona masks, prompts and controls side by side; write results.json, report.md, PNGs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PERSONAS = ("extraversion", "agreeableness", "desire-for-acquiring-power", "power", "wealth", "hallucination")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate persona mask adapters against prompts and controls",
+        description="Score every persona under base, prompt, mask and control conditions; write results.json, "
+        "report.md and PNG plots to --out.",
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, local path or embedded model name")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF directory")
+    parser.add_argument("--adapters", default=None, help="directory of saved adapters (one sub-directory each)")
+    parser.add_argument("--extract", action="store_true", help="extract persona and control masks into --adapters first "
+                        "(skipped for adapters already there)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="sparsity for --extract (default 0.5)")
+    parser.add_argument("--method", default="contrastive", help="extraction method for --extract (default contrastive)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--data-root", default="../shared/data", help="the shared data folder (default ../shared/data)")
+    parser.add_argument("--personas", nargs="+", default=list(DEFAULT_PERSONAS), help="personas to evaluate")
+    parser.add_argument("--conditions", nargs="+", default=None, help="condition names (default: all)")
+    parser.add_argument("--n-items", type=int, default=100, help="items per persona and format (default 100)")
+    parser.add_argument("--n-paper-items", type=int, default=None, help="items per paper split (default --n-items)")
+    parser.add_argument("--seed", type=int, default=1, help="seed drawing evaluation items from the held-out rows")
+    parser.add_argument("--nll-passages", type=int, default=16, help="neutral passages for general-ability NLL")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--resume", action="store_true", help="reuse unchanged conditions from --out/results.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..eval import harness, items, plots, report
+    from ..eval.adapters import adapter_dirs, extract_adapters, load_adapters
+    from ..eval.conditions import CONDITIONS
+    from ..models import load_model
+
+    unknown = [p for p in args.personas if p not in items.PERSONAS]
+    if unknown:
+        raise ValueError(f"unknown persona(s) {unknown}; known: {sorted(items.PERSONAS)}")
+    names = {c.name for c in CONDITIONS}
+    if args.conditions and set(args.conditions) - names:
+        raise ValueError(f"unknown condition(s) {sorted(set(args.conditions) - names)}; known: {[c.name for c in CONDITIONS]}")
+    data_root = Path(args.data_root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"data root {data_root} does not exist (pass --data-root)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    personas = [items.PERSONAS[p] for p in args.personas]
+    started = time.time()
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    if args.extract:
+        if not args.adapters:
+            raise ValueError("--extract needs --adapters DIR to save the masks in")
+        if not Path(args.adapters).is_dir() or not list(Path(args.adapters).glob("*/adapter_config.json")):
+            extract_adapters(model, tokenizer, personas, data_root, args.adapters, args.sparsity, args.method)
+            model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)  # a clean base for loading
+    digests: dict[str, str] = {}
+    if args.adapters:
+        adapter_dirs(args.adapters)
+        model, digests = load_adapters(model, args.adapters)
+    previous = None
+    if args.resume and (out / "results.json").is_file():
+        previous = json.loads((out / "results.json").read_text())
+    conditions = [c for c in CONDITIONS if not args.conditions or c.name in args.conditions]
+    nll = items.neutral_texts(data_root, "eval", args.nll_passages) if args.nll_passages else []
+    sources = {"paper": args.n_paper_items} if args.n_paper_items else None
+    with torch.inference_mode():
+        results = harness.run(
+            model, tokenizer, personas, data_root, args.n_items, args.seed, conditions, args.batch_size, nll,
+            n_items_by_source=sources, digests=digests, previous=previous,
+        )
+    results["meta"] = report.metadata(args, personas, conditions, digests, time.time() - started)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plots.write_plots(results, out)
+    (out / "report.md").write_text(report.render(results))
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots in {time.time() - started:.0f}s")
+    return 0

@@ -1,0 +1,84 @@
+"""Adapters for an evaluation: load saved persona mask adapters, or extract them (personas and controls)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from .items import Persona, calibration_texts, neutral_texts
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_dirs(directory: str | Path) -> dict[str, Path]:
+    """Saved adapters under ``directory``: the directory itself (named ``default``) and each sub-directory holding
+    an ``adapter_config.json`` (named after the sub-directory), as ``PeftModel.save_pretrained`` lays them out."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapter directory {root} does not exist")
+    found = {"default": root} if (root / CONFIG).is_file() else {}
+    found.update({d.name: d for d in sorted(root.iterdir()) if d.is_dir() and (d / CONFIG).is_file()})
+    if not found:
+        raise FileNotFoundError(f"no saved adapter ({CONFIG}) in {root} or its sub-directories")
+    return found
+
+
+def digest(path: str | Path) -> str:
+    """SHA-256 prefix of a saved adapter's weights file, to recognise unchanged adapters between runs."""
+    sha = hashlib.sha256()
+    with open(Path(path) / WEIGHTS, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> tuple[nn.Module, dict[str, str]]:
+    """A ``PeftModel`` holding every adapter saved under ``directory``, and each adapter's weights digest."""
+    from peft import PeftModel
+
+    found = adapter_dirs(directory)
+    peft_model = None
+    for name, path in found.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+        else:
+            peft_model.load_adapter(str(path), adapter_name=name)
+    peft_model.eval()
+    return peft_model, {name: digest(path) for name, path in found.items()}
+
+
+def extract_adapters(
+    model: nn.Module,
+    tokenizer: Any,
+    personas: Sequence[Persona],
+    data_root: Path,
+    out_dir: str | Path,
+    sparsity: float = 0.5,
+    method: str = "contrastive",
+    seed: int = 0,
+    max_calibration: int = 100,
+    neutral_passages: int = 50,
+) -> None:
+    """Extract and save, under ``out_dir``, each persona's and opposite's mask (``method`` on the calibration split,
+    at most ``max_calibration`` texts per side, the first after a ``seed`` shuffle) and the three controls at the same
+    sparsity: ``random``, ``magnitude``, and ``neutral`` (Wanda on neutral instructions disjoint from the NLL texts)."""
+    import random
+
+    from .. import PersonaExtractor  # the extractor (issue 3)
+
+    extractor = PersonaExtractor(model, tokenizer, max_length=256, batch_size=8)
+    for persona in personas:
+        texts, opposite = calibration_texts(data_root, persona)
+        rng = random.Random(seed)
+        texts = rng.sample(texts, min(max_calibration, len(texts)))
+        opposite = rng.sample(opposite, min(max_calibration, len(opposite)))
+        extractor.extract({persona.name: texts, persona.opposite: opposite}, method=method, sparsity=sparsity, seed=seed)
+    extractor.extract({"random": None}, method="random", sparsity=sparsity, seed=seed)
+    extractor.extract({"magnitude": None}, method="magnitude", sparsity=sparsity)
+    neutral = neutral_texts(data_root, "calibration", neutral_passages, per_passage=4)
+    extractor.extract({"neutral": neutral}, method="wanda", sparsity=sparsity)
+    extractor.peft_model.save_pretrained(str(out_dir))

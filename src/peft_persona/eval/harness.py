@@ -1,0 +1,241 @@
+"""Run every condition on every persona's items, plus general-ability NLL and mask statistics, into one dict."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+from torch import nn
+
+from ..metrics.functions import TIE, mask_overlap, persona_alignment, persona_margin
+from . import stats
+from .conditions import CONDITIONS, Condition, active, adapter_names, control_for, render
+from .items import Item, Persona, load_items
+from .scoring import Score, encode, score_continuations, score_ids
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def score_items(
+    model: nn.Module, tokenizer: Any, items: Sequence[Item], system: Optional[str] = None, batch_size: int = 8
+) -> list[list[Score]]:
+    """Scores of every choice of every item (statements: their one continuation), under ``system`` prompt."""
+    contexts, continuations, owner = [], [], []
+    for index, item in enumerate(items):
+        context = render(tokenizer, item.user, system)
+        for choice in item.choices:
+            contexts.append(context)
+            continuations.append(choice)
+            owner.append(index)
+    flat = score_continuations(model, tokenizer, contexts, continuations, batch_size=batch_size)
+    grouped: list[list[Score]] = [[] for _ in items]
+    for index, score in zip(owner, flat):
+        grouped[index].append(score)
+    return grouped
+
+
+def item_values(items: Sequence[Item], scores: Sequence[Sequence[Score]]) -> dict[str, list]:
+    """Per-item numbers kept in results.json: choice formats get per-token margins (matching minus not matching),
+    first-choice minus second-choice differences and correctness; statements get per-token log-likelihoods."""
+    if items[0].format == "statement":
+        return {"logprob": [s[0].mean for s in scores], "trait": [item.matching for item in items]}
+    margins, first, correct = [], [], []
+    for item, (a, b) in zip(items, scores):
+        diff = a.mean - b.mean
+        first.append(diff)
+        margin = diff if item.matching == 0 else -diff
+        margins.append(margin)
+        correct.append(1.0 if margin > 0 else 0.5 if margin == 0 else 0.0)
+    return {"margin": margins, "first_minus_second": first, "correct": correct, "matching": [i.matching for i in items]}
+
+
+def summarize(fmt: str, values: dict[str, list], seed: int = 0) -> dict[str, Any]:
+    """Accuracy (Wilson CI), AUC, first-choice share and margin (bootstrap CI) of one format under one condition."""
+    if fmt == "statement":
+        margin = stats.group_difference(values["logprob"], values["trait"], seed=seed)
+        return {"margin": margin, "auc": stats.auc(values["logprob"], values["trait"]), "n": len(values["trait"])}
+    first = np.asarray(values["first_minus_second"])
+    predictions = np.where(first > 0, 0, np.where(first < 0, 1, TIE))
+    accuracy = persona_alignment(predictions.tolist(), values["matching"])
+    labels = [m == 0 for m in values["matching"]]
+    margin = persona_margin(values["margin"], [0.0] * len(values["margin"]), seed=seed)
+    return {
+        "accuracy": accuracy,
+        "auc": stats.auc(first, labels),
+        "first_choice_share": float(np.mean(first > 0)),
+        "margin": margin,
+        "n": len(first),
+    }
+
+
+def compare(fmt: str, values: dict[str, list], control: dict[str, list], seed: int = 0) -> dict[str, Any]:
+    """Paired tests of a condition against its control over the same items."""
+    if fmt == "statement":
+        delta = np.asarray(values["logprob"]) - np.asarray(control["logprob"])
+        return {"margin": stats.group_difference(delta, values["trait"], seed=seed)}
+    return {
+        "accuracy_sign_test": stats.sign_test(values["correct"], control["correct"]),
+        "accuracy_diff": float(np.mean(values["correct"]) - np.mean(control["correct"])),
+        "margin": stats.paired_bootstrap(values["margin"], control["margin"], seed=seed),
+    }
+
+
+def general_nll(model: nn.Module, tokenizer: Any, passages: Sequence[str], batch_size: int = 8) -> dict[str, Any]:
+    """Per-token negative log-likelihood of each passage (its first token is the context) and their mean."""
+    ids = encode(tokenizer, passages)
+    short = [i for i, t in enumerate(ids) if len(t) < 2]
+    if short:
+        raise ValueError(f"passages {short[:5]} have fewer than 2 tokens")
+    scores = score_ids(model, [t[:1] for t in ids], [t[1:] for t in ids], batch_size=batch_size, prefix_cache=False)
+    per_passage = [-s.mean for s in scores]
+    return {
+        "nll": stats.mean_ci(per_passage),
+        "corpus_nll": float(-sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)),
+        "n_tokens": int(sum(s.n_tokens for s in scores)),
+        "per_passage": per_passage,
+    }
+
+
+def _fingerprint(items: Sequence[Item]) -> str:
+    import hashlib
+
+    text = json.dumps([[i.user, list(i.choices), i.matching] for i in items])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _block(name: str) -> str:
+    match = re.search(r"layers\.(\d+)\.", name)
+    return match.group(1) if match else name
+
+
+def mask_statistics(model: nn.Module, personas: Sequence[Persona], control: str = "random") -> dict[str, Any]:
+    """Per-adapter density and persona-vs-opposite / persona-vs-control overlap, per module and per block."""
+    from ..masks import get_masks
+
+    names = adapter_names(model)
+    result: dict[str, Any] = {"density": {}, "persona_vs_opposite": {}, "persona_vs_control": {}}
+    for adapter in sorted(names):
+        masks = get_masks(model, adapter)
+        kept = {name: (int(m.sum()), m.numel()) for name, m in masks.items()}
+        result["density"][adapter] = {
+            "overall": sum(k for k, _ in kept.values()) / sum(n for _, n in kept.values()),
+            "per_block": _per_block({n: {"kept": k, "size": s} for n, (k, s) in kept.items()}, "kept"),
+        }
+    for persona in personas:
+        if persona.name in names and persona.opposite in names:
+            overlap = mask_overlap(get_masks(model, persona.name), get_masks(model, persona.opposite))
+            result["persona_vs_opposite"][persona.name] = _overlap_summary(overlap)
+        if persona.name in names and control in names:
+            overlap = mask_overlap(get_masks(model, persona.name), get_masks(model, control))
+            result["persona_vs_control"][persona.name] = _overlap_summary(overlap)
+    return result
+
+
+def _overlap_summary(overlap: dict[str, Any]) -> dict[str, Any]:
+    layers = {n: {"differ": v["difference_rate"] * v["size"], "size": v["size"]} for n, v in overlap["per_layer"].items()}
+    return {
+        "jaccard": overlap["jaccard"],
+        "difference_rate": overlap["difference_rate"],
+        "per_block_difference_rate": _per_block(layers, "differ"),
+    }
+
+
+def _per_block(layers: dict[str, dict[str, float]], key: str) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for name, value in layers.items():
+        entry = totals.setdefault(_block(name), [0.0, 0.0])
+        entry[0] += value[key]
+        entry[1] += value["size"]
+    ordered = sorted(totals, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
+    return {b: totals[b][0] / totals[b][1] for b in ordered}
+
+
+def run(
+    model: nn.Module,
+    tokenizer: Any,
+    personas: Sequence[Persona],
+    data_root: Path,
+    n_items: int = 100,
+    seed: int = 1,
+    conditions: Sequence[Condition] = CONDITIONS,
+    batch_size: int = 8,
+    nll_passages: Sequence[str] = (),
+    log: Log = _stderr,
+    n_items_by_source: Optional[dict[str, int]] = None,
+    digests: Optional[dict[str, str]] = None,
+    previous: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Score every persona's items under every condition whose adapter the model holds, and compare each condition
+    with its random-mask control. Conditions whose adapter is missing are listed under ``skipped``.
+
+    ``n_items_by_source`` overrides ``n_items`` per persona source (``"anthropic"``, ``"paper"``). With ``previous``
+    results, a condition is reused instead of rescored when its items, system prompt and adapter digest (from
+    ``digests``; ``"base"`` for no adapter) are unchanged.
+    """
+    start = time.time()
+    held = adapter_names(model)
+    digests = {**(digests or {}), "base": "base"}
+    results: dict[str, Any] = {"personas": {}, "general_ability": {}, "skipped": [], "reused": []}
+    for persona in personas:
+        entry: dict[str, Any] = {"prompt": persona.prompt, "opposite_prompt": persona.opposite_prompt, "formats": {}}
+        results["personas"][persona.name] = entry
+        for fmt in persona.formats:
+            n = (n_items_by_source or {}).get(persona.source, n_items)
+            items = load_items(data_root, persona, fmt, n, seed)
+            old = ((previous or {}).get("personas", {}).get(persona.name, {}).get("formats", {}).get(fmt, {}))
+            if old.get("item_ids") != [i.id for i in items] or old.get("items_text") != _fingerprint(items):
+                old = {}
+            block: dict[str, Any] = {
+                "item_ids": [i.id for i in items], "items_text": _fingerprint(items), "conditions": {}, "vs_control": {}
+            }
+            entry["formats"][fmt] = block
+            for condition in conditions:
+                adapter = condition.adapter_for(persona)
+                if adapter is not None and adapter not in held:
+                    results["skipped"].append(f"{persona.name}/{fmt}/{condition.name}: no adapter {adapter!r}")
+                    continue
+                digest = digests.get(adapter or "base")
+                before = old.get("conditions", {}).get(condition.name)
+                if before and digest and before.get("digest") == digest and before.get("system_prompt") == condition.system_prompt(persona):
+                    block["conditions"][condition.name] = before
+                    results["reused"].append(f"{persona.name}/{fmt}/{condition.name}")
+                    continue
+                tick = time.time()
+                with active(model, adapter):
+                    scores = score_items(model, tokenizer, items, condition.system_prompt(persona), batch_size)
+                values = item_values(items, scores)
+                block["conditions"][condition.name] = {
+                    "adapter": adapter, "digest": digest, "system_prompt": condition.system_prompt(persona),
+                    **summarize(fmt, values, seed), "items": values,
+                }
+                log(f"{persona.name}/{fmt}/{condition.name}: {time.time() - tick:.1f}s")
+            for condition in conditions:
+                control = control_for(condition)
+                if condition.name in block["conditions"] and control in block["conditions"] and condition.name != control:
+                    block["vs_control"][condition.name] = {
+                        "control": control,
+                        **compare(fmt, block["conditions"][condition.name]["items"], block["conditions"][control]["items"], seed),
+                    }
+    if nll_passages:
+        for adapter in [None, *sorted(held)]:
+            tick = time.time()
+            with active(model, adapter):
+                results["general_ability"][adapter or "base"] = general_nll(model, tokenizer, nll_passages, batch_size)
+            log(f"general ability/{adapter or 'base'}: {time.time() - tick:.1f}s")
+        base = results["general_ability"]["base"]["per_passage"]
+        for name, value in results["general_ability"].items():
+            if name != "base":
+                value["vs_base"] = stats.paired_bootstrap(value["per_passage"], base)
+    if held:
+        results["masks"] = mask_statistics(model, personas)
+    results["runtime_s"] = time.time() - start
+    return results

@@ -1,0 +1,207 @@
+"""results.json metadata and the Markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+from typing import Any, Optional, Sequence
+
+from .conditions import CONDITIONS, RANDOM, Condition
+from .items import (
+    AB_SUFFIX, CALIBRATION_PER_ANSWER, CALIBRATION_SEED, NEUTRAL_CORPUS, STATEMENT_PROMPT, Persona,
+)
+
+PAPER_TABLE = """| method | Power | Wealth | Hallucination |
+|---|---|---|---|
+| Prompt | 41.0 | 44.0 | 58.5 |
+| RAG | 45.5 | 50.5 | 64.5 |
+| Wanda mask | 51.5 | 54.5 | 89.0 |
+| Contrastive-Wanda | 54.0 | 66.0 | 95.0 |
+| Contrastive-Sparse | 56.5 | 64.5 | 96.0 |
+| SFT | 64.0 | 71.0 | 97.5 |"""
+
+FORMAT_TITLES = {
+    "yes_no": "Anthropic Yes/No (\" Yes\" vs \" No\" at the answer position)",
+    "paper_ab": "Paper A/B test (\"A\" vs \"B\" at the answer position)",
+    "statement": "Held-out statement likelihood (per-token log-prob of trait minus opposite statements)",
+}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``peft-persona eval`` command that reproduces ``args``."""
+    parts = ["peft-persona", "eval", "--model", args.model]
+    if args.gguf_file:
+        parts += ["--gguf-file", args.gguf_file]
+    if args.adapters:
+        parts += ["--adapters", args.adapters] + (["--extract", "--sparsity", str(args.sparsity), "--method", args.method]
+                                                  if args.extract else [])
+    parts += ["--data-root", str(args.data_root), "--personas", *args.personas]
+    if args.conditions:
+        parts += ["--conditions", *args.conditions]
+    parts += ["--n-items", str(args.n_items)]
+    if args.n_paper_items:
+        parts += ["--n-paper-items", str(args.n_paper_items)]
+    parts += ["--seed", str(args.seed), "--nll-passages", str(args.nll_passages), "--batch-size", str(args.batch_size)]
+    parts += ["--out", args.out]
+    return shlex.join(parts)
+
+
+def metadata(
+    args: argparse.Namespace, personas: Sequence[Persona], conditions: Sequence[Condition], digests: dict[str, str],
+    runtime_s: float,
+) -> dict[str, Any]:
+    """Everything needed to read and reproduce a run: command, model, splits, seeds, prompts, corpus, versions."""
+    import torch
+    import transformers
+
+    return {
+        "command": command_line(args),
+        "model": args.model,
+        "adapters": digests,
+        "n_items": args.n_items,
+        "n_paper_items": args.n_paper_items or args.n_items,
+        "item_seed": args.seed,
+        "calibration_split": f"anthropic_split(n_calibration={CALIBRATION_PER_ANSWER}, seed={CALIBRATION_SEED})",
+        "conditions": [{"name": c.name, "adapter": c.adapter, "prompt": c.prompt} for c in conditions],
+        "personas": {p.name: {"opposite": p.opposite, "source": p.test_file, "prompt": p.prompt,
+                              "opposite_prompt": p.opposite_prompt} for p in personas},
+        "statement_prompt": STATEMENT_PROMPT,
+        "ab_suffix": AB_SUFFIX,
+        "neutral_corpus": NEUTRAL_CORPUS,
+        "runtime_s": runtime_s,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def _ci(block: Optional[dict], key: str = "mean", scale: float = 1.0, digits: int = 1) -> str:
+    if not block:
+        return "-"
+    value = block.get(key, block.get("accuracy", block.get("margin", block.get("diff"))))
+    return f"{value * scale:.{digits}f} [{block['ci_low'] * scale:.{digits}f}, {block['ci_high'] * scale:.{digits}f}]"
+
+
+def _p(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _vs(test: Optional[dict]) -> str:
+    return f"{_ci(test, 'diff', digits=3)} ({_p(test['p_value'])})" if test else "-"
+
+
+def format_table(fmt: str, block: dict[str, Any]) -> str:
+    """One Markdown table: every condition's numbers for one persona and format, with tests against its control."""
+    rows = []
+    if fmt == "statement":
+        rows.append("| condition | margin (nats/token) [95% CI] | AUC | Δ margin vs control [95% CI] | p | control |")
+        rows.append("|---|---|---|---|---|---|")
+        for name, value in block["conditions"].items():
+            test = block["vs_control"].get(name)
+            rows.append(
+                f"| {name} | {_ci(value['margin'], 'diff', digits=3)} | {value['auc']:.3f} | "
+                f"{_ci(test['margin'], 'diff', digits=3) if test else '-'} | {_p(test['margin']['p_value']) if test else '-'} | "
+                f"{test['control'] if test else '-'} |"
+            )
+        return "\n".join(rows)
+    share = "Yes share" if fmt == "yes_no" else "A share"
+    rows.append(f"| condition | accuracy % [95% CI] | AUC | {share} | margin (nats/token) [95% CI] | Δ acc vs control (sign-test p) "
+                "| Δ margin vs control [95% CI] (p) | control |")
+    rows.append("|---|---|---|---|---|---|---|---|")
+    for name, value in block["conditions"].items():
+        test = block["vs_control"].get(name)
+        vs_acc = f"{test['accuracy_diff'] * 100:+.1f} ({_p(test['accuracy_sign_test']['p_value'])})" if test else "-"
+        vs_margin = f"{_ci(test['margin'], 'diff', digits=3)} ({_p(test['margin']['p_value'])})" if test else "-"
+        rows.append(
+            f"| {name} | {_ci(value['accuracy'], 'accuracy', 100)} | {value['auc']:.3f} | {value['first_choice_share'] * 100:.0f}% | "
+            f"{_ci(value['margin'], 'margin', digits=3)} | {vs_acc} | {vs_margin} | {test['control'] if test else '-'} |"
+        )
+    return "\n".join(rows)
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """One line per persona and format: persona mask vs persona prompt vs random mask, and whether the mask wins."""
+    lines = []
+    for persona, entry in results["personas"].items():
+        for fmt, block in entry["formats"].items():
+            c = block["conditions"]
+            parts = []
+            for name in ("base", "base + persona prompt", "persona mask", "persona mask + persona prompt", RANDOM):
+                if name in c:
+                    parts.append(f"{name} {_ci(c[name]['margin'], 'diff' if fmt == 'statement' else 'margin', digits=3)}"
+                                 if fmt == "statement" else f"{name} {_ci(c[name]['accuracy'], 'accuracy', 100)}%")
+            test = block["vs_control"].get("persona mask")
+            verdict = "no persona mask evaluated"
+            if test:
+                p = test["margin"]["p_value"]
+                diff = test["margin"]["diff"]
+                better = diff > 0 and p < 0.05
+                verdict = (f"persona mask {'beats' if better else 'does not beat'} the random mask on margin "
+                           f"(Δ {diff:+.3f}, p {_p(p)})")
+                if fmt != "statement":
+                    verdict += f"; accuracy Δ {test['accuracy_diff'] * 100:+.1f} pts (sign test p {_p(test['accuracy_sign_test']['p_value'])})"
+            lines.append(f"- **{persona} / {fmt}**: " + "; ".join(parts) + f". Verdict: {verdict}.")
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    """The Markdown report of one run."""
+    meta = results.get("meta", {})
+    out = [f"# Persona evaluation: {meta.get('model', '?')}", ""]
+    out += ["Produced by:", "", "```", meta.get("command", "?"), "```", ""]
+    out += [f"Runtime {meta.get('runtime_s', 0) / 60:.1f} min; {meta.get('versions', {})}.", ""]
+    out += ["## Headline (mask vs prompt vs random-mask control)", "", *headline(results), ""]
+    out += ["Accuracy CIs are Wilson 95%; margin CIs are percentile bootstrap 95% (2000 resamples, seed 0). "
+            "Tests against the control are paired over the same items: exact sign test on correctness, paired "
+            "bootstrap on the margin (statements: stratified bootstrap on the per-statement difference).", ""]
+    out += ["## Setup", ""]
+    out += [f"- Items: {meta.get('n_items')} per Anthropic trait (balanced Yes/No), {meta.get('n_paper_items')} per paper "
+            f"split (balanced A/B), drawn with seed {meta.get('item_seed')} from held-out rows only.",
+            f"- Calibration/evaluation split of the Anthropic files: `{meta.get('calibration_split')}`; masks are "
+            "extracted from the calibration rows, items come from the rest. Paper splits: calibration from `*train.csv`, "
+            "items from the A/B test files, less any question also in the train file (dropped: one power question).",
+            f"- Statement format: user turn {STATEMENT_PROMPT!r}, the statement as the assistant reply.",
+            f"- A/B format: question, then `Choices:\\n (A) ...\\n (B) ...` and {meta.get('ab_suffix', '')!r}.",
+            "- Conditions without a system prompt use the chat template's default system prompt.",
+            f"- General-ability corpus: {meta.get('neutral_corpus')}.", ""]
+    out += ["### System prompts", "", "| persona | persona prompt | opposite prompt |", "|---|---|---|"]
+    for name, p in meta.get("personas", {}).items():
+        out.append(f"| {name} (opposite: {p['opposite']}) | {p['prompt']} | {p['opposite_prompt']} |")
+    out += ["", "### Adapters (SHA-256 prefix of the weights)", ""]
+    out += [f"- `{name}`: {d}" for name, d in sorted(meta.get("adapters", {}).items())] or ["- none (base model only)"]
+    out.append("")
+    for persona, entry in results["personas"].items():
+        out += [f"## {persona}", ""]
+        for fmt, block in entry["formats"].items():
+            out += [f"### {FORMAT_TITLES[fmt]}", "", format_table(fmt, block), ""]
+    if results.get("general_ability"):
+        out += ["## General ability: per-token NLL on neutral text", "", "| adapter | NLL [95% CI] | Δ vs base [95% CI] (p) | tokens |",
+                "|---|---|---|---|"]
+        for name, value in results["general_ability"].items():
+            vs = value.get("vs_base")
+            out.append(f"| {name} | {_ci(value['nll'], digits=3)} | "
+                       f"{_vs(vs)} | {value['n_tokens']} |")
+        out.append("")
+    masks = results.get("masks")
+    if masks:
+        out += ["## Masks", "", "| adapter | density |", "|---|---|"]
+        out += [f"| {n} | {v['overall']:.3f} |" for n, v in masks["density"].items()]
+        out += ["", "| persona | Jaccard vs opposite | difference rate vs opposite | Jaccard vs random | difference rate vs random |",
+                "|---|---|---|---|---|"]
+        for name in results["personas"]:
+            a, b = masks["persona_vs_opposite"].get(name), masks["persona_vs_control"].get(name)
+            out.append(f"| {name} | {a['jaccard']:.3f} | {a['difference_rate']:.3f} | " if a else f"| {name} | - | - | ")
+            out[-1] += f"{b['jaccard']:.3f} | {b['difference_rate']:.3f} |" if b else "- | - |"
+        out += ["", "Per-layer density and difference rate: `mask_layers.png`.", ""]
+    out += ["## The paper's numbers (theirs, not ours)", "",
+            "LLaMA-2-13B accuracy (%) on the paper's power / wealth / hallucination tests, as reported by Ye et al. "
+            "(ICLR 2026, arXiv 2602.07164); copied from `../shared/README.md`. Different model, and the paper adds a "
+            "persona system prompt whenever it evaluates a mask.", "", PAPER_TABLE, ""]
+    if results.get("skipped"):
+        out += ["## Skipped conditions", "", *[f"- {s}" for s in results["skipped"]], ""]
+    out += ["Plots: `conditions.png` (accuracy and margin per condition, 95% CI bars), `mask_layers.png`.", ""]
+    return "\n".join(out)
+
+
+__all__ = ["CONDITIONS", "PAPER_TABLE", "command_line", "format_table", "headline", "metadata", "render"]
