@@ -257,9 +257,12 @@ class PersonaExtractor:
             for persona in names:
                 scores, secondary = self._scores(layer, weight, persona, stats, method, phi, tau, reference, generator)
                 if reference:
-                    result[persona][layer] = scoring.select_topk_reference(scores, k).cpu()
+                    mask = scoring.select_topk_reference(scores, k)
+                elif secondary is not None:
+                    mask = scoring.select_lexicographic(scores, secondary, k)
                 else:
-                    result[persona][layer] = scoring.select_top_per_row(scoring.order_keys(scores, secondary), k).cpu()
+                    mask = scoring.select_top_per_row(scoring.order_keys(scores), k)
+                result[persona][layer] = mask.cpu()
         return result
 
     def _scores(self, layer, weight, persona, stats, method, phi, tau, reference, generator):

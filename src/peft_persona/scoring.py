@@ -3,8 +3,9 @@
 All scores are non-negative ``float32`` tensors shaped like the weight, ``(out_features, in_features)``. Selection
 keeps, in every row, the ``k = floor(in_features * (1 - sparsity))`` largest scores; ties are broken by a secondary
 score where one is given, then by the lower column index. The rule is exact and deterministic: scores are mapped to
-integer keys whose order is the lexicographic order, a per-row ``kthvalue`` finds the threshold key, and the few rows
-with ties at the threshold keep their lowest columns. No Python loop runs over rows.
+``int32`` keys (their IEEE bits, which order non-negative floats exactly), a per-row ``kthvalue`` finds the threshold
+key, and the few rows with ties at the threshold keep their lowest columns. A secondary score costs one more such
+selection over the tied entries. No Python loop runs over rows, and nothing is sorted.
 """
 
 from __future__ import annotations
@@ -26,19 +27,12 @@ def kept_per_row(in_features: int, sparsity: float) -> int:
     return int(in_features * (1.0 - sparsity))
 
 
-def _nonneg_f32(scores: torch.Tensor) -> torch.Tensor:
-    scores = scores.float()
-    if bool(torch.isnan(scores).any()) or bool((scores < 0).any()):
-        raise ValueError("scores must be non-negative and not NaN")
-    return scores + 0.0  # turns -0.0 into +0.0, so that the bit pattern order is the value order
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """``int32`` keys ordered like the non-negative ``float32`` ``scores``: their IEEE bit patterns.
 
-
-def order_keys(primary: torch.Tensor, secondary: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Integer keys ordered like ``primary`` (then ``secondary``): the IEEE bits of non-negative float32 values."""
-    key = _nonneg_f32(primary).view(torch.int32)
-    if secondary is None:
-        return key
-    return (key.to(torch.int64) << 32) | _nonneg_f32(secondary).view(torch.int32).to(torch.int64)
+    ``-0.0`` is mapped to ``+0.0``; a NaN ranks above every number. Scores must not be negative.
+    """
+    return (scores.float() + 0.0).view(torch.int32)
 
 
 def select_top_per_row(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,6 +51,23 @@ def select_top_per_row(keys: torch.Tensor, k: int) -> torch.Tensor:
         from_right = at_threshold.flip(1).cumsum(1).flip(1)
         keep[tied_rows] &= ~(at_threshold & (from_right <= surplus[tied_rows, None]))
     return keep
+
+
+def select_lexicographic(primary: torch.Tensor, secondary: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` best of each row by ``primary``, ties by ``secondary``, then by the lower column index.
+
+    Two ``int32`` selections, no sort: the first finds each row's threshold on ``primary``; entries above it are
+    kept; the second picks, among the entries tied at the threshold, the best by ``secondary`` (and column).
+    """
+    rows, cols = primary.shape
+    if k >= cols or k <= 0:
+        return select_top_per_row(order_keys(primary), k)
+    first = order_keys(primary)
+    threshold = torch.kthvalue(first, cols - k + 1, dim=1, keepdim=True).values
+    above, tied = first > threshold, first == threshold
+    second = torch.where(tied, order_keys(secondary), torch.full_like(first, -1))
+    second = second.masked_fill_(above, torch.iinfo(torch.int32).max)  # above entries: kept; never tied with others
+    return select_top_per_row(second, k)
 
 
 def select_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
