@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MODEL_FACTORIES, VOCAB, logits, masked_reference, random_masks, tiny_llama, tiny_tokenizer
+from conftest import MODEL_FACTORIES, VOCAB, logits, masked_reference, random_masks, tiny_llama, chat_tokenizer
 from peft_persona import add_mask_adapter
 from peft_persona.eval import conditions
 from peft_persona.eval.scoring import Score, score_continuations, score_ids
@@ -43,7 +43,7 @@ def test_batched_scores_equal_a_naive_loop(arch, prefix_cache, shared_prefix):
 
 
 def test_text_interface_tokenizes_context_and_continuation_separately():
-    model, tokenizer = tiny_llama(0), tiny_tokenizer()
+    model, tokenizer = tiny_llama(0), chat_tokenizer()
     scores = score_continuations(model, tokenizer, ["I would say", "I would say"], [" Yes", " No"], batch_size=2)
     ids = tokenizer("I would say", add_special_tokens=False)["input_ids"]
     yes, no = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" Yes", " No"))
@@ -81,6 +81,6 @@ def test_active_switches_adapters_and_restores_the_base_exactly(tokens):
 
 
 def test_render_puts_the_system_prompt_first():
-    tokenizer = tiny_tokenizer()
+    tokenizer = chat_tokenizer()
     assert conditions.render(tokenizer, "Hi") == "<|user|> Hi <|end|> <|assistant|>"
     assert conditions.render(tokenizer, "Hi", "Be w1").startswith("<|system|> Be w1 <|end|> <|user|> Hi")

@@ -1,0 +1,147 @@
+"""Item splits, the harness run on a tiny model with adapters, resumption, the report and the plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import random_masks, tiny_llama, chat_tokenizer
+from peft_persona import add_mask_adapter, data
+from peft_persona.eval import harness, items, plots, report, stats
+from peft_persona.eval.conditions import CONDITIONS
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.parametrize("name", ["extraversion", "agreeableness", "desire-for-acquiring-power"])
+def test_anthropic_items_are_held_out_and_balanced(name):
+    persona = items.PERSONAS[name]
+    calibration, held_out = items.anthropic_rows(SHARED, persona)
+    assert len(calibration) == 200 and len(held_out) == 800
+    yes_no = items.load_items(SHARED, persona, "yes_no", 100)
+    statements = items.load_items(SHARED, persona, "statement", 100)
+    assert [i.matching for i in yes_no].count(0) == 50 and {i.choices for i in yes_no} == {(" Yes", " No")}
+    calibration_statements = {r["statement"] for r in calibration}
+    assert not calibration_statements & {i.choices[0] for i in statements}
+    assert all(i.choices[0] in i2.user for i, i2 in zip(statements, yes_no))  # the same rows in both formats
+    trait, opposite = items.calibration_texts(SHARED, persona)
+    assert set(trait) | set(opposite) == calibration_statements
+    assert items.load_items(SHARED, persona, "yes_no", 100) == yes_no  # seeded
+    assert items.load_items(SHARED, persona, "yes_no", 100, seed=2) != yes_no
+
+
+def test_extraversion_calibration_is_the_builtin_split():
+    trait, opposite = items.calibration_texts(SHARED, items.PERSONAS["extraversion"])
+    assert trait == data.load_texts("builtin:extraversion#yes") and opposite == data.load_texts("builtin:extraversion#no")
+
+
+def test_paper_items_drop_the_train_overlap():
+    kept, dropped = items.paper_test_rows(SHARED, items.PERSONAS["power"])
+    assert len(dropped) == 1 and len(kept) == 199
+    train = {r["question"].strip() for r in data.read_csv(SHARED / "paper-persona" / "train.csv")}
+    ab = items.load_items(SHARED, items.PERSONAS["power"], "paper_ab", 50)
+    assert all(i.user.split("\n\nChoices:")[0] not in train for i in ab)
+    assert [i.matching for i in ab].count(0) == 25 and ab[0].choices == ("A", "B")
+    with pytest.raises(ValueError, match="has no format 'yes_no'"):
+        items.load_items(SHARED, items.PERSONAS["power"], "yes_no", 10)
+    for name in ("wealth", "hallucination"):
+        assert items.paper_test_rows(SHARED, items.PERSONAS[name])[1] == []
+
+
+def test_neutral_halves_are_disjoint():
+    calibration = items.neutral_texts(SHARED, "calibration", 50, per_passage=4)
+    evaluation = items.neutral_texts(SHARED, "eval", 16)
+    lines = lambda texts: {line for t in texts for line in t.split("\n")}  # noqa: E731
+    assert len(evaluation) == 16 and not lines(calibration) & lines(evaluation)
+    with pytest.raises(ValueError, match="part must be"):
+        items.neutral_texts(SHARED, "test", 1)
+
+
+def test_group_difference_hand_computed():
+    result = stats.group_difference([3.0, 5.0, 1.0, 1.0], [1, 1, 0, 0])
+    assert result["diff"] == 3.0 and result["ci_low"] >= 2.0 and result["p_value"] == 0.0
+    assert stats.group_difference([1.0, 1.0], [1, 0])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="both groups"):
+        stats.group_difference([1.0, 2.0], [1, 1])
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    model, tokenizer = tiny_llama(0), chat_tokenizer()
+    peft_model = add_mask_adapter(model, random_masks(model, 1), "extraversion")
+    for seed, name in enumerate(["introversion", "random", "power"], start=2):
+        add_mask_adapter(peft_model, random_masks(model, seed), name)
+    personas = [items.PERSONAS["extraversion"], items.PERSONAS["power"]]
+    passages = items.neutral_texts(SHARED, "eval", 2)
+    results = harness.run(peft_model, tokenizer, personas, SHARED, n_items=6, batch_size=4, nll_passages=passages,
+                          digests={"extraversion": "e1"}, log=lambda _: None)
+    return peft_model, tokenizer, personas, results
+
+
+def test_harness_reports_every_available_condition_against_its_control(tiny_run):
+    _, _, _, results = tiny_run
+    block = results["personas"]["extraversion"]["formats"]["yes_no"]
+    assert list(block["conditions"]) == [c.name for c in CONDITIONS if c.adapter not in ("magnitude", "neutral")]
+    mask = block["conditions"]["persona mask"]
+    assert mask["adapter"] == "extraversion" and mask["system_prompt"] is None and mask["digest"] == "e1"
+    assert block["conditions"]["base + persona prompt"]["system_prompt"] == items.PERSONAS["extraversion"].prompt
+    assert block["vs_control"]["persona mask"]["control"] == "random mask"
+    assert block["vs_control"]["persona mask + persona prompt"]["control"] == "random mask + persona prompt"
+    assert "random mask" not in block["vs_control"]
+    values = block["conditions"]["base"]["items"]
+    assert len(values["margin"]) == 6 and 0 <= mask["accuracy"]["accuracy"] <= 1
+    assert mask["first_choice_share"] == pytest.approx(sum(v > 0 for v in mask["items"]["first_minus_second"]) / 6)
+    assert results["personas"]["extraversion"]["formats"]["statement"]["conditions"]["base"]["margin"]["n"] == 6
+    assert "power/paper_ab/opposite mask: no adapter 'power-averse'" in results["skipped"]
+    assert any(s.endswith("magnitude mask: no adapter 'magnitude'") for s in results["skipped"])
+    assert set(results["general_ability"]) == {"base", "extraversion", "introversion", "random", "power"}
+    assert results["general_ability"]["base"]["n_tokens"] > 0 and "vs_base" in results["general_ability"]["random"]
+    masks = results["masks"]
+    assert masks["density"]["random"]["overall"] == pytest.approx(0.5, abs=0.02)
+    assert list(masks["density"]["random"]["per_block"]) == ["0", "1"]
+    assert masks["persona_vs_opposite"]["extraversion"]["difference_rate"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_margins_and_accuracy_match_a_hand_scored_item(tiny_run):
+    model, tokenizer, personas, results = tiny_run
+    item = items.load_items(SHARED, personas[0], "yes_no", 6)[0]
+    from peft_persona.eval.conditions import active, render
+    from peft_persona.eval.scoring import score_continuations
+
+    with active(model, None):
+        yes, no = score_continuations(model, tokenizer, [render(tokenizer, item.user)] * 2, [" Yes", " No"])
+    expected = (yes.mean - no.mean) * (1 if item.matching == 0 else -1)
+    base = results["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["base"]["items"]
+    assert base["margin"][0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_resume_reuses_only_unchanged_conditions(tiny_run):
+    model, tokenizer, personas, first = tiny_run
+    again = harness.run(model, tokenizer, personas[:1], SHARED, n_items=6, batch_size=4,
+                        digests={"extraversion": "e2"}, previous=first, log=lambda _: None)
+    assert "extraversion/yes_no/base" in again["reused"]
+    assert "extraversion/yes_no/persona mask" not in again["reused"]  # the adapter's digest changed
+    assert "extraversion/yes_no/random mask" not in again["reused"]  # no digest known: never reused
+    old = first["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
+    new = again["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
+    assert new["margin"] == pytest.approx(old["margin"], abs=1e-6)
+    fewer = harness.run(model, tokenizer, personas[:1], SHARED, n_items=4, previous=first, log=lambda _: None,
+                        conditions=CONDITIONS[:1], digests={})
+    assert fewer["reused"] == []  # other items: nothing reused
+
+
+def test_report_and_plots(tiny_run, tmp_path):
+    _, _, _, results = tiny_run
+    results = json.loads(json.dumps(results))  # what results.json holds
+    results["meta"] = {"model": "tiny", "command": "peft-persona eval --out x", "personas": {}, "adapters": {"random": "ab"}}
+    text = report.render(results)
+    assert "peft-persona eval --out x" in text and "| Contrastive-Wanda | 54.0 | 66.0 | 95.0 |" in text
+    assert "theirs, not ours" in text and "**extraversion / yes_no**" in text
+    assert "persona mask does not beat the random mask" in text or "persona mask beats the random mask" in text
+    table = report.format_table("yes_no", results["personas"]["extraversion"]["formats"]["yes_no"])
+    assert table.count("\n") == 2 + len(results["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]) - 1
+    written = plots.write_plots(results, tmp_path)
+    assert [p.name for p in written] == ["conditions.png", "mask_layers.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
