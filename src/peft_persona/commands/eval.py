@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_dirs(args.adapters)
         model, digests = load_adapters(model, args.adapters)
     previous = None
-    if args.resume and (out / "results.json").is_file():
+    if args.resume and (out / "results.json").is_file():  # a finished or partial (checkpointed) run
         previous = json.loads((out / "results.json").read_text())
     conditions = [c for c in CONDITIONS if not args.conditions or c.name in args.conditions]
     nll = items.neutral_texts(data_root, "eval", args.nll_passages) if args.nll_passages else []
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         results = harness.run(
             model, tokenizer, personas, data_root, args.n_items, args.seed, conditions, args.batch_size, nll,
             n_items_by_source=sources, digests=digests, previous=previous,
+            on_block=lambda partial: (out / "results.json").write_text(json.dumps({**partial, "partial": True}, indent=1)),
         )
     results["meta"] = report.metadata(args, personas, conditions, digests, time.time() - started)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -173,6 +173,7 @@ def run(
     n_items_by_source: Optional[dict[str, int]] = None,
     digests: Optional[dict[str, str]] = None,
     previous: Optional[dict[str, Any]] = None,
+    on_block: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     """Score every persona's items under every condition whose adapter the model holds, and compare each condition
     with its random-mask control. Conditions whose adapter is missing are listed under ``skipped``.
@@ -225,6 +226,8 @@ def run(
                         "control": control,
                         **compare(fmt, block["conditions"][condition.name]["items"], block["conditions"][control]["items"], seed),
                     }
+            if on_block is not None:
+                on_block(results)
     if nll_passages:
         for adapter in [None, *sorted(held)]:
             tick = time.time()

@@ -43,6 +43,8 @@ def command_line(args: argparse.Namespace) -> str:
     if args.n_paper_items:
         parts += ["--n-paper-items", str(args.n_paper_items)]
     parts += ["--seed", str(args.seed), "--nll-passages", str(args.nll_passages), "--batch-size", str(args.batch_size)]
+    if getattr(args, "threads", None):
+        parts += ["--threads", str(args.threads)]
     parts += ["--out", args.out]
     return shlex.join(parts)
 

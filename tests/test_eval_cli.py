@@ -1,0 +1,48 @@
+"""`peft-persona eval` end to end on a tiny saved model: extraction of personas and controls, scoring, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import chat_tokenizer, tiny_llama
+from peft_persona import cli
+from peft_persona.eval.adapters import adapter_dirs
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_llama(0).save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    adapters, out = tmp_path / "adapters", tmp_path / "out"
+    argv = ["eval", "--model", str(model_dir), "--adapters", str(adapters), "--extract", "--data-root", str(SHARED),
+            "--personas", "extraversion", "--n-items", "4", "--nll-passages", "2", "--batch-size", "4",
+            "--threads", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert set(adapter_dirs(adapters)) == {"extraversion", "introversion", "random", "magnitude", "neutral"}
+    results = json.loads((out / "results.json").read_text())
+    assert "partial" not in results and results["skipped"] == []
+    block = results["personas"]["extraversion"]["formats"]["yes_no"]
+    assert len(block["conditions"]) == 10 and block["conditions"]["opposite mask"]["adapter"] == "introversion"
+    assert results["meta"]["command"].startswith("peft-persona eval --model ")
+    assert results["masks"]["density"]["magnitude"]["overall"] == 0.5
+    report = (out / "report.md").read_text()
+    assert "## extraversion" in report and "neutral Wanda mask" in report
+    assert (out / "conditions.png").is_file() and (out / "mask_layers.png").is_file()
+
+    assert cli.main(argv + ["--resume"]) == 0  # nothing changed: every condition is reused
+    again = json.loads((out / "results.json").read_text())
+    assert len(again["reused"]) == 20
+    assert again["personas"]["extraversion"]["formats"] == results["personas"]["extraversion"]["formats"]
+    capsys.readouterr()
+
+
+def test_eval_command_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["eval", "--personas", "nobody", "--out", str(tmp_path)]) == 2
+    assert "unknown persona(s) ['nobody']" in capsys.readouterr().err
+    assert cli.main(["eval", "--conditions", "magic", "--out", str(tmp_path)]) == 2
+    assert "unknown condition(s) ['magic']" in capsys.readouterr().err
+    assert cli.main(["eval", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "data root" in capsys.readouterr().err
