@@ -90,6 +90,9 @@ def test_harness_reports_every_available_condition_against_its_control(tiny_run)
     assert block["vs_control"]["persona mask"]["control"] == "random mask"
     assert block["vs_control"]["persona mask + persona prompt"]["control"] == "random mask + persona prompt"
     assert "random mask" not in block["vs_control"]
+    references = block["vs_reference"]["persona mask"]
+    assert list(references) == ["base", "random mask", "base + persona prompt"]  # no magnitude/neutral adapters here
+    assert references["random mask"] == {k: v for k, v in block["vs_control"]["persona mask"].items() if k != "control"}
     values = block["conditions"]["base"]["items"]
     assert len(values["margin"]) == 6 and 0 <= mask["accuracy"]["accuracy"] <= 1
     assert mask["first_choice_share"] == pytest.approx(sum(v > 0 for v in mask["items"]["first_minus_second"]) / 6)
@@ -139,7 +142,9 @@ def test_report_and_plots(tiny_run, tmp_path):
     text = report.render(results)
     assert "peft-persona eval --out x" in text and "| Contrastive-Wanda | 54.0 | 66.0 | 95.0 |" in text
     assert "theirs, not ours" in text and "**extraversion / yes_no**" in text
-    assert "persona mask does not beat the random mask" in text or "persona mask beats the random mask" in text
+    assert "| extraversion / statement | " in text and "Persona mask against other references" in text
+    assert "**extraversion / yes_no**: the persona mask " in text
+    assert any(f"{w} random mask (margin Δ" in text for w in ("beats", "does not differ from", "is worse than"))
     table = report.format_table("yes_no", results["personas"]["extraversion"]["formats"]["yes_no"])
     assert table.count("\n") == 2 + len(results["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]) - 1
     written = plots.write_plots(results, tmp_path)

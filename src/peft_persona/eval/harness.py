@@ -89,6 +89,30 @@ def compare(fmt: str, values: dict[str, list], control: dict[str, list], seed: i
     }
 
 
+MASK_REFERENCES = {
+    "persona mask": ("base", "random mask", "magnitude mask", "neutral Wanda mask", "base + persona prompt"),
+    "persona mask + persona prompt": ("base + persona prompt", "random mask + persona prompt", "neutral Wanda mask"),
+}
+
+
+def compare_block(fmt: str, block: dict[str, Any], conditions: Sequence[Condition] = CONDITIONS, seed: int = 0) -> None:
+    """Fill ``block["vs_control"]`` (each condition against its random-mask control) and ``block["vs_reference"]``
+    (the persona mask, alone and with the prompt, against the base, every control and the prompt alone)."""
+    scored = block["conditions"]
+    block["vs_control"], block["vs_reference"] = {}, {}
+    for condition in conditions:
+        control = control_for(condition)
+        if condition.name in scored and control in scored and condition.name != control:
+            block["vs_control"][condition.name] = {
+                "control": control, **compare(fmt, scored[condition.name]["items"], scored[control]["items"], seed)
+            }
+    for name, references in MASK_REFERENCES.items():
+        if name in scored:
+            block["vs_reference"][name] = {
+                ref: compare(fmt, scored[name]["items"], scored[ref]["items"], seed) for ref in references if ref in scored
+            }
+
+
 def general_nll(model: nn.Module, tokenizer: Any, passages: Sequence[str], batch_size: int = 8) -> dict[str, Any]:
     """Per-token negative log-likelihood of each passage (its first token is the context) and their mean."""
     ids = encode(tokenizer, passages)
@@ -219,13 +243,7 @@ def run(
                     **summarize(fmt, values, seed), "items": values,
                 }
                 log(f"{persona.name}/{fmt}/{condition.name}: {time.time() - tick:.1f}s")
-            for condition in conditions:
-                control = control_for(condition)
-                if condition.name in block["conditions"] and control in block["conditions"] and condition.name != control:
-                    block["vs_control"][condition.name] = {
-                        "control": control,
-                        **compare(fmt, block["conditions"][condition.name]["items"], block["conditions"][control]["items"], seed),
-                    }
+            compare_block(fmt, block, conditions, seed)
             if on_block is not None:
                 on_block(results)
     if nll_passages:

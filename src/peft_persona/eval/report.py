@@ -7,7 +7,7 @@ import platform
 import shlex
 from typing import Any, Optional, Sequence
 
-from .conditions import CONDITIONS, RANDOM, Condition
+from .conditions import RANDOM, Condition
 from .items import (
     AB_SUFFIX, CALIBRATION_PER_ANSWER, CALIBRATION_SEED, NEUTRAL_CORPUS, STATEMENT_PROMPT, Persona,
 )
@@ -122,29 +122,64 @@ def format_table(fmt: str, block: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def headline(results: dict[str, Any]) -> list[str]:
-    """One line per persona and format: persona mask vs persona prompt vs random mask, and whether the mask wins."""
-    lines = []
+HEADLINE_CONDITIONS = ("base", "base + persona prompt", "persona mask", "persona mask + persona prompt", RANDOM,
+                       "neutral Wanda mask")
+
+
+def _margin(value: dict, fmt: str) -> str:
+    return _ci(value["margin"], "diff" if fmt == "statement" else "margin", digits=3)
+
+
+def headline_tables(results: dict[str, Any]) -> list[str]:
+    """Accuracy and margin of the key conditions, per persona and format, side by side."""
+    names = HEADLINE_CONDITIONS
+    head = "| persona / format | " + " | ".join(names) + " |"
+    rule = "|---" * (len(names) + 1) + "|"
+    accuracy, margin = [head, rule], [head, rule]
     for persona, entry in results["personas"].items():
         for fmt, block in entry["formats"].items():
             c = block["conditions"]
+            if fmt != "statement":
+                accuracy.append(f"| {persona} / {fmt} | " + " | ".join(
+                    _ci(c[n]["accuracy"], "accuracy", 100) if n in c else "-" for n in names) + " |")
+            margin.append(f"| {persona} / {fmt} | " + " | ".join(_margin(c[n], fmt) if n in c else "-" for n in names) + " |")
+    return ["Accuracy % [Wilson 95% CI]:", "", *accuracy, "", "Margin, nats/token [bootstrap 95% CI] (statements: trait "
+            "minus opposite; choices: matching minus non-matching):", "", *margin, ""]
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """One line per persona and format: does the persona mask beat the random mask, the other controls, the base
+    model and the prompt alone on the margin (paired test, p < 0.05)?"""
+    lines = []
+    for persona, entry in results["personas"].items():
+        for fmt, block in entry["formats"].items():
+            tests = block.get("vs_reference", {}).get("persona mask", {})
+            if not tests:
+                lines.append(f"- **{persona} / {fmt}**: no persona mask evaluated.")
+                continue
             parts = []
-            for name in ("base", "base + persona prompt", "persona mask", "persona mask + persona prompt", RANDOM):
-                if name in c:
-                    parts.append(f"{name} {_ci(c[name]['margin'], 'diff' if fmt == 'statement' else 'margin', digits=3)}"
-                                 if fmt == "statement" else f"{name} {_ci(c[name]['accuracy'], 'accuracy', 100)}%")
-            test = block["vs_control"].get("persona mask")
-            verdict = "no persona mask evaluated"
-            if test:
-                p = test["margin"]["p_value"]
-                diff = test["margin"]["diff"]
-                better = diff > 0 and p < 0.05
-                verdict = (f"persona mask {'beats' if better else 'does not beat'} the random mask on margin "
-                           f"(Δ {diff:+.3f}, p {_p(p)})")
+            for ref, test in tests.items():
+                diff, p = test["margin"]["diff"], test["margin"]["p_value"]
+                word = "beats" if diff > 0 and p < 0.05 else "is worse than" if diff < 0 and p < 0.05 else "does not differ from"
+                extra = ""
                 if fmt != "statement":
-                    verdict += f"; accuracy Δ {test['accuracy_diff'] * 100:+.1f} pts (sign test p {_p(test['accuracy_sign_test']['p_value'])})"
-            lines.append(f"- **{persona} / {fmt}**: " + "; ".join(parts) + f". Verdict: {verdict}.")
+                    extra = f", accuracy {test['accuracy_diff'] * 100:+.1f} pts, sign test p {_p(test['accuracy_sign_test']['p_value'])}"
+                parts.append(f"{word} {ref} (margin Δ {diff:+.3f}, p {_p(p)}{extra})")
+            lines.append(f"- **{persona} / {fmt}**: the persona mask " + "; ".join(parts) + ".")
     return lines
+
+
+def reference_table(fmt: str, block: dict[str, Any]) -> str:
+    """Paired tests of the persona mask (alone and with the prompt) against the base, controls and prompt alone."""
+    rows = ["| condition | against | Δ margin [95% CI] | p |" + ("" if fmt == "statement" else " Δ accuracy (sign-test p) |"),
+            "|---|---|---|---|" + ("" if fmt == "statement" else "---|")]
+    for name, tests in block.get("vs_reference", {}).items():
+        for ref, test in tests.items():
+            row = f"| {name} | {ref} | {_ci(test['margin'], 'diff', digits=3)} | {_p(test['margin']['p_value'])} |"
+            if fmt != "statement":
+                row += f" {test['accuracy_diff'] * 100:+.1f} ({_p(test['accuracy_sign_test']['p_value'])}) |"
+            rows.append(row)
+    return "\n".join(rows)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -153,7 +188,9 @@ def render(results: dict[str, Any]) -> str:
     out = [f"# Persona evaluation: {meta.get('model', '?')}", ""]
     out += ["Produced by:", "", "```", meta.get("command", "?"), "```", ""]
     out += [f"Runtime {meta.get('runtime_s', 0) / 60:.1f} min; {meta.get('versions', {})}.", ""]
-    out += ["## Headline (mask vs prompt vs random-mask control)", "", *headline(results), ""]
+    out += ["## Headline: persona mask vs persona prompt vs controls", "", *headline_tables(results)]
+    out += ["Does the persona mask (no prompt) move the margin, against each reference? Paired over the same items; "
+            "p < 0.05 counts.", "", *headline(results), ""]
     out += ["Accuracy CIs are Wilson 95%; margin CIs are percentile bootstrap 95% (2000 resamples, seed 0). "
             "Tests against the control are paired over the same items: exact sign test on correctness, paired "
             "bootstrap on the margin (statements: stratified bootstrap on the per-statement difference).", ""]
@@ -177,6 +214,8 @@ def render(results: dict[str, Any]) -> str:
         out += [f"## {persona}", ""]
         for fmt, block in entry["formats"].items():
             out += [f"### {FORMAT_TITLES[fmt]}", "", format_table(fmt, block), ""]
+            if block.get("vs_reference"):
+                out += ["Persona mask against other references:", "", reference_table(fmt, block), ""]
     if results.get("general_ability"):
         out += ["## General ability: per-token NLL on neutral text", "", "| adapter | NLL [95% CI] | Δ vs base [95% CI] (p) | tokens |",
                 "|---|---|---|---|"]
@@ -206,4 +245,4 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["CONDITIONS", "PAPER_TABLE", "command_line", "format_table", "headline", "metadata", "render"]
+__all__ = ["PAPER_TABLE", "command_line", "format_table", "headline", "headline_tables", "metadata", "reference_table", "render"]
