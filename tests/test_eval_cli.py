@@ -36,6 +36,10 @@ def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert len(again["reused"]) == 20
     assert again["personas"]["extraversion"]["formats"] == results["personas"]["extraversion"]["formats"]
+    (out / "report.md").unlink()
+    assert cli.main(["eval", "--out", str(out), "--report-only"]) == 0  # statistics and report from results.json only
+    assert "## extraversion" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["personas"] == again["personas"]
     capsys.readouterr()
 
 
@@ -46,3 +50,5 @@ def test_eval_command_errors_are_clear(tmp_path, capsys):
     assert "unknown condition(s) ['magic']" in capsys.readouterr().err
     assert cli.main(["eval", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "data root" in capsys.readouterr().err
+    assert cli.main(["eval", "--report-only", "--data-root", str(SHARED), "--out", str(tmp_path)]) == 2
+    assert "--report-only needs" in capsys.readouterr().err

@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resume", action="store_true", help="reuse unchanged conditions from --out/results.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--report-only", action="store_true",
+                        help="recompute the statistics and rewrite report.md and plots from --out/results.json; no model")
     parser.set_defaults(func=run)
 
 
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.report_only:
+        return rewrite_report(out)
     out.mkdir(parents=True, exist_ok=True)
     personas = [items.PERSONAS[p] for p in args.personas]
     started = time.time()
@@ -89,4 +93,22 @@ def run(args: argparse.Namespace) -> int:
     plots.write_plots(results, out)
     (out / "report.md").write_text(report.render(results))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots in {time.time() - started:.0f}s")
+    return 0
+
+
+def rewrite_report(out: Path) -> int:
+    """Recompute the paired tests from the per-item scores in ``out/results.json``; rewrite it, report.md and plots."""
+    from ..eval import harness, plots, report
+
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--report-only needs {path}")
+    results = json.loads(path.read_text())
+    for entry in results["personas"].values():
+        for fmt, block in entry["formats"].items():
+            harness.compare_block(fmt, block)
+    path.write_text(json.dumps(results, indent=1))
+    plots.write_plots(results, out)
+    (out / "report.md").write_text(report.render(results))
+    print(f"rewrote {out / 'report.md'} and plots from {path}")
     return 0
