@@ -19,6 +19,7 @@ from .items import Item, Persona, load_items
 from .scoring import Score, encode, score_continuations, score_ids
 
 Log = Callable[[str], None]
+BOOTSTRAP_SEED = 0  # every bootstrap CI and p-value, independent of the item seed
 
 
 def _stderr(message: str) -> None:
@@ -95,10 +96,15 @@ MASK_REFERENCES = {
 }
 
 
-def compare_block(fmt: str, block: dict[str, Any], conditions: Sequence[Condition] = CONDITIONS, seed: int = 0) -> None:
-    """Fill ``block["vs_control"]`` (each condition against its random-mask control) and ``block["vs_reference"]``
-    (the persona mask, alone and with the prompt, against the base, every control and the prompt alone)."""
+def compare_block(
+    fmt: str, block: dict[str, Any], conditions: Sequence[Condition] = CONDITIONS, seed: int = BOOTSTRAP_SEED
+) -> None:
+    """Recompute every condition's summary from its per-item values, and fill ``block["vs_control"]`` (each
+    condition against its random-mask control) and ``block["vs_reference"]`` (the persona mask, alone and with the
+    prompt, against the base, every control and the prompt alone)."""
     scored = block["conditions"]
+    for value in scored.values():
+        value.update(summarize(fmt, value["items"], seed))
     block["vs_control"], block["vs_reference"] = {}, {}
     for condition in conditions:
         control = control_for(condition)
@@ -240,10 +246,10 @@ def run(
                 values = item_values(items, scores)
                 block["conditions"][condition.name] = {
                     "adapter": adapter, "digest": digest, "system_prompt": condition.system_prompt(persona),
-                    **summarize(fmt, values, seed), "items": values,
+                    **summarize(fmt, values, BOOTSTRAP_SEED), "items": values,
                 }
                 log(f"{persona.name}/{fmt}/{condition.name}: {time.time() - tick:.1f}s")
-            compare_block(fmt, block, conditions, seed)
+            compare_block(fmt, block, conditions)
             if on_block is not None:
                 on_block(results)
     if nll_passages:
