@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from conftest import chat_tokenizer, tiny_llama
@@ -12,7 +13,7 @@ from peft_persona.eval.adapters import adapter_dirs
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys):
+def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys, monkeypatch):
     model_dir = tmp_path / "model"
     tiny_llama(0).save_pretrained(model_dir)
     chat_tokenizer().save_pretrained(model_dir)
@@ -37,7 +38,10 @@ def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys):
     assert len(again["reused"]) == 20
     assert again["personas"]["extraversion"]["formats"] == results["personas"]["extraversion"]["formats"]
     (out / "report.md").unlink()
+    (out / "conditions.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no matplotlib: report without plots, and a hint
     assert cli.main(["eval", "--out", str(out), "--report-only"]) == 0  # statistics and report from results.json only
+    assert "install matplotlib" in capsys.readouterr().err and not (out / "conditions.png").exists()
     assert "## extraversion" in (out / "report.md").read_text()
     assert json.loads((out / "results.json").read_text())["personas"] == again["personas"]
     capsys.readouterr()

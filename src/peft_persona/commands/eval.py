@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         )
     results["meta"] = report.metadata(args, personas, conditions, digests, time.time() - started)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plots.write_plots(results, out)
+    _plots(plots, results, out)
     (out / "report.md").write_text(report.render(results))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots in {time.time() - started:.0f}s")
     return 0
@@ -108,7 +109,14 @@ def rewrite_report(out: Path) -> int:
         for fmt, block in entry["formats"].items():
             harness.compare_block(fmt, block)
     path.write_text(json.dumps(results, indent=1))
-    plots.write_plots(results, out)
+    _plots(plots, results, out)
     (out / "report.md").write_text(report.render(results))
     print(f"rewrote {out / 'report.md'} and plots from {path}")
     return 0
+
+
+def _plots(plots: Any, results: dict, out: Path) -> None:
+    try:
+        plots.write_plots(results, out)
+    except ImportError as err:
+        print(f"peft-persona eval: no plots ({err}); install matplotlib: pip install 'peft-persona[plots]'", file=sys.stderr)
