@@ -71,3 +71,25 @@ def smollm2():
     from peft_persona.models import load_model
 
     return load_model()
+
+
+# ------------------------------------------------------------------------------------------------ loopback Hub
+@pytest.fixture(scope="session")
+def hub():
+    """A loopback Hugging Face Hub (``tests/hub_server.py``) shared by the session; see its module doc."""
+    from hub_server import running_hub
+
+    with running_hub() as server:
+        yield server
+
+
+@pytest.fixture
+def hub_env(hub, tmp_path):
+    """Environment for a subprocess that talks to the loopback Hub: its endpoint, an empty HF cache, no token."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "PEFT_PERSONA_NO_AUTOLOAD"}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    return env
