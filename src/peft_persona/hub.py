@@ -147,7 +147,7 @@ def stage_adapters(
 
     Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written per adapter. ``base_model``, if given,
     replaces ``base_model_name_or_path`` in every config (so that ``AutoPeftModelForCausalLM`` finds the base on the
-    Hub). Every written adapter is checked (config type, readable weights holding mask tensors).
+    Hub); without it, a path to the embedded default model becomes that model's Hub id. Every written adapter is checked (config type, readable weights holding mask tensors).
     """
     out = Path(out_dir)
     if isinstance(model_or_dir, nn.Module):
@@ -175,6 +175,9 @@ def stage_adapters(
             shutil.copyfile(source / CONFIG_NAME, target / CONFIG_NAME)
             shutil.copyfile(source / ADAPTER_WEIGHTS_NAME, target / ADAPTER_WEIGHTS_NAME)
         config = _read_config(target)
+        embedded = _embedded_base(config.get("base_model_name_or_path"))
+        if base_model is None and embedded is not None:
+            base_model = embedded["hub_id"]  # a path into the local model cache means nothing on the Hub
         if base_model is not None:
             config["base_model_name_or_path"] = base_model
             (target / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -229,6 +232,19 @@ def calibration_rows(calibration: Optional[Mapping[str, Any]]) -> list[tuple[str
     elif not has_license:
         rows.append(("license", "not recorded; check the licence of the calibration data"))
     return rows
+
+
+def _modules_text(modules: Sequence[str], limit: int = 16) -> str:
+    """Every module name, or for long lists the module kinds (name without the block index) with their counts."""
+    if not modules:
+        return "every linear layer of the decoder blocks"
+    if len(modules) <= limit:
+        return ", ".join(f"`{m}`" for m in modules)
+    kinds: dict[str, int] = {}
+    for name in modules:
+        kind = re.sub(r"^.*?\.\d+\.", "", name)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return ", ".join(f"`{kind}` ×{count}" for kind, count in sorted(kinds.items()))
 
 
 def _fingerprint_text(fingerprint: Optional[Mapping[str, Any]]) -> str:
@@ -286,6 +302,13 @@ def _download_kwargs(adapter: StagedAdapter, revision: Optional[str]) -> str:
     return f", adapter_kwargs={json.dumps(kwargs)}" if kwargs else ""
 
 
+def _peft_kwargs(adapter: StagedAdapter, revision: Optional[str]) -> str:
+    parts = [f', subfolder="{adapter.folder}"'] if adapter.folder else []
+    if revision and revision != "main":
+        parts.append(f', revision="{revision}"')
+    return "".join(parts)
+
+
 def usage_snippet(repo_id: str, staged: Sequence[StagedAdapter], revision: Optional[str] = None) -> str:
     """The transformers code that loads the repo's adapters and switches between them."""
     hub_id, _ = base_model_reference(staged[0].config)
@@ -331,7 +354,7 @@ def build_model_card(
                 "opposite_persona": a.config.get("opposite_persona"), "method": a.config.get("method"),
                 "sparsity_text": f"{sparsity:.2f}" if isinstance(sparsity, (int, float)) else "—",
                 "num_modules": len(modules),
-                "modules_text": ", ".join(f"`{m}`" for m in modules) if modules else "every linear layer of the decoder blocks",
+                "modules_text": _modules_text(modules),
                 "calibration_rows": calibration_rows(a.config.get("calibration")),
                 "fingerprint_text": _fingerprint_text(a.config.get("base_model_fingerprint")),
             }
@@ -352,6 +375,7 @@ def build_model_card(
         base_model_display=hub_id or base_text,
         base_model_url=f"https://huggingface.co/{hub_id}" if hub_id else "#",
         snippet=usage_snippet(repo_id, staged, revision),
+        peft_kwargs=_peft_kwargs(staged[0], revision),
         eval_rows=rows,
         eval_header=header,
         eval_source=source or "Results of the evaluation harness (`peft-persona eval`), as supplied at push time:",
