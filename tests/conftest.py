@@ -73,6 +73,33 @@ def smollm2():
     return load_model()
 
 
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} w2 {% endfor %}"
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``w0 .. w999`` built in-process (nothing downloaded), with a chat template.
+
+    ``w0`` is padding, ``w2`` end of turn; ids 3..6 are ``user``, ``assistant``, ``:`` and ``[UNK]``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB) if not 3 <= i <= 6}
+    vocab.update({"user": 3, "assistant": 4, ":": 5, "[UNK]": 6})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="w0", eos_token="w2", unk_token="[UNK]")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def word_texts(seed: int, n: int, low: int = 7, high: int = 900, min_len: int = 2, max_len: int = 12) -> list[str]:
+    """``n`` random texts of random lengths over the tiny tokenizer's words (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)
+    return [" ".join(f"w{int(w)}" for w in torch.randint(low, high, (int(k),), generator=generator)) for k in lengths]
+
+
 # ------------------------------------------------------------------------------------------------ loopback Hub
 @pytest.fixture(scope="session")
 def hub():

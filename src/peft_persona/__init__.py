@@ -6,6 +6,8 @@ Importing the package registers the ``PERSONA_MASK`` adapter type with PEFT, so 
 
 from ._peft_type import PERSONA_MASK, register
 from .bits import pack_mask, unpack_mask
+from .calibrate import LayerStats, PersonaStats
+from .extractor import ExtractionSummary, PersonaExtractor
 from .fingerprint import FingerprintMismatchError, base_model_fingerprint
 from .masks import (
     add_mask_adapter,
@@ -24,6 +26,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PERSONA_MASK",
+    "ExtractionSummary",
+    "LayerStats",
+    "PersonaExtractor",
+    "PersonaStats",
     "FingerprintMismatchError",
     "MaskedLinear",
     "PersonaMaskConfig",

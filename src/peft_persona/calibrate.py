@@ -1,0 +1,208 @@
+"""Calibration: stream a persona's texts through the model and keep O(d_in) activation statistics per layer.
+
+For a targeted linear layer with input ``x_t`` (one non-padding token ``t``) and calibration sequences ``s``:
+
+* ``sum_sq[j]  = sum_t x_tj^2``                      (Wanda: ``n_j = sqrt(sum_sq[j])``)
+* ``a_j(s)     = sqrt(mean_{t in s} x_tj^2)``        (per-sequence RMS, length-invariant)
+* ``rms_sum``, ``rms_sq_sum``: sums of ``a_j(s)`` and ``a_j(s)^2`` over sequences (contrastive mean / variance)
+* ``l2_sum[j]  = sum_s sqrt(sum_{t in s} x_tj^2)``   (the paper code's per-sequence L2 norm; ``reference=True`` only)
+
+Everything is accumulated in float64 on the layer's device; padding never enters a statistic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .fingerprint import oriented_weight
+
+STAT_NAMES = ("sum_sq", "rms_sum", "rms_sq_sum", "l2_sum")
+STATS_FORMAT = "peft-persona-stats/1"
+
+
+@dataclass
+class LayerStats:
+    """Streaming per-input-channel statistics of one linear layer's input."""
+
+    sum_sq: torch.Tensor
+    rms_sum: torch.Tensor
+    rms_sq_sum: torch.Tensor
+    l2_sum: torch.Tensor
+    n_tokens: int = 0
+    n_seqs: int = 0
+
+    @classmethod
+    def zeros(cls, in_features: int, device: Union[torch.device, str, None] = None) -> "LayerStats":
+        return cls(*(torch.zeros(in_features, dtype=torch.float64, device=device) for _ in STAT_NAMES))
+
+    def add(self, batch: "BatchStats") -> None:
+        self.sum_sq += batch.sum_sq
+        self.rms_sum += batch.rms.sum(0)
+        self.rms_sq_sum += batch.rms.square().sum(0)
+        self.l2_sum += batch.l2.sum(0)
+        self.n_tokens += batch.n_tokens
+        self.n_seqs += batch.rms.shape[0]
+
+    @property
+    def feature_norm(self) -> torch.Tensor:
+        """Wanda's ``n_j = ||X_j||_2`` over all calibration tokens."""
+        return self.sum_sq.sqrt()
+
+    @property
+    def seq_mean(self) -> torch.Tensor:
+        """Mean over sequences of the per-sequence RMS ``a_j(s)``."""
+        return self.rms_sum / self.n_seqs
+
+    @property
+    def seq_var(self) -> torch.Tensor:
+        """Population variance over sequences of ``a_j(s)`` (clamped at 0 against rounding)."""
+        return (self.rms_sq_sum / self.n_seqs - self.seq_mean.square()).clamp_min(0)
+
+    @property
+    def reference_norm(self) -> torch.Tensor:
+        """The paper code's statistic: per-sequence L2 norms averaged over texts (length-confounded)."""
+        return self.l2_sum / self.n_seqs
+
+    def to(self, device: Union[torch.device, str]) -> "LayerStats":
+        return LayerStats(*(getattr(self, n).to(device) for n in STAT_NAMES), self.n_tokens, self.n_seqs)
+
+    @staticmethod
+    def pooled(parts: Iterable["LayerStats"]) -> "LayerStats":
+        """Statistics of the union of several calibration sets (sums add)."""
+        parts = list(parts)
+        total = LayerStats(*(sum(getattr(p, n) for p in parts) for n in STAT_NAMES))
+        total.n_tokens = sum(p.n_tokens for p in parts)
+        total.n_seqs = sum(p.n_seqs for p in parts)
+        return total
+
+
+@dataclass
+class BatchStats:
+    """One batch's contribution, computed once per distinct input tensor (q/k/v share theirs)."""
+
+    sum_sq: torch.Tensor  # (d,)
+    rms: torch.Tensor  # (n_seqs, d)
+    l2: torch.Tensor  # (n_seqs, d)
+    n_tokens: int
+
+
+@dataclass
+class PersonaStats:
+    """Calibration statistics of one persona: a :class:`LayerStats` per targeted layer, plus provenance."""
+
+    name: str
+    layers: dict[str, LayerStats]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write to a safetensors file (no pickle); provenance goes into the header metadata."""
+        tensors, counts = {}, {}
+        for layer, stats in self.layers.items():
+            for stat in STAT_NAMES:
+                tensors[f"{layer}.{stat}"] = getattr(stats, stat).detach().cpu().contiguous()
+            counts[layer] = [stats.n_tokens, stats.n_seqs]
+        metadata = {"format": STATS_FORMAT, "name": self.name, "meta": json.dumps(self.meta), "counts": json.dumps(counts)}
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, str(partial), metadata=metadata)
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "PersonaStats":
+        """Read a file written by :meth:`save`; a foreign or corrupt file raises a ``ValueError`` naming it."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        if metadata.get("format") != STATS_FORMAT:
+            raise ValueError(f"{path} is not a peft-persona statistics file (format {metadata.get('format')!r})")
+        tensors = load_file(str(path))
+        counts = json.loads(metadata["counts"])
+        layers = {
+            layer: LayerStats(*(tensors[f"{layer}.{stat}"] for stat in STAT_NAMES), n_tokens=n_tok, n_seqs=n_seq)
+            for layer, (n_tok, n_seq) in counts.items()
+        }
+        return cls(metadata["name"], layers, json.loads(metadata["meta"]))
+
+
+def batch_stats(x: torch.Tensor, token_index: torch.Tensor, seq_index: torch.Tensor, n_seqs: int) -> BatchStats:
+    """Statistics of one batch: ``x`` is ``(batch, seq, d)``; only the flat token positions ``token_index`` count."""
+    valid = x.reshape(-1, x.shape[-1]).index_select(0, token_index).double()
+    squares = valid.square()
+    per_seq = torch.zeros(n_seqs, x.shape[-1], dtype=torch.float64, device=x.device).index_add_(0, seq_index, squares)
+    lengths = torch.bincount(seq_index, minlength=n_seqs).to(per_seq).unsqueeze(1)
+    return BatchStats(squares.sum(0), (per_seq / lengths).sqrt(), per_seq.sqrt(), int(token_index.numel()))
+
+
+class ActivationRecorder:
+    """Forward pre-hooks on the targeted layers that feed each layer's input to ``consume(name, x)``.
+
+    ``set_batch`` tells the recorder which token positions are real (not padding). Layers fed the same input tensor in
+    one forward pass, one after the other (q/k/v, gate/up), share a single call of ``compute``: the recorder keeps
+    the last input tensor and its result, so identity is exact and at most one extra activation is held alive.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], compute: Callable[[torch.Tensor], Any], consume: Callable):
+        self.modules, self.compute, self.consume = dict(modules), compute, consume
+        self._handles: list = []
+        self._last: Optional[tuple[torch.Tensor, Any]] = None
+
+    def __enter__(self) -> "ActivationRecorder":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last = None
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._last is None or self._last[0] is not x:
+                self._last = (x, self.compute(x))
+            self.consume(name, self._last[1])
+
+        return hook
+
+
+def target_modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Resolve module names to modules, seeing through persona mask wrappers to the base layer."""
+    from .masks import _clean_name
+    from .tuner.layer import PersonaMaskLayer
+
+    wanted = set(names)
+    found = {}
+    for raw, module in model.named_modules():
+        name = _clean_name(raw)
+        if name in wanted and name not in found:
+            found[name] = module.get_base_layer() if isinstance(module, PersonaMaskLayer) else module
+    missing = wanted - set(found)
+    if missing:
+        raise KeyError(f"modules not found in the model: {sorted(missing)[:5]}")
+    return found
+
+
+def check_finite(name: str, statistic: torch.Tensor) -> None:
+    """Raise ``FloatingPointError`` naming the layer if its statistic saw NaN or inf activations."""
+    if not bool(torch.isfinite(statistic).all()):
+        raise FloatingPointError(
+            f"non-finite activations (NaN or inf) entered layer {name!r} during calibration; in fp16 this is usually "
+            "an overflow: calibrate in bfloat16 or float32"
+        )
+
+
+def in_features_of(module: nn.Module) -> int:
+    return oriented_weight(module).shape[1]

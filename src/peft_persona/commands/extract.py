@@ -1,0 +1,86 @@
+"""``peft-persona extract``: calibrate on persona texts and save one mask adapter per persona."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..models import DEFAULT_MODEL
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "extract",
+        help="extract persona masks and save them as PEFT adapters",
+        description="Extract persona masks from calibration texts and save one adapter per persona under --out.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id, local path or embedded name (default: {DEFAULT_MODEL})")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantised to float32)")
+    parser.add_argument(
+        "--persona", action="append", required=True, metavar="NAME=SOURCE",
+        help="persona name and its texts, e.g. extravert=builtin:extraversion#yes (repeat for each persona)",
+    )
+    parser.add_argument("--method", default="contrastive", choices=["wanda", "contrastive", "obs", "magnitude", "random"])
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row's weights removed (default 0.5)")
+    parser.add_argument("--phi", default="relu", choices=["relu", "softplus"], help="contrastive channel weight")
+    parser.add_argument("--tau", type=float, default=1.0, help="softplus temperature")
+    parser.add_argument("--reference", action="store_true", help="reproduce the paper code's statistics (comparison only)")
+    parser.add_argument("--max-length", type=int, default=256, help="truncate calibration texts to this many tokens")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random control")
+    parser.add_argument("--save-stats", action="store_true", help="also save each persona's statistics (safetensors)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory: one sub-directory per persona")
+    parser.set_defaults(func=run)
+
+
+def parse_personas(specs: list[str]) -> dict[str, str]:
+    """``["a=src", ...]`` to ``{"a": "src"}``; a malformed or repeated name raises a ``ValueError`` naming it."""
+    personas: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--persona {spec!r}: expected NAME=SOURCE")
+        if name in personas:
+            raise ValueError(f"--persona {name!r} given twice")
+        personas[name] = source
+    return personas
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..extractor import PersonaExtractor
+    from ..models import load_model
+
+    personas = parse_personas(args.persona)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    extractor = PersonaExtractor(model, tokenizer, max_length=args.max_length, batch_size=args.batch_size, show_progress=True)
+    if args.save_stats and args.method in ("wanda", "contrastive"):
+        personas = {name: extractor.calibrate(name, source) for name, source in personas.items()}
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, stats in personas.items():
+            stats.save(args.out / f"{name}.stats.safetensors")
+    peft_model = extractor.extract(
+        personas, method=args.method, sparsity=args.sparsity, phi=args.phi, tau=args.tau, reference=args.reference, seed=args.seed
+    )
+    save_adapters(peft_model, list(personas), args.out)
+    print(extractor.summary)
+    summary = {"out": str(args.out), "adapters": {n: str(args.out / n) for n in personas}, **vars(extractor.summary)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"saved {len(personas)} adapter(s) under {args.out}/: " + ", ".join(personas))
+    return 0
+
+
+def save_adapters(peft_model, names: list[str], out: Path) -> None:
+    """Save each adapter to ``out/<name>/``; writes to a temporary directory first, so a failure leaves nothing."""
+    import shutil
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        for name in names:
+            peft_model.save_pretrained(tmp, selected_adapters=[name])
+            written = Path(tmp) / name if name != "default" else Path(tmp)
+            target = out / name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(written), target)
