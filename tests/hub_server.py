@@ -173,13 +173,16 @@ class Handler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in url.path.split("/")[1:]]  # split before unquoting: "%2F" stays in one part
         head = method == "HEAD"
         try:
+            body = self._body() if method == "POST" else b""  # read first: a keep-alive connection must be drained
             user = self._user()
             self.server.log.append((method, url.path, user))
-            body = self._body() if method == "POST" else b""
             with self.server.hub.lock:
                 status, payload, headers = self._route(method, parts, parse_qs(url.query), user, body)
         except HubError as err:
             headers = {"X-Error-Message": err.message}
+            if err.status == 413:  # the body was not read: the connection cannot be reused
+                self.close_connection = True
+                headers["Connection"] = "close"
             if err.code:
                 headers["X-Error-Code"] = err.code
             self._send(err.status, json.dumps({"error": err.message}).encode(), headers, head=head)

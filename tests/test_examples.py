@@ -44,7 +44,7 @@ def pushed_example(hub, tmp_path_factory):
     return summary, cwd / "repo", env
 
 
-def test_extract_eval_push_load(hub, pushed_example):
+def test_extract_eval_push_load(hub, pushed_example, tmp_path):
     summary, repo, _ = pushed_example
     assert summary["source"] == "user/smollm2-extraversion"
     assert summary["round_trip_exact"] == {"extravert": True, "introvert": True}  # Hub copy == extracted adapter
@@ -52,7 +52,7 @@ def test_extract_eval_push_load(hub, pushed_example):
     rows = {r["adapter"]: r for r in summary["evaluation"]}
     assert set(rows) == {"extravert", "introvert", "(base model)"}
     assert all(isinstance(r["extraversion_margin"], float) for r in rows.values())
-    remote = {s.name: s for s in inspect_adapters("user/smollm2-extraversion", endpoint=hub.endpoint)}
+    remote = {s.name: s for s in inspect_adapters("user/smollm2-extraversion", endpoint=hub.endpoint, cache_dir=tmp_path)}
     assert sorted(remote) == ["extravert", "introvert"]
     for s in remote.values():
         assert s.config["method"] == "contrastive" and s.config["sparsity"] == 0.5

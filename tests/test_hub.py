@@ -189,7 +189,7 @@ def test_eval_report_from_json_file_and_bad_report(tmp_path):
 def test_private_repo_needs_token(hub, pushed, tmp_path):
     with pytest.raises(PersonaHubError, match="private"):
         inspect_adapters("user/secret", endpoint=hub.endpoint, token=False)
-    assert [s.name for s in inspect_adapters("user/secret", endpoint=hub.endpoint, token=OWNER)] == ["extravert", "introvert"]
+    assert [s.name for s in inspect_adapters("user/secret", endpoint=hub.endpoint, token=OWNER, cache_dir=tmp_path)] == ["extravert", "introvert"]
 
 
 def test_push_without_token_or_with_foreign_token_fails_clearly(hub, pushed, monkeypatch):
@@ -236,13 +236,13 @@ def test_inspect_local_dir_counts_density_without_a_model(tmp_path):
 def test_inspect_hub_repo_matches_local(hub, pushed, tmp_path):
     export_repo(pushed["model"], tmp_path / "local", "user/pair")
     local = {s.name: s for s in inspect_adapters(tmp_path / "local")}
-    remote = {s.name: s for s in inspect_adapters("user/pair", endpoint=hub.endpoint)}
+    remote = {s.name: s for s in inspect_adapters("user/pair", endpoint=hub.endpoint, cache_dir=tmp_path / "c")}
     assert sorted(remote) == ["extravert", "introvert"] and remote["extravert"].location == "user/pair/extravert"
     for name in local:
         assert remote[name].density == local[name].density and remote[name].file_size == local[name].file_size
-    single = inspect_adapters("user/single", revision="dev", endpoint=hub.endpoint)
+    single = inspect_adapters("user/single", revision="dev", endpoint=hub.endpoint, cache_dir=tmp_path / "c")
     assert [s.name for s in single] == ["extravert"]
-    only = inspect_adapters("user/pair", subfolder="introvert", endpoint=hub.endpoint)
+    only = inspect_adapters("user/pair", subfolder="introvert", endpoint=hub.endpoint, cache_dir=tmp_path / "c")
     assert [s.name for s in only] == ["introvert"]
 
 
@@ -256,6 +256,20 @@ def test_inspect_rejects_what_is_not_a_persona_mask(tmp_path):
         inspect_adapters((tmp_path / "empty").mkdir() or tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="neither a local directory nor a Hub repo"):
         inspect_adapters("not a repo")
+
+
+def test_inspect_hub_repo_that_is_not_a_persona_mask(hub, tmp_path):
+    api = HfApi(endpoint=hub.endpoint, token=OWNER)
+    api.create_repo("user/a-lora", exist_ok=True)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    save_file({"x.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "adapter_model.safetensors")
+    api.upload_folder(repo_id="user/a-lora", folder_path=str(tmp_path), commit_message="a LoRA")
+    with pytest.raises(PersonaHubError, match=r"Hub repo 'user/a-lora'.*peft_type is 'LORA'"):
+        inspect_adapters("user/a-lora", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    with pytest.raises(PersonaHubError, match="'user/missing' not found, or private"):
+        inspect_adapters("user/missing", endpoint=hub.endpoint)
+    with pytest.raises(PersonaHubError, match="no revision 'nope'"):
+        inspect_adapters("user/a-lora", revision="nope", endpoint=hub.endpoint)
 
 
 def test_cli_push_and_inspect_hub_repo(hub, hub_env, tmp_path):

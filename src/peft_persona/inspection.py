@@ -105,11 +105,12 @@ def inspect_adapters(
     subfolder: Optional[str] = None,
     token: Optional[str] = None,
     endpoint: Optional[str] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> list[AdapterSummary]:
     """Summaries of every persona mask adapter in a local directory or a Hub repo (``namespace/name``).
 
     A local path wins over a Hub id of the same spelling. Raises :class:`PersonaHubError` naming the file or field for
-    anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``.
+    anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``; ``cache_dir`` the HF cache.
     """
     local = Path(dir_or_repo)
     if local.exists():
@@ -126,21 +127,21 @@ def inspect_adapters(
 
     if not HUB_ID.match(repo_id):
         raise FileNotFoundError(f"{repo_id} is neither a local directory nor a Hub repo id (namespace/name)")
+    download = dict(revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
     summaries = []
     for folder, path in sorted(_hub_files(repo_id, revision, subfolder, token, endpoint).items()):
         sub = path or None
         try:
-            config = hf_hub_download(
-                repo_id, CONFIG_NAME, subfolder=sub, revision=revision, token=token, endpoint=endpoint
-            )
-            weights = hf_hub_download(
-                repo_id, ADAPTER_WEIGHTS_NAME, subfolder=sub, revision=revision, token=token, endpoint=endpoint
-            )
+            config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=sub, **download)
+            weights = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, subfolder=sub, **download)
         except EntryNotFoundError:
             raise PersonaHubError(f"Hub repo {repo_id!r}: {path or '/'} has no {ADAPTER_WEIGHTS_NAME}") from None
-        name = folder or (_read_config(Path(config).parent).get("persona") or "default")
         location = f"{repo_id}/{path}" if path else repo_id
-        summaries.append(summarize_files(name, Path(config), Path(weights), location))
+        try:
+            name = folder or (_read_config(Path(config).parent).get("persona") or "default")
+            summaries.append(summarize_files(name, Path(config), Path(weights), location))
+        except PersonaHubError as err:
+            raise PersonaHubError(f"Hub repo {repo_id!r}, folder {path or '/'!r}: {err}") from None
     return summaries
 
 
