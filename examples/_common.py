@@ -38,7 +38,7 @@ def load_embedded(model: Optional[str] = None):
     return load_model(model or DEFAULT_MODEL)
 
 
-def extract_pair(model, tokenizer, method: str = "contrastive", sparsity: float = 0.5, max_length: int = 64):
+def extract_pair(model, tokenizer, method: str = "contrastive", sparsity: float = 0.2, max_length: int = 64):
     """A ``PeftModel`` with the adapters ``extravert`` and ``introvert`` extracted from the built-in data."""
     from peft_persona import PersonaExtractor
 

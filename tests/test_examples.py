@@ -55,9 +55,10 @@ def test_extract_eval_push_load(hub, pushed_example, tmp_path):
     remote = {s.name: s for s in inspect_adapters("user/smollm2-extraversion", endpoint=hub.endpoint, cache_dir=tmp_path)}
     assert sorted(remote) == ["extravert", "introvert"]
     for s in remote.values():
-        assert s.config["method"] == "contrastive" and s.config["sparsity"] == 0.5
+        assert s.config["method"] == "contrastive" and s.config["sparsity"] == 0.2
         assert s.config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-        assert len(s.density) == 210 and all(d == 0.5 for d in s.density.values())  # 50% of every row removed
+        assert len(s.density) == 210  # every linear layer of the 30 blocks, 20% of each row removed
+        assert all(abs(d - 0.8) < 1 / 576 for d in s.density.values()), s.density
     assert remote["extravert"].config["opposite_persona"] == "introvert"
     card = (repo / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Yes/No persona probe" in card

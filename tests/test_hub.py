@@ -198,6 +198,24 @@ def test_push_without_token_or_with_foreign_token_fails_clearly(hub, pushed, mon
         push_to_hub(pushed["model"], "user/pair2", endpoint=hub.endpoint)
     with pytest.raises(PersonaHubError, match="no write access"):
         push_to_hub(pushed["model"], "user/pair", endpoint=hub.endpoint, token=OTHER)
+    with pytest.raises(PersonaHubError, match="refused the token"):
+        push_to_hub(pushed["model"], "user/pair", endpoint=hub.endpoint, token="hf_not_a_token")
+
+
+def test_export_from_transformers_model_with_loaded_adapters(tmp_path):
+    """A model that loaded adapters with transformers' load_adapter exports the same files as the PeftModel."""
+    model = _pair_model("user/tiny-llama")
+    export_repo(model, tmp_path / "from_peft", "user/x")
+    plain = tiny_llama(0)
+    for name in ("extravert", "introvert"):
+        plain.load_adapter(str(tmp_path / "from_peft" / name), adapter_name=name)
+    export_repo(plain, tmp_path / "from_transformers", "user/x", base_model="user/tiny-llama")
+    for name in ("extravert", "introvert"):
+        a = load_file(tmp_path / "from_peft" / name / "adapter_model.safetensors")
+        b = load_file(tmp_path / "from_transformers" / name / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        config = json.loads((tmp_path / "from_transformers" / name / "adapter_config.json").read_text())
+        assert config["persona"] == name and config["base_model_name_or_path"] == "user/tiny-llama"
 
 
 def test_invalid_adapter_is_never_pushed(hub, tmp_path):

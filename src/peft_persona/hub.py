@@ -147,7 +147,8 @@ def stage_adapters(
 
     Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written per adapter. ``base_model``, if given,
     replaces ``base_model_name_or_path`` in every config (so that ``AutoPeftModelForCausalLM`` finds the base on the
-    Hub); without it, a path to the embedded default model becomes that model's Hub id. Every written adapter is checked (config type, readable weights holding mask tensors).
+    Hub); without it, a path to the embedded default model becomes that model's Hub id. Every written adapter is
+    checked: config type, readable weights holding mask tensors.
     """
     out = Path(out_dir)
     if isinstance(model_or_dir, nn.Module):
