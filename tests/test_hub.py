@@ -176,10 +176,13 @@ def test_card_without_eval_report_says_so(hub, pushed, tmp_path):
 
 
 def test_eval_report_from_json_file_and_bad_report(tmp_path):
-    (tmp_path / "report.json").write_text(json.dumps({"persona_agreement": {"extravert": 0.8}}))
+    report = {"persona_agreement": {"extravert": 0.8, "items": list(range(50)), "ci": [0.7, 0.9]}, "runtime_s": None}
+    (tmp_path / "report.json").write_text(json.dumps(report))
     model = _pair_model("user/tiny-llama")
     export_repo(model, tmp_path / "repo", "user/x", ["extravert"], eval_report=tmp_path / "report.json")
-    assert "| persona_agreement.extravert | 0.8 |" in (tmp_path / "repo" / "README.md").read_text()
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert "| persona_agreement.extravert | 0.8 |" in card and "| persona_agreement.ci | 0.7, 0.9 |" in card
+    assert "persona_agreement.items" not in card and "runtime_s" not in card  # per-item lists stay in the report
     with pytest.raises(PersonaHubError, match="missing.json"):
         export_repo(model, tmp_path / "repo2", "user/x", eval_report=tmp_path / "missing.json")
     assert not (tmp_path / "repo2").exists() and not list(tmp_path.glob(".repo2.partial-*"))

@@ -40,6 +40,7 @@ CITATION = """@inproceedings{ye2026personality,
   eprint        = {2602.07164},
   archivePrefix = {arXiv}
 }"""
+MAX_LIST, MAX_ROWS = 8, 200  # evaluation report: longest list and most rows shown in a card
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ModelOrDir = Union[nn.Module, str, os.PathLike]
 
@@ -259,7 +260,9 @@ def _fingerprint_text(fingerprint: Optional[Mapping[str, Any]]) -> str:
 
 
 def _eval_table(report: Any) -> tuple[list[str], list[list[str]]]:
-    """A header and rows from an evaluation report: a list of result dicts, or a (nested) dict of metrics."""
+    """A header and rows from an evaluation report: a list of result dicts, or a (nested) dict of metrics whose
+    scalar leaves become ``dotted.key | value`` rows (lists longer than ``MAX_LIST``, such as per-item scores, are
+    left out; at most ``MAX_ROWS`` rows)."""
     results = report.get("results", report) if isinstance(report, Mapping) else report
     if isinstance(results, list) and results and all(isinstance(r, Mapping) for r in results):
         header: list[str] = []
@@ -273,10 +276,15 @@ def _eval_table(report: Any) -> tuple[list[str], list[list[str]]]:
             if isinstance(value, Mapping):
                 for key, sub in value.items():
                     walk(f"{prefix}.{key}" if prefix else str(key), sub)
-            else:
+            elif isinstance(value, (list, tuple)):
+                if len(value) <= MAX_LIST and all(isinstance(v, (str, int, float, bool)) for v in value):
+                    flat.append([prefix, _format_value(value)])  # longer lists (per-item scores) stay out of the card
+            elif value is not None:
                 flat.append([prefix, _format_value(value)])
 
         walk("", {k: v for k, v in results.items() if k != "description"})
+        if len(flat) > MAX_ROWS:
+            flat = flat[:MAX_ROWS] + [[f"({len(flat) - MAX_ROWS} more rows in the report)", ""]]
         return ["Metric", "Value"], flat
     raise PersonaHubError(f"eval_report: expected a dict or a list of dicts, got {type(report).__name__}")
 
