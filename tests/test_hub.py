@@ -159,7 +159,7 @@ def test_card_metadata_and_content(hub, pushed, tmp_path):
     for needle in ("| `extravert` | `extravert` | extravert | introvert | contrastive | 0.50 | 14 |",
                    "`model.layers.1.self_attn.v_proj`", "builtin:extraversion#yes", "num_texts: 100",
                    "CC-BY-4.0", "Held-out Anthropic extraversion statements", "| introvert | persona_agreement | 0.23 |",
-                   "arXiv:2602.07164" if "arXiv:2602.07164" in text else "2602.07164", CITATION):
+                   "Subnetworks\", ICLR 2026, arXiv:2602.07164", CITATION):
         assert needle in text, needle
     fingerprint = pushed["model"].peft_config["extravert"].base_model_fingerprint
     assert fingerprint["structure_sha256"] in text

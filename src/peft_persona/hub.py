@@ -389,6 +389,7 @@ def build_model_card(
         eval_header=header,
         eval_source=source or "Results of the evaluation harness (`peft-persona eval`), as supplied at push time:",
         citation=CITATION,
+        paper=PAPER,
     )
     return card
 
