@@ -95,6 +95,8 @@ def test_fresh_process_loads_from_hub_with_plain_transformers(hub, hub_env, push
             base = AutoModelForCausalLM.from_pretrained("user/tiny-llama")
             peft_model = PeftModel.from_pretrained(base, "user/pair", subfolder="introvert", adapter_name="introvert")
             out["peft_introvert"] = peft_model(tokens).logits
+            base = AutoModelForCausalLM.from_pretrained("user/tiny-llama")
+            out["peft_single_dev"] = PeftModel.from_pretrained(base, "user/single", revision="dev")(tokens).logits
             auto = AutoPeftModelForCausalLM.from_pretrained("user/single", revision="dev")
             out["auto_single_dev"] = auto(tokens).logits
             plain = AutoModelForCausalLM.from_pretrained("user/tiny-llama")
@@ -119,6 +121,7 @@ def test_fresh_process_loads_from_hub_with_plain_transformers(hub, hub_env, push
     assert torch.equal(out["card_introvert"], expected["introvert"])
     assert torch.equal(out["peft_introvert"], expected["introvert"])
     assert torch.equal(out["auto_single_dev"], expected["extravert"])
+    assert torch.equal(out["peft_single_dev"], expected["extravert"])
     assert torch.equal(out["transformers_single_dev"], expected["extravert"])
     assert not torch.equal(expected["extravert"], expected["introvert"])
     # the adapter files came over HTTP from the loopback Hub; "dev" (by name or as its commit) held the single one
