@@ -14,11 +14,15 @@ CONFIGS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000),
     "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=32000),
 }
+# SmolLM2-135M's shapes, random init
+SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 
 
 def random_llama(name: str, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**CONFIGS[name])).eval()
+    kwargs = SMOLLM2_SHAPES if name == "smollm2-shapes" else CONFIGS[name]
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
 
 
 def n_params(model: torch.nn.Module) -> int:

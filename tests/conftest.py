@@ -100,6 +100,28 @@ def word_texts(seed: int, n: int, low: int = 7, high: int = 900, min_len: int = 
     return [" ".join(f"w{int(w)}" for w in torch.randint(low, high, (int(k),), generator=generator)) for k in lengths]
 
 
+# ------------------------------------------------------------------------------------------------ loopback Hub
+@pytest.fixture(scope="session")
+def hub():
+    """A loopback Hugging Face Hub (``tests/hub_server.py``) shared by the session; see its module doc."""
+    from hub_server import running_hub
+
+    with running_hub() as server:
+        yield server
+
+
+@pytest.fixture
+def hub_env(hub, tmp_path):
+    """Environment for a subprocess that talks to the loopback Hub: its endpoint, an empty HF cache, no token."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "PEFT_PERSONA_NO_AUTOLOAD"}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    return env
+
+
 def chat_tokenizer():
     """An offline word-level tokenizer (ids < VOCAB) whose chat template has system/user/assistant markers and a
     generation prompt, for evaluation tests."""

@@ -312,3 +312,20 @@ def test_cli_extract_on_local_model(tmp_path, capsys):
     assert all(m.sum(1).eq(m.shape[1] // 2).all() for m in pp.get_masks(reloaded, "default").values())
     assert cli_main(["extract", "--model", str(model_dir), "--persona", "broken", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_datasets_column_and_source_strings(extractor, tmp_path):
+    from datasets import Dataset
+
+    texts = word_texts(40, 5)
+    from_dataset = extractor.calibrate("p", (Dataset.from_dict({"text": texts}), "text"))
+    from_list = extractor.calibrate("p", texts)
+    name = next(iter(from_list.layers))
+    torch.testing.assert_close(from_dataset.layers[name].sum_sq, from_list.layers[name].sum_sq)
+    assert from_dataset.meta["source"] == "datasets.Dataset column 'text'"
+    with pytest.raises(KeyError, match="no column 'missing'"):
+        extractor.calibrate("p", (Dataset.from_dict({"text": texts}), "missing"))
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(f'{{"statement": "{t}", "answer_matching_behavior": " Yes"}}\n' for t in texts))
+    from_file = extractor.calibrate("p", str(path))
+    assert from_file.meta["source"] == str(path) and from_file.meta["n_texts"] == 5

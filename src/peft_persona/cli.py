@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 # Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on the parser.
-COMMANDS = ("extract", "eval")
+COMMANDS = ("extract", "eval", "push", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

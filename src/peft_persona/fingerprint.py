@@ -1,9 +1,10 @@
 """Which linear layers a persona mask targets by default, and a fingerprint of the base model they belong to.
 
 The fingerprint has two parts: a hash of the targeted layers' names and shapes (exact), and a *weight probe*, a few
-normalised random projections of sampled weights. The probe is dtype-robust (fp32, bf16 and fp16 copies of a model
-agree to about 1e-2), and tells apart models of the same architecture with different weights. It may not detect a
-light fine-tune of the same base.
+normalised random projections of sampled weights. Independent weights differ by about 1 per probe value; a bf16 copy
+of SmolLM2 differs by 0.002 and a 10% relative perturbation of every weight by 0.18, so the tolerance of 0.3 accepts
+dtype casts and quantised copies of one checkpoint and refuses other models of the same architecture. It may not
+detect a light fine-tune of the same base.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 FINGERPRINT_FORMAT = 1
 PROBE_MODULES = 8
 PROBE_SAMPLES = 4096
-PROBE_TOLERANCE = 0.05
+PROBE_TOLERANCE = 0.3
 SKIP_ENV = "PEFT_PERSONA_SKIP_FINGERPRINT"
 
 

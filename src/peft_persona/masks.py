@@ -23,6 +23,7 @@ from .bits import unpack_mask
 from .fingerprint import base_model_fingerprint, is_maskable, oriented_weight
 from .tuner.config import PersonaMaskConfig, check_safetensors_file
 from .tuner.layer import PersonaMaskLayer
+from .tuner.model import pending_masks
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 BITS_KEY = ".persona_mask_bits"
@@ -112,20 +113,22 @@ def add_mask_adapter(
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(base, "config", None), "name_or_path", None) or None
 
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
-        result = model
-    elif getattr(model, "_hf_peft_config_loaded", False):
-        model.add_adapter(config, adapter_name=adapter_name)
-        result = model
-    else:
-        result = get_peft_model(model, config, adapter_name=adapter_name)
+    with pending_masks(adapter_name, checked):
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config)
+            result = model
+        elif getattr(model, "_hf_peft_config_loaded", False):
+            model.add_adapter(config, adapter_name=adapter_name)
+            result = model
+        else:
+            result = get_peft_model(model, config, adapter_name=adapter_name)
     targeted = set(_layers_of(result, adapter_name))
-    missing = targeted - set(checked)
-    if missing:
+    if targeted != set(checked):
         delete_adapter(result, adapter_name)
-        raise ValueError(f"adapter {adapter_name!r}: `target_modules` matched modules with no mask: {sorted(missing)}")
-    set_masks(result, adapter_name, checked)
+        raise ValueError(
+            f"adapter {adapter_name!r}: `target_modules` matched modules with no mask: {sorted(targeted - set(checked))}, "
+            f"and masks were given for modules it did not match: {sorted(set(checked) - targeted)}"
+        )
     return result
 
 

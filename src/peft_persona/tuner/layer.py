@@ -86,7 +86,8 @@ class PersonaMaskLayer(BaseTunerLayer):
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._refresh_active_mask()
+        if self._active_key != self._active_state():
+            self._refresh_active_mask()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:

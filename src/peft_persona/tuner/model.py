@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+import contextlib
+import contextvars
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -13,6 +15,21 @@ from .config import PersonaMaskConfig
 from .layer import MaskedLinear, PersonaMaskLayer
 
 CombineMode = Literal["intersection", "union", "majority"]
+
+# Masks handed to the layers while an adapter is being injected: {adapter name: {module name: bool mask}}.
+_PENDING_MASKS: contextvars.ContextVar[Mapping[str, Mapping[str, torch.Tensor]]] = contextvars.ContextVar(
+    "persona_pending_masks", default={}
+)
+
+
+@contextlib.contextmanager
+def pending_masks(adapter_name: str, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, injecting ``adapter_name`` gives each layer its mask from ``masks`` instead of all ones."""
+    token = _PENDING_MASKS.set({adapter_name: masks})
+    try:
+        yield
+    finally:
+        _PENDING_MASKS.reset(token)
 
 
 class PersonaMaskModel(BaseTuner):
@@ -47,8 +64,9 @@ class PersonaMaskModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        mask = _PENDING_MASKS.get().get(adapter_name, {}).get(current_key)
         if isinstance(target, PersonaMaskLayer):
-            target.update_layer(adapter_name)
+            target.update_layer(adapter_name, mask)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not fingerprint.is_maskable(base):
@@ -56,7 +74,7 @@ class PersonaMaskModel(BaseTuner):
                 f"module {current_key!r} is a {type(base).__name__}; persona masks wrap only torch.nn.Linear and "
                 "transformers Conv1D layers. Narrow `target_modules` so that it does not match this module."
             )
-        new_module = MaskedLinear(target, adapter_name)
+        new_module = MaskedLinear(target, adapter_name, mask)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new_module, target)

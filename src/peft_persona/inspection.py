@@ -1,0 +1,169 @@
+"""Summaries of saved persona mask adapters, local or on the Hub, read from their files without loading a model.
+
+Only ``adapter_config.json`` and ``adapter_model.safetensors`` are read. Density (the fraction of weights a mask keeps)
+is counted on the packed bytes with a popcount table; it assumes each layer's ``in_features`` is 8 times its bytes per
+row, which holds for every layer width that is a multiple of 8 (otherwise the padding bits, always zero, make the
+density a slight under-estimate).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from .hub import CONFIG_NAME, PersonaHubError, _check_weights, _read_config, adapter_dirs
+from .masks import ADAPTER_WEIGHTS_NAME, BITS_KEY, _clean_name
+
+POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+@dataclass
+class AdapterSummary:
+    """What one saved persona mask adapter holds."""
+
+    name: str
+    location: str
+    config: dict[str, Any]
+    file_size: int
+    density: dict[str, float] = field(default_factory=dict)  # module name -> fraction of weights kept
+    kept: int = 0
+    total: int = 0
+
+    @property
+    def overall_density(self) -> float:
+        return self.kept / self.total if self.total else float("nan")
+
+
+def _natural(key: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def count_ones(packed: torch.Tensor) -> int:
+    """Number of set bits in a ``uint8`` tensor."""
+    return int(POPCOUNT[packed.reshape(-1).long()].sum())
+
+
+def summarize_files(name: str, config_file: Path, weights_file: Path, location: str) -> AdapterSummary:
+    """Summary of one adapter from its two files."""
+    config = _read_config(config_file.parent)
+    _check_weights(weights_file)
+    summary = AdapterSummary(name, location, config, weights_file.stat().st_size)
+    with safe_open(str(weights_file), framework="pt") as handle:
+        for key in sorted(handle.keys(), key=_natural):
+            if not key.endswith(BITS_KEY):
+                continue
+            packed = handle.get_tensor(key)
+            if packed.dtype != torch.uint8 or packed.dim() != 2:
+                raise PersonaHubError(f"{weights_file}: tensor {key!r} is {packed.dtype} {tuple(packed.shape)}, not 2-D uint8")
+            ones, size = count_ones(packed), packed.numel() * 8
+            summary.density[_clean_name(key[: -len(BITS_KEY)])] = ones / size
+            summary.kept += ones
+            summary.total += size
+    return summary
+
+
+def _hub_files(
+    repo_id: str, revision: Optional[str], subfolder: Optional[str], token: Optional[str], endpoint: Optional[str]
+) -> dict[str, str]:
+    """Folders (``""`` = root) of ``repo_id`` holding an ``adapter_config.json``, under ``subfolder`` if given."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        files = HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id, revision=revision)
+    except RepositoryNotFoundError:
+        raise PersonaHubError(
+            f"Hub repo {repo_id!r} not found, or private and no token with access to it was given "
+            "(pass --token, set HF_TOKEN, or run `hf auth login`)"
+        ) from None
+    except RevisionNotFoundError:
+        raise PersonaHubError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
+    except HfHubHTTPError as err:
+        raise PersonaHubError(f"reading Hub repo {repo_id!r} failed: {err}") from None
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    folders = {}
+    for path in files:
+        if path.startswith(prefix) and path.endswith(CONFIG_NAME):
+            rel = path[len(prefix):]
+            folder = rel[: -len(CONFIG_NAME)].rstrip("/")
+            if folder.count("/") == 0:
+                folders[folder] = path[: -len(CONFIG_NAME)].rstrip("/")
+    if not folders:
+        raise PersonaHubError(f"Hub repo {repo_id!r}{f' folder {subfolder!r}' if subfolder else ''} holds no {CONFIG_NAME}")
+    return folders
+
+
+def inspect_adapters(
+    dir_or_repo: Union[str, os.PathLike],
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    token: Optional[str] = None,
+    endpoint: Optional[str] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> list[AdapterSummary]:
+    """Summaries of every persona mask adapter in a local directory or a Hub repo (``namespace/name``).
+
+    A local path wins over a Hub id of the same spelling. Raises :class:`PersonaHubError` naming the file or field for
+    anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``; ``cache_dir`` the HF cache.
+    """
+    local = Path(dir_or_repo)
+    if local.exists():
+        root = local / subfolder if subfolder else local
+        return [
+            summarize_files(name, path / CONFIG_NAME, path / ADAPTER_WEIGHTS_NAME, str(path))
+            for name, path in adapter_dirs(root).items()
+        ]
+    repo_id = str(dir_or_repo)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from .hub import HUB_ID
+
+    if not HUB_ID.match(repo_id):
+        raise FileNotFoundError(f"{repo_id} is neither a local directory nor a Hub repo id (namespace/name)")
+    download = dict(revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    summaries = []
+    for folder, path in sorted(_hub_files(repo_id, revision, subfolder, token, endpoint).items()):
+        sub = path or None
+        try:
+            config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=sub, **download)
+            weights = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, subfolder=sub, **download)
+        except EntryNotFoundError:
+            raise PersonaHubError(f"Hub repo {repo_id!r}: {path or '/'} has no {ADAPTER_WEIGHTS_NAME}") from None
+        location = f"{repo_id}/{path}" if path else repo_id
+        try:
+            name = folder or (_read_config(Path(config).parent).get("persona") or "default")
+            summaries.append(summarize_files(name, Path(config), Path(weights), location))
+        except PersonaHubError as err:
+            raise PersonaHubError(f"Hub repo {repo_id!r}, folder {path or '/'!r}: {err}") from None
+    return summaries
+
+
+def format_summaries(summaries: list[AdapterSummary], per_layer: bool = True) -> str:
+    """Human-readable report: persona, method, sparsity, density per layer, fingerprint and file size."""
+    lines = []
+    for s in summaries:
+        c = s.config
+        fingerprint = c.get("base_model_fingerprint") or {}
+        lines += [
+            f"adapter {s.name}  ({s.location})",
+            f"  persona:          {c.get('persona') or '-'}",
+            f"  opposite persona: {c.get('opposite_persona') or '-'}",
+            f"  method:           {c.get('method') or '-'}",
+            f"  sparsity:         {c.get('sparsity') if c.get('sparsity') is not None else '-'}",
+            f"  base model:       {c.get('base_model_name_or_path') or '-'}",
+            f"  fingerprint:      {fingerprint.get('num_layers', '-')} layers, structure "
+            f"{fingerprint.get('structure_sha256', '-')}, weight probe {fingerprint.get('weight_probe', '-')}",
+            f"  file size:        {s.file_size} bytes ({s.file_size / 2**20:.2f} MiB)",
+            f"  masked layers:    {len(s.density)}, density {s.overall_density:.4f} ({s.kept} of {s.total} weights kept)",
+        ]
+        if per_layer:
+            width = max((len(n) for n in s.density), default=0)
+            lines += [f"    {name:<{width}}  {d:.4f}" for name, d in s.density.items()]
+    return "\n".join(lines)
