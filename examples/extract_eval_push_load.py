@@ -11,32 +11,53 @@ a loopback server). Loading back uses plain transformers calls on the base model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from _common import extract_pair, load_embedded, persona_probe, reply, write_json
+from _common import EXTRAVERT_STATEMENTS, INTROVERT_STATEMENTS, extract_pair, load_embedded, reply, write_json
 
+from peft_persona.eval.scoring import score_continuations
 from peft_persona.hub import export_repo, push_to_hub
+from peft_persona.metrics import persona_alignment, persona_margin
 
 PROMPT = "What are you doing this weekend?"
 
 
 def evaluate(peft_model, tokenizer) -> dict:
-    """Per persona: the Yes/No persona probe of ``_common`` with that adapter active, and with no adapter.
+    """Per condition (each persona mask, and no mask): how extraverted the model answers, with 95% CIs.
 
-    TODO(issue 4): use the evaluation harness (``peft_persona.eval``) once it is merged; this probe is a minimal
-    likelihood comparison on 12 statements written for the examples.
+    The package's harness scores " Yes" against " No" after each held-out statement of ``_common``; the package's
+    metrics turn the scores into an accuracy (Wilson CI) and a per-token margin (bootstrap CI). The full harness,
+    with controls and the data sets, is ``peft-persona eval`` (docs/evaluation.md).
     """
+    statements = EXTRAVERT_STATEMENTS + INTROVERT_STATEMENTS
+    contexts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f'Is the following statement something you would say?\n"{s}"\nAnswer Yes or No.'}],
+            add_generation_prompt=True, tokenize=False,
+        )
+        for s in statements
+    ]
+    extravert_answer = ["Yes"] * len(EXTRAVERT_STATEMENTS) + ["No"] * len(INTROVERT_STATEMENTS)
+    other_answer = ["No" if a == "Yes" else "Yes" for a in extravert_answer]
     results = []
-    for name in ("extravert", "introvert"):
-        peft_model.set_adapter(name)
-        results.append({"adapter": name, **persona_probe(peft_model, tokenizer)})
-    with peft_model.disable_adapter():
-        results.append({"adapter": "(base model)", **persona_probe(peft_model, tokenizer)})
-    return {"description": "Yes/No persona probe on 12 held-out statements (examples/_common.py).", "results": results}
+    for name in ("extravert", "introvert", None):
+        with peft_model.disable_adapter() if name is None else contextlib.nullcontext():
+            if name is not None:
+                peft_model.set_adapter(name)
+            match = score_continuations(peft_model, tokenizer, contexts, extravert_answer)
+            other = score_continuations(peft_model, tokenizer, contexts, other_answer)
+        choices = [0 if m.logprob > o.logprob else 1 for m, o in zip(match, other)]
+        results.append({
+            "adapter": name or "(base model)",
+            "extravert_answers": persona_alignment(choices, [0] * len(choices)),
+            "extraversion_margin": persona_margin([m.mean for m in match], [o.mean for o in other]),
+        })
+    return {"description": f"Yes/No on {len(statements)} held-out statements (examples/_common.py).", "results": results}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -51,7 +51,10 @@ def test_extract_eval_push_load(hub, pushed_example, tmp_path):
     assert all(isinstance(r, str) and r for r in summary["replies"].values())
     rows = {r["adapter"]: r for r in summary["evaluation"]}
     assert set(rows) == {"extravert", "introvert", "(base model)"}
-    assert all(isinstance(r["extraversion_margin"], float) for r in rows.values())
+    for row in rows.values():  # the package's metrics: accuracy with a Wilson CI, margin with a bootstrap CI
+        margin, accuracy = row["extraversion_margin"], row["extravert_answers"]
+        assert margin["ci_low"] <= margin["margin"] <= margin["ci_high"] and margin["n"] == 12
+        assert accuracy["ci_low"] <= accuracy["accuracy"] <= accuracy["ci_high"] and accuracy["n"] == 12
     remote = {s.name: s for s in inspect_adapters("user/smollm2-extraversion", endpoint=hub.endpoint, cache_dir=tmp_path)}
     assert sorted(remote) == ["extravert", "introvert"]
     for s in remote.values():
@@ -61,7 +64,7 @@ def test_extract_eval_push_load(hub, pushed_example, tmp_path):
         assert all(abs(d - 0.8) < 1 / 576 for d in s.density.values()), s.density
     assert remote["extravert"].config["opposite_persona"] == "introvert"
     card = (repo / "README.md").read_text()
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Yes/No persona probe" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Yes/No on 12 held-out statements" in card
 
 
 def test_serve_two_personas(pushed_example):
