@@ -26,16 +26,18 @@ def workloads(name: str):
     if name == "100M":
         model = random_llama("100M")
         tokenizer = word_tokenizer(model.config.vocab_size)
-        texts = {"a": random_texts(128, 32000, 16, 128, seed=1), "b": random_texts(128, 32000, 16, 128, seed=2)}
-        yield "100M random init, 2x128 random texts of 16-128 tokens", model, tokenizer, texts
+        texts = {"a": random_texts(64, 32000, 16, 128, seed=1), "b": random_texts(64, 32000, 16, 128, seed=2)}
+        yield "100M random init, 2x64 random texts of 16-128 tokens", model, tokenizer, texts
         return
+    from peft_persona.data import load_texts
     from peft_persona.models import load_model
 
     model, tokenizer = load_model()
     yield "SmolLM2-135M, builtin extraversion 2x100 statements", model, tokenizer, {
         "extravert": "builtin:extraversion#yes", "introvert": "builtin:extraversion#no"}
-    yield "SmolLM2-135M, paper power train.csv 2x642 Q/A", model, tokenizer, {
-        "power": f"{SHARED}/paper-persona/train.csv#matching", "no_power": f"{SHARED}/paper-persona/train.csv#not_matching"}
+    train = f"{SHARED}/paper-persona/train.csv"
+    yield "SmolLM2-135M, paper power train.csv, first 2x200 Q/A", model, tokenizer, {
+        "power": load_texts(f"{train}#matching")[:200], "no_power": load_texts(f"{train}#not_matching")[:200]}
 
 
 def bare_forward(extractor: PersonaExtractor, personas: dict) -> None:
