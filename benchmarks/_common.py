@@ -50,13 +50,13 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def word_tokenizer(vocab_size: int):
-    """A word-level tokenizer over ``w0 .. w{vocab_size-1}`` built in-process (``w0`` pads)."""
+    """A word-level tokenizer over ``w0 .. w{vocab_size-1}`` built in-process (``w0`` pads, ``w1`` is unknown)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)} | {"[UNK]": vocab_size}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w1"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="w0", eos_token="w2", unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="w0", eos_token="w2", unk_token="w1")
 
 
 def random_texts(n: int, vocab_size: int, min_len: int, max_len: int, seed: int = 0) -> list[str]:
