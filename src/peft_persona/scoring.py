@@ -10,7 +10,7 @@ selection over the tied entries. No Python loop runs over rows, and nothing is s
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

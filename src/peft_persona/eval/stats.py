@@ -118,8 +118,6 @@ def proportion_ci(successes: float, n: int) -> dict[str, float]:
     return {"mean": successes / n, "ci_low": low, "ci_high": high, "n": int(n)}
 
 
-
-
 def group_difference(
     values: ArrayLike, labels: Sequence[int | bool], n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
 ) -> dict[str, float]:
