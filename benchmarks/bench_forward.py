@@ -14,7 +14,7 @@ import torch
 from _common import CONFIGS, interleaved_medians, markdown_table, n_params, random_llama
 
 import peft_persona as pp
-from peft_persona.fingerprint import decoder_linear_modules, oriented_weight
+from peft_persona.targets import decoder_linear_modules, oriented_weight
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 from _common import markdown_table, random_llama
 
 import peft_persona as pp
-from peft_persona.fingerprint import decoder_linear_modules, oriented_weight
+from peft_persona.targets import decoder_linear_modules, oriented_weight
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from peft_persona.fingerprint import decoder_linear_modules, oriented_weight
+from peft_persona.targets import decoder_linear_modules, oriented_weight
 
 VOCAB = 1000
 

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import random_masks, tiny_llama, chat_tokenizer
 from peft_persona import add_mask_adapter, data
-from peft_persona.eval import harness, items, plots, report, stats
+from peft_persona import stats
+from peft_persona.eval import harness, items, plots, report
 from peft_persona.eval.conditions import CONDITIONS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -14,7 +14,7 @@ from peft_persona import scoring
 from peft_persona.calibrate import LayerStats, PersonaStats
 from peft_persona.cli import main as cli_main
 from peft_persona.extractor import PersonaExtractor, mask_overlap
-from peft_persona.fingerprint import oriented_weight
+from peft_persona.targets import oriented_weight
 
 
 # ------------------------------------------------------------------------------------------------ naive references

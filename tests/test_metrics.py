@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peft_persona import metrics
-from peft_persona.eval import stats
+from peft_persona import stats
 
 
 def test_wilson_interval_matches_hand_computation():

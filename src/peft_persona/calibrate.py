@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fingerprint import oriented_weight
+from .targets import oriented_weight
 
 STAT_NAMES = ("sum_sq", "rms_sum", "rms_sq_sum", "l2_sum")
 STATS_FORMAT = "peft-persona-stats/1"

@@ -26,7 +26,8 @@ from .calibrate import (
     target_modules_by_name,
 )
 from .data import BUILTIN_LICENSE, Text, load_texts
-from .fingerprint import base_model_fingerprint, decoder_linear_modules, is_maskable, oriented_weight
+from .fingerprint import base_model_fingerprint
+from .targets import decoder_linear_modules, is_maskable, oriented_weight
 from .masks import add_mask_adapter
 from .tuner.config import PersonaMaskConfig
 

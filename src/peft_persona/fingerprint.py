@@ -1,4 +1,4 @@
-"""Which linear layers a persona mask targets by default, and a fingerprint of the base model they belong to.
+"""A fingerprint of the base model a persona mask was extracted on, and the check made when it is injected.
 
 The fingerprint has two parts: a hash of the targeted layers' names and shapes (exact), and a *weight probe*, a few
 normalised random projections of sampled weights. Independent weights differ by about 1 per probe value; a bf16 copy
@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import PersonaAdapterError
+from .targets import decoder_linear_modules, oriented_weight
+
 FINGERPRINT_FORMAT = 1
 PROBE_MODULES = 8
 PROBE_SAMPLES = 4096
@@ -24,63 +27,8 @@ PROBE_TOLERANCE = 0.3
 SKIP_ENV = "PEFT_PERSONA_SKIP_FINGERPRINT"
 
 
-class FingerprintMismatchError(ValueError):
+class FingerprintMismatchError(PersonaAdapterError):
     """The adapter was extracted on a different base model than the one it is being loaded into."""
-
-
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
-def is_maskable(module: nn.Module) -> bool:
-    """True for the layer types a persona mask can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
-    conv1d = _conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-def oriented_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``(out_features, in_features)``; a view, never a copy."""
-    conv1d = _conv1d_class()
-    if conv1d is not None and isinstance(module, conv1d):
-        return module.weight.T
-    return module.weight
-
-
-def _strip_tuner_names(name: str) -> str:
-    return name.replace(".base_layer", "")
-
-
-def decoder_block_list(model: nn.Module) -> str:
-    """Name of the ``nn.ModuleList`` holding the decoder blocks: the one with the most parameters."""
-    best_name, best_count = None, -1
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            count = sum(p.numel() for p in module.parameters())
-            if count > best_count:
-                best_name, best_count = name, count
-    if best_name is None:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.ModuleList of blocks, so the default targets (every linear layer "
-            "inside the decoder blocks) are undefined; pass `target_modules` explicitly."
-        )
-    return best_name
-
-
-def decoder_linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every maskable layer inside the decoder blocks, by name (tuner wrappers see through to the base layer)."""
-    blocks = _strip_tuner_names(decoder_block_list(model))
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        clean = _strip_tuner_names(name)
-        if clean.startswith(blocks + ".") and is_maskable(module) and clean not in found:
-            found[clean] = module
-    if not found:
-        raise ValueError(f"no nn.Linear or Conv1D layer found inside the decoder blocks `{blocks}`")
-    return found
 
 
 def base_model_fingerprint(model: nn.Module) -> dict[str, Any]:

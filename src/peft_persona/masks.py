@@ -20,7 +20,8 @@ from torch import nn
 
 from ._peft_type import PERSONA_MASK
 from .bits import unpack_mask
-from .fingerprint import base_model_fingerprint, is_maskable, oriented_weight
+from .fingerprint import base_model_fingerprint
+from .targets import is_maskable, oriented_weight
 from .tuner.config import PersonaMaskConfig, check_safetensors_file
 from .tuner.layer import PersonaMaskLayer
 from .tuner.model import pending_masks

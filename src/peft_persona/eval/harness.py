@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from ..metrics.functions import TIE, mask_overlap, persona_alignment, persona_margin
-from . import stats
+from .. import stats
 from .conditions import CONDITIONS, Condition, active, adapter_names, control_for, render
 from .items import Item, Persona, load_items
 from .scoring import Score, encode, score_continuations, score_ids

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..eval.stats import bootstrap_ci, check_same_length, wilson_ci
+from ..stats import bootstrap_ci, check_same_length, wilson_ci
 
 TIE = -1
 

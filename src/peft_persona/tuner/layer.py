@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..bits import full_mask_packed, pack_mask, packed_shape, unpack_mask
-from ..fingerprint import _conv1d_class, oriented_weight
+from ..targets import is_conv1d, oriented_weight
 
 
 class PersonaMaskLayer(BaseTunerLayer):
@@ -37,7 +37,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.out_features, self.in_features = oriented_weight(self.get_base_layer()).shape
-        self.fan_in_fan_out = isinstance(self.get_base_layer(), _conv1d_class())
+        self.fan_in_fan_out = is_conv1d(self.get_base_layer())
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------- adapters

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .. import fingerprint
+from .. import fingerprint, targets
 from .config import PersonaMaskConfig
 from .layer import MaskedLinear, PersonaMaskLayer
 
@@ -51,7 +51,7 @@ class PersonaMaskModel(BaseTuner):
         config = self.peft_config[adapter_name]
         fingerprint.check_base_model_fingerprint(config.base_model_fingerprint, model, adapter_name)
         if config.target_modules is None:
-            config.target_modules = set(fingerprint.decoder_linear_modules(model))
+            config.target_modules = set(targets.decoder_linear_modules(model))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _create_and_replace(
@@ -69,7 +69,7 @@ class PersonaMaskModel(BaseTuner):
             target.update_layer(adapter_name, mask)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not fingerprint.is_maskable(base):
+        if not targets.is_maskable(base):
             raise TypeError(
                 f"module {current_key!r} is a {type(base).__name__}; persona masks wrap only torch.nn.Linear and "
                 "transformers Conv1D layers. Narrow `target_modules` so that it does not match this module."

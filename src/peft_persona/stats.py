@@ -1,4 +1,4 @@
-"""Plain statistics for the harness and the metrics: confidence intervals, AUC and paired significance tests.
+"""Plain statistics shared by the metrics and the evaluation harness: CIs, AUC and paired significance tests.
 
 Only numpy; nothing here imports ``evaluate`` or scipy.
 """
@@ -111,11 +111,6 @@ def mean_ci(values: ArrayLike, seed: int = 0, n_resamples: int = 2000) -> dict[s
     low, high = bootstrap_ci(array, n_resamples=n_resamples, seed=seed)
     return {"mean": float(array.mean()), "ci_low": low, "ci_high": high, "n": int(array.size)}
 
-
-def proportion_ci(successes: float, n: int) -> dict[str, float]:
-    """A proportion with its Wilson 95% CI."""
-    low, high = wilson_ci(successes, n)
-    return {"mean": successes / n, "ci_low": low, "ci_high": high, "n": int(n)}
 
 
 def group_difference(

@@ -1,0 +1,64 @@
+"""How a mask is extracted: one options object, and the one list of method names the API, CLI and config share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Method = Literal["wanda", "contrastive", "obs", "magnitude", "random"]
+CALIBRATED_METHODS: tuple[str, ...] = ("wanda", "contrastive", "obs")
+CONTROL_METHODS: tuple[str, ...] = ("magnitude", "random")
+EXTRACTION_METHODS: tuple[str, ...] = CALIBRATED_METHODS + CONTROL_METHODS
+# A config's `method` may also say how a mask was made without extraction.
+CONFIG_METHODS: tuple[str, ...] = EXTRACTION_METHODS + ("explicit", "combined")
+PHI_KINDS: tuple[str, ...] = ("relu", "softplus")
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """The recipe of an extraction; validated on construction.
+
+    Args:
+        method: ``wanda``, ``contrastive``, ``obs``, or the controls ``magnitude`` and ``random``.
+        sparsity: fraction of each output row's weights removed, in [0, 1).
+        phi: contrastive channel weight, ``relu(z)`` or ``softplus(z / tau)``.
+        tau: softplus temperature, positive.
+        reference: reproduce the paper code's statistics and tie handling (comparison only).
+        seed: seed of the ``random`` control.
+    """
+
+    method: Method = "wanda"
+    sparsity: float = 0.5
+    phi: Literal["relu", "softplus"] = "relu"
+    tau: float = 1.0
+    reference: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in EXTRACTION_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; use one of {EXTRACTION_METHODS}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.phi not in PHI_KINDS:
+            raise ValueError(f"phi must be one of {PHI_KINDS}, got {self.phi!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration texts (the controls do not)."""
+        return self.method in CALIBRATED_METHODS
+
+    def record(self) -> dict[str, Any]:
+        """The fields that shaped the masks, for an adapter's ``calibration`` record."""
+        record: dict[str, Any] = {}
+        if self.method == "contrastive":
+            record.update(phi=self.phi, tau=self.tau)
+        if self.method == "random":
+            record["seed"] = self.seed
+        if self.reference:
+            record["reference_mode"] = True
+        return record
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

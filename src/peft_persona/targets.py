@@ -1,0 +1,79 @@
+"""Which layers a persona mask can wrap and targets by default, and how their names are written.
+
+Module names are always those of the base model (``model.layers.0.self_attn.q_proj``): :func:`clean_module_name`
+strips PEFT's ``base_model.model.`` prefix, ``torch.compile``'s ``_orig_mod.`` and tuner wrappers' ``.base_layer``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def clean_module_name(name: str) -> str:
+    """The base model's name of a module, whatever wrappers (PEFT, ``torch.compile``, tuner layers) sit around it."""
+    for prefix in ("base_model.model.", "_orig_mod."):
+        name = name.removeprefix(prefix)
+    return name.replace(".base_layer", "")
+
+
+def block_index(name: str) -> Optional[int]:
+    """Index of the decoder block a module name lies in (the first ``.<digits>.`` part), or ``None``."""
+    match = _BLOCK_INDEX.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+def module_kind(name: str) -> str:
+    """The module name after its block index (``self_attn.q_proj``), or the whole name outside any block."""
+    parts = _BLOCK_INDEX.split(f".{name}.", maxsplit=1)
+    return parts[2].strip(".") if len(parts) == 3 else name
+
+
+def is_maskable(module: nn.Module) -> bool:
+    """True for the layer types a persona mask can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D``, whose weight is stored ``(in_features, out_features)``."""
+    return isinstance(module, Conv1D)
+
+
+def oriented_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``(out_features, in_features)``; a view, never a copy."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def decoder_block_list(model: nn.Module) -> str:
+    """Name of the ``nn.ModuleList`` holding the decoder blocks: the one with the most parameters."""
+    best_name, best_count = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(p.numel() for p in module.parameters())
+            if count > best_count:
+                best_name, best_count = name, count
+    if best_name is None:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of blocks, so the default targets (every linear layer "
+            "inside the decoder blocks) are undefined; pass `target_modules` explicitly."
+        )
+    return best_name
+
+
+def decoder_linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every maskable layer inside the decoder blocks, by base-model name (tuner wrappers are seen through)."""
+    blocks = clean_module_name(decoder_block_list(model))
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        clean = clean_module_name(name)
+        if clean.startswith(blocks + ".") and is_maskable(module) and clean not in found:
+            found[clean] = module
+    if not found:
+        raise ValueError(f"no nn.Linear or Conv1D layer found inside the decoder blocks `{blocks}`")
+    return found
