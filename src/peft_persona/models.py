@@ -62,7 +62,7 @@ def load_model(
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a Hub id, a local directory (optionally with ``gguf_file``), or an embedded name.
 
-    The tokenizer gets a pad token (its EOS token) if it has none.
+    The tokenizer gets a pad token (its EOS token) if it has none, as :func:`ensure_pad_token` does.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,7 +74,22 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def ensure_pad_token(tokenizer: Any) -> int:
+    """The tokenizer's pad token id; a tokenizer without one gets its EOS token as pad token, with a warning.
+
+    Raises a ``ValueError`` if it has neither. The one padding policy of the package: padding positions are always
+    masked out, so which token pads does not change any result.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set pad_token")
+        import warnings
+
+        warnings.warn(f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding")
+        tokenizer.pad_token = tokenizer.eos_token
+    return int(tokenizer.pad_token_id)

@@ -7,9 +7,10 @@ strips PEFT's ``base_model.model.`` prefix, ``torch.compile``'s ``_orig_mod.`` a
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -76,4 +77,23 @@ def decoder_linear_modules(model: nn.Module) -> dict[str, nn.Module]:
             found[clean] = module
     if not found:
         raise ValueError(f"no nn.Linear or Conv1D layer found inside the decoder blocks `{blocks}`")
+    return found
+
+
+def in_features_of(module: nn.Module) -> int:
+    """Number of input features of a maskable layer."""
+    return oriented_weight(module).shape[1]
+
+
+def modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Resolve base-model module names to modules, seeing through tuner wrappers to the base layer."""
+    wanted = set(names)
+    found: dict[str, nn.Module] = {}
+    for raw, module in model.named_modules():
+        name = clean_module_name(raw)
+        if name in wanted and name not in found:
+            found[name] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    missing = wanted - set(found)
+    if missing:
+        raise KeyError(f"modules not found in the model: {sorted(missing)[:5]}")
     return found
