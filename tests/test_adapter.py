@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import peft_persona as pp
+from peft_persona.tuner import mask_layers
 from peft_persona.bits import pack_mask, unpack_mask
 from peft_persona.tuner.layer import PersonaMaskLayer
 
@@ -70,7 +71,7 @@ def test_disable_adapter_is_bit_exact_base(arch, tokens):
 
 def test_default_targets_are_decoder_linears_only():
     model = get_peft_model(tiny_llama(), pp.PersonaMaskConfig(), adapter_name="persona")
-    layers = pp.masks.mask_layers(model)
+    layers = mask_layers(model)
     assert len(layers) == 2 * 7
     assert all(".layers." in name for name in layers)
     assert not any("lm_head" in name or "embed" in name for name in layers)

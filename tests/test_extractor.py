@@ -14,6 +14,7 @@ from peft_persona import scoring
 from peft_persona.calibrate import LayerStats, PersonaStats
 from peft_persona.cli import main as cli_main
 from peft_persona.extractor import PersonaExtractor, mask_overlap
+from peft_persona.fingerprint import base_model_fingerprint
 from peft_persona.targets import oriented_weight
 
 
@@ -235,7 +236,7 @@ def test_extract_returns_adapters_with_provenance_and_summary(tokens):
     config = peft_model.peft_config["intro"]
     assert (config.persona, config.opposite_persona, config.method, config.sparsity) == ("intro", "extro", "contrastive", 0.5)
     assert config.calibration["n_texts"] == 8 and config.calibration["phi"] == "relu"
-    assert config.base_model_fingerprint == pp.base_model_fingerprint(tiny_llama())
+    assert config.base_model_fingerprint == base_model_fingerprint(tiny_llama())
     summary = extractor.summary
     assert summary.kept_fraction == 0.5 and 0 <= summary.overlap < 1
     assert summary.overlap == mask_overlap(pp.get_masks(peft_model, "extro"), pp.get_masks(peft_model, "intro"))

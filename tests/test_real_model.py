@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 
 import peft_persona as pp
+from peft_persona.tuner import mask_layers
 from peft_persona.commands.extract import save_adapters
 
 EXTRAVERSION = Path(__file__).resolve().parents[2] / "shared" / "data" / "anthropic-evals" / "persona" / "extraversion.jsonl"
@@ -27,7 +28,7 @@ def test_smollm2_extraversion_pair_extract_save_reload_generate(smollm2, tmp_pat
         assert summary.n_texts == {"extravert": 500, "introvert": 500}
         assert summary.kept_fraction == pytest.approx(0.5, abs=1e-3)
         assert 0.0 < summary.overlap < 1.0
-        layers = pp.masks.mask_layers(peft_model)
+        layers = mask_layers(peft_model)
         assert len(layers) == 30 * 7  # every linear layer of the 30 decoder blocks, nothing else
         save_adapters(peft_model, ["extravert", "introvert"], tmp_path)
 

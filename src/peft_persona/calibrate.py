@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .targets import oriented_weight
+from .targets import modules_by_name, oriented_weight
 
 STAT_NAMES = ("sum_sq", "rms_sum", "rms_sq_sum", "l2_sum")
 STATS_FORMAT = "peft-persona-stats/1"
@@ -180,19 +180,7 @@ class ActivationRecorder:
 
 def target_modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     """Resolve module names to modules, seeing through persona mask wrappers to the base layer."""
-    from .masks import _clean_name
-    from .tuner.layer import PersonaMaskLayer
-
-    wanted = set(names)
-    found = {}
-    for raw, module in model.named_modules():
-        name = _clean_name(raw)
-        if name in wanted and name not in found:
-            found[name] = module.get_base_layer() if isinstance(module, PersonaMaskLayer) else module
-    missing = wanted - set(found)
-    if missing:
-        raise KeyError(f"modules not found in the model: {sorted(missing)[:5]}")
-    return found
+    return modules_by_name(model, names)
 
 
 def check_finite(name: str, statistic: torch.Tensor) -> None:

@@ -22,12 +22,17 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from safetensors.torch import save_file
 from torch import nn
 
-from ._peft_type import PERSONA_MASK
+from . import adapter_files
+from .adapter_files import BITS_SUFFIX as BITS_KEY
+from .adapter_files import CONFIG_NAME
+from .adapter_files import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from .adapter_files import adapter_dirs
 from .data import BUILTIN_LICENSE
-from .masks import ADAPTER_WEIGHTS_NAME, BITS_KEY, _layers_of, _peft_config_dict
-from .tuner.config import PersonaMaskConfig, check_safetensors_file
+from .errors import PersonaAdapterError
+from .tuner import PERSONA_MASK, PersonaMaskConfig
+from .tuner.model import adapter_layers as _layers_of
+from .tuner.model import peft_configs as _peft_config_dict
 
-CONFIG_NAME = "adapter_config.json"
 CARD_NAME = "README.md"
 TEMPLATE = "persona_mask.md"
 DEFAULT_LICENSE = "apache-2.0"
@@ -45,8 +50,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ModelOrDir = Union[nn.Module, str, os.PathLike]
 
 
-class PersonaHubError(ValueError):
-    """Pushing or reading a persona mask repo failed; the message names the repo, file or field at fault."""
+PersonaHubError = PersonaAdapterError  # the package's one error class, under the name hub code has used
 
 
 @dataclass
@@ -65,48 +69,11 @@ def template_path() -> Path:
 
 # ------------------------------------------------------------------------------------------------ staging
 def _read_config(directory: Path) -> dict[str, Any]:
-    file = directory / CONFIG_NAME
-    if not file.is_file():
-        raise PersonaHubError(f"no {CONFIG_NAME} in {directory}")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise PersonaHubError(f"{file} is not valid JSON ({err})") from None
-    if config.get("peft_type") != PERSONA_MASK.value:
-        raise PersonaHubError(
-            f"{file}: peft_type is {config.get('peft_type')!r}, not {PERSONA_MASK.value!r}; not a persona mask adapter"
-        )
-    return config
+    return adapter_files.read_config(directory)
 
 
 def _check_weights(file: Path) -> None:
-    if not file.is_file():
-        raise PersonaHubError(f"no {ADAPTER_WEIGHTS_NAME} at {file.parent}")
-    try:
-        check_safetensors_file(file)
-    except ValueError as err:
-        raise PersonaHubError(str(err)) from None
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        if not any(key.endswith(BITS_KEY) for key in handle.keys()):
-            raise PersonaHubError(f"{file} holds no persona mask tensors (keys ending in {BITS_KEY!r})")
-
-
-def adapter_dirs(directory: Union[str, os.PathLike]) -> dict[str, Path]:
-    """The adapters saved in ``directory`` by name: its root (named after its persona, else ``default``) and every
-    sub-folder holding an ``adapter_config.json``, as ``PeftModel.save_pretrained`` lays them out."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no adapter directory at {root}")
-    found: dict[str, Path] = {}
-    if (root / CONFIG_NAME).is_file():
-        found[_read_config(root).get("persona") or "default"] = root
-    for child in sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):
-        found[child.name] = child
-    if not found:
-        raise PersonaHubError(f"no {CONFIG_NAME} in {root} or in any folder directly below it")
-    return found
+    adapter_files.validate_weights(file)
 
 
 def _select(available: Sequence[str], adapter_names: Optional[Sequence[str]], where: str) -> list[str]:

@@ -17,8 +17,10 @@ from typing import Any, Optional, Union
 import torch
 from safetensors import safe_open
 
-from .hub import CONFIG_NAME, PersonaHubError, _check_weights, _read_config, adapter_dirs
-from .masks import ADAPTER_WEIGHTS_NAME, BITS_KEY, _clean_name
+from .adapter_files import BITS_SUFFIX as BITS_KEY
+from .adapter_files import CONFIG_NAME, adapter_dirs, mask_tensor_module, read_config, validate_weights
+from .adapter_files import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from .errors import PersonaAdapterError as PersonaHubError
 
 POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -51,8 +53,8 @@ def count_ones(packed: torch.Tensor) -> int:
 
 def summarize_files(name: str, config_file: Path, weights_file: Path, location: str) -> AdapterSummary:
     """Summary of one adapter from its two files."""
-    config = _read_config(config_file.parent)
-    _check_weights(weights_file)
+    config = read_config(config_file.parent)
+    validate_weights(weights_file)
     summary = AdapterSummary(name, location, config, weights_file.stat().st_size)
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in sorted(handle.keys(), key=_natural):
@@ -62,7 +64,7 @@ def summarize_files(name: str, config_file: Path, weights_file: Path, location: 
             if packed.dtype != torch.uint8 or packed.dim() != 2:
                 raise PersonaHubError(f"{weights_file}: tensor {key!r} is {packed.dtype} {tuple(packed.shape)}, not 2-D uint8")
             ones, size = count_ones(packed), packed.numel() * 8
-            summary.density[_clean_name(key[: -len(BITS_KEY)])] = ones / size
+            summary.density[mask_tensor_module(key)] = ones / size
             summary.kept += ones
             summary.total += size
     return summary
@@ -138,7 +140,7 @@ def inspect_adapters(
             raise PersonaHubError(f"Hub repo {repo_id!r}: {path or '/'} has no {ADAPTER_WEIGHTS_NAME}") from None
         location = f"{repo_id}/{path}" if path else repo_id
         try:
-            name = folder or (_read_config(Path(config).parent).get("persona") or "default")
+            name = folder or (read_config(Path(config).parent).get("persona") or "default")
             summaries.append(summarize_files(name, Path(config), Path(weights), location))
         except PersonaHubError as err:
             raise PersonaHubError(f"Hub repo {repo_id!r}, folder {path or '/'!r}: {err}") from None

@@ -149,7 +149,7 @@ def _block(name: str) -> str:
 
 def mask_statistics(model: nn.Module, personas: Sequence[Persona], control: str = "random") -> dict[str, Any]:
     """Per-adapter density and persona-vs-opposite / persona-vs-control overlap, per module and per block."""
-    from ..masks import get_masks
+    from ..tuner import get_masks
 
     names = adapter_names(model)
     result: dict[str, Any] = {"density": {}, "persona_vs_opposite": {}, "persona_vs_control": {}}

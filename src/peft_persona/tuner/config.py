@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import PeftType
 
-from .._peft_type import PERSONA_MASK
+from .. import adapter_files
+from ..options import CONFIG_METHODS
 
-METHODS = ("wanda", "contrastive", "obs", "magnitude", "random", "explicit", "combined")
+
+class PersonaPeftType(str, enum.Enum):
+    """PEFT type of persona masks; a ``str`` so that it equals ``"PERSONA_MASK"`` in ``adapter_config.json``.
+
+    A plain string would crash transformers, which calls ``peft_type.value.lower()``.
+    """
+
+    PERSONA_MASK = adapter_files.PEFT_TYPE
+
+
+# PEFT's own member if a future PEFT ships one, else ours.
+PERSONA_MASK = getattr(PeftType, adapter_files.PEFT_TYPE, PersonaPeftType.PERSONA_MASK)
 
 
 @dataclass
@@ -49,7 +63,7 @@ class PersonaMaskConfig(PeftConfig):
     )
     method: Optional[str] = field(
         default=None,
-        metadata={"help": f"How the mask was built: one of {METHODS}."},
+        metadata={"help": f"How the mask was built: one of {CONFIG_METHODS}."},
     )
     sparsity: Optional[float] = field(
         default=None, metadata={"help": "Fraction of weights removed per output row, in [0, 1)."}
@@ -80,30 +94,18 @@ class PersonaMaskConfig(PeftConfig):
             raise ValueError("PersonaMaskConfig: `layers_pattern` only applies together with `layers_to_transform`.")
         if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"PersonaMaskConfig: `sparsity` must lie in [0, 1), got {self.sparsity}.")
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"PersonaMaskConfig: unknown `method` {self.method!r}; expected one of {METHODS}.")
+        if self.method is not None and self.method not in CONFIG_METHODS:
+            raise ValueError(f"PersonaMaskConfig: unknown `method` {self.method!r}; expected one of {CONFIG_METHODS}.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """Load the config; for a local directory, also check that its weights file is readable safetensors.
 
-        PEFT reads the config before the weights, so a corrupt ``adapter_model.safetensors`` is reported here with
-        its path, instead of as a bare deserialisation error later.
+        PEFT reads the config before the weights, so a corrupt weights file is reported here, naming its path,
+        instead of as a bare deserialisation error later.
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        directory = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
-        weights = os.path.join(directory, "adapter_model.safetensors")
+        weights = os.path.join(str(pretrained_model_name_or_path), subfolder or "", adapter_files.SAFETENSORS_WEIGHTS_NAME)
         if os.path.isfile(weights):
-            check_safetensors_file(weights)
+            adapter_files.check_safetensors(weights)
         return config
-
-
-def check_safetensors_file(path: str | os.PathLike) -> None:
-    """Raise a ``ValueError`` naming ``path`` if it is not a readable safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None

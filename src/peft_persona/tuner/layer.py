@@ -49,7 +49,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         elif mask is None:
             packed = full_mask_packed((self.out_features, self.in_features), device=device)
         else:
-            packed = pack_mask(self._check_mask(mask, adapter_name).to(device))
+            packed = pack_mask(self.check_mask(mask, adapter_name).to(device))
         self.persona_mask_bits[adapter_name] = packed
         self.set_adapter(self.active_adapters)
 
@@ -62,15 +62,17 @@ class PersonaMaskLayer(BaseTunerLayer):
             raise KeyError(f"layer has no persona mask adapter {adapter_name!r}")
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge it before replacing its mask")
-        packed = pack_mask(self._check_mask(mask, adapter_name).to(self.persona_mask_bits[adapter_name].device))
+        packed = pack_mask(self.check_mask(mask, adapter_name).to(self.persona_mask_bits[adapter_name].device))
         self.persona_mask_bits[adapter_name].copy_(packed)
-        self._refresh_active_mask(in_place=True)
+        if adapter_name in self.active_adapters:
+            self._refresh_active_mask(in_place=True)
 
     def get_mask(self, adapter_name: str) -> torch.Tensor:
         """The ``bool`` mask ``(out, in)`` of ``adapter_name``."""
         return unpack_mask(self.persona_mask_bits[adapter_name], self.in_features)
 
-    def _check_mask(self, mask: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def check_mask(self, mask: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``mask`` if it is a ``bool`` tensor of the weight's ``(out_features, in_features)`` shape; else raise."""
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise TypeError(f"mask for adapter {adapter_name!r} must be a torch.bool tensor, got {got}")

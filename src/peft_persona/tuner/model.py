@@ -1,49 +1,44 @@
-"""PersonaMaskModel: the PEFT tuner that injects :class:`MaskedLinear` layers."""
+"""PersonaMaskModel, the PEFT tuner that injects :class:`MaskedLinear` layers, and the model-level mask operations.
+
+The operations (:func:`get_masks`, :func:`set_masks`, :func:`combine_adapters`) take any module holding persona mask
+layers: a ``PeftModel``, a transformers model that loaded adapters with ``load_adapter`` (which keeps no tuner
+object), or a plain module. :class:`PersonaMaskModel` exposes them as methods, as LoRA's model does
+``add_weighted_adapter``. Module names are those of the base model (``model.layers.0.self_attn.q_proj``).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Iterable, Iterator, Literal, Mapping
+import copy
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .. import fingerprint, targets
+from .. import adapter_files, fingerprint, targets
 from .config import PersonaMaskConfig
 from .layer import MaskedLinear, PersonaMaskLayer
 
 CombineMode = Literal["intersection", "union", "majority"]
-
-# Masks handed to the layers while an adapter is being injected: {adapter name: {module name: bool mask}}.
-_PENDING_MASKS: contextvars.ContextVar[Mapping[str, Mapping[str, torch.Tensor]]] = contextvars.ContextVar(
-    "persona_pending_masks", default={}
-)
-
-
-@contextlib.contextmanager
-def pending_masks(adapter_name: str, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Within the block, injecting ``adapter_name`` gives each layer its mask from ``masks`` instead of all ones."""
-    token = _PENDING_MASKS.set({adapter_name: masks})
-    try:
-        yield
-    finally:
-        _PENDING_MASKS.reset(token)
+COMBINE_MODES: tuple[str, ...] = ("intersection", "union", "majority")
 
 
 class PersonaMaskModel(BaseTuner):
     """Injects persona masks into a model's linear layers.
+
+    Injection gives every targeted layer an all-ones mask (it keeps every weight); masks are then written in place
+    with :meth:`set_masks`.
 
     Example:
         ```py
         >>> from peft import get_peft_model
         >>> from peft_persona import PersonaMaskConfig
         >>> model = get_peft_model(base_model, PersonaMaskConfig(), adapter_name="persona")  # all-ones masks
+        >>> model.base_model.set_masks("persona", masks)  # {module name: bool tensor (out, in)}
         ```
     """
 
-    prefix: str = "persona_mask_"
+    prefix: str = adapter_files.PREFIX
     tuner_layer_cls = PersonaMaskLayer
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -64,9 +59,8 @@ class PersonaMaskModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        mask = _PENDING_MASKS.get().get(adapter_name, {}).get(current_key)
         if isinstance(target, PersonaMaskLayer):
-            target.update_layer(adapter_name, mask)
+            target.update_layer(adapter_name)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not targets.is_maskable(base):
@@ -74,7 +68,7 @@ class PersonaMaskModel(BaseTuner):
                 f"module {current_key!r} is a {type(base).__name__}; persona masks wrap only torch.nn.Linear and "
                 "transformers Conv1D layers. Narrow `target_modules` so that it does not match this module."
             )
-        new_module = MaskedLinear(target, adapter_name, mask)
+        new_module = MaskedLinear(target, adapter_name)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new_module, target)
@@ -84,22 +78,102 @@ class PersonaMaskModel(BaseTuner):
             param.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------ mask operations
-    def set_masks(self, adapter_name: str, masks: dict[str, torch.Tensor]) -> None:
-        """Overwrite ``adapter_name``'s masks in place (hot swap). See :func:`peft_persona.set_masks`."""
-        from ..masks import set_masks
-
-        set_masks(self.model, adapter_name, masks)
-
     def get_masks(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The ``bool`` masks of ``adapter_name`` by module name. See :func:`peft_persona.get_masks`."""
-        from ..masks import get_masks
-
+        """The ``bool`` masks of ``adapter_name`` by module name. See :func:`get_masks`."""
         return get_masks(self.model, adapter_name)
 
-    def combine_adapters(
-        self, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection"
-    ) -> None:
-        """Create ``new_adapter_name`` from existing adapters, the analogue of LoRA's ``add_weighted_adapter``."""
-        from ..masks import combine_adapters
+    def set_masks(self, adapter_name: str, masks: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite ``adapter_name``'s masks in place (hot swap). See :func:`set_masks`."""
+        set_masks(self.model, adapter_name, masks)
 
+    def combine_adapters(self, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection") -> None:
+        """Create ``new_adapter_name`` from existing adapters, the analogue of LoRA's ``add_weighted_adapter``."""
         combine_adapters(self.model, adapters, new_adapter_name, how=how)
+
+
+def mask_layers(model: nn.Module) -> dict[str, PersonaMaskLayer]:
+    """Every persona mask layer in ``model``, by base-model module name."""
+    return {targets.clean_module_name(n): m for n, m in model.named_modules() if isinstance(m, PersonaMaskLayer)}
+
+
+def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, PersonaMaskLayer]:
+    """The persona mask layers holding ``adapter_name``; a ``KeyError`` listing the known adapters if none does."""
+    layers = {n: m for n, m in mask_layers(model).items() if adapter_name in m.persona_mask_bits}
+    if not layers:
+        known = sorted({a for m in mask_layers(model).values() for a in m.persona_mask_bits})
+        raise KeyError(f"no persona mask adapter named {adapter_name!r}; the model has {known}")
+    return layers
+
+
+def peft_configs(model: nn.Module) -> dict[str, Any]:
+    """The model's ``peft_config`` dict (adapter name to config); a ``TypeError`` if it holds no PEFT adapters."""
+    config = getattr(model, "peft_config", None)
+    if not isinstance(config, dict):
+        raise TypeError(f"{type(model).__name__} carries no `peft_config` dict; it holds no PEFT adapters")
+    return config
+
+
+def get_masks(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The ``bool`` masks ``(out_features, in_features)`` of ``adapter_name``, by module name."""
+    return {name: layer.get_mask(adapter_name) for name, layer in adapter_layers(model, adapter_name).items()}
+
+
+def set_masks(model: nn.Module, adapter_name: str, masks: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite every mask of ``adapter_name`` in place (hot swap): no tensor is reallocated.
+
+    ``masks`` must name exactly the layers the adapter covers. A ``torch.compile``d model keeps its compiled graph.
+    All masks are validated before any is written.
+    """
+    layers = adapter_layers(model, adapter_name)
+    checked = {targets.clean_module_name(n): m for n, m in masks.items()}
+    unknown, missing = set(checked) - set(layers), set(layers) - set(checked)
+    if unknown or missing:
+        raise KeyError(
+            f"masks for adapter {adapter_name!r} must name exactly its {len(layers)} layers; "
+            f"unknown: {sorted(unknown)[:5]}, missing: {sorted(missing)[:5]}"
+        )
+    for name, layer in layers.items():
+        try:
+            layer.check_mask(checked[name], adapter_name)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
+    for name, layer in layers.items():
+        layer.set_mask(adapter_name, checked[name])
+
+
+def combine_adapters(
+    model: nn.Module, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection"
+) -> None:
+    """Add ``new_adapter_name``, whose mask combines ``adapters``' masks per weight.
+
+    ``intersection`` keeps a weight every adapter keeps, ``union`` one any adapter keeps, and ``majority`` one that
+    strictly more than half of the adapters keep.
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("combine_adapters needs at least one adapter")
+    if how not in COMBINE_MODES:
+        raise ValueError(f"combine_adapters: unknown mode {how!r}; use one of {COMBINE_MODES}")
+    configs = peft_configs(model)
+    if new_adapter_name in configs:
+        raise ValueError(f"an adapter named {new_adapter_name!r} already exists")
+    layer_sets = [set(adapter_layers(model, a)) for a in adapters]
+    if any(s != layer_sets[0] for s in layer_sets):
+        raise ValueError(f"adapters {adapters} do not cover the same layers, so they cannot be combined")
+    layers = adapter_layers(model, adapters[0])
+    combined = {name: _combine([layer.get_mask(a) for a in adapters], how) for name, layer in layers.items()}
+    config = copy.deepcopy(configs[adapters[0]])
+    config.method, config.persona, config.opposite_persona, config.sparsity = "combined", new_adapter_name, None, None
+    config.calibration = {"combined_from": adapters, "how": how}
+    configs[new_adapter_name] = config
+    for name, layer in layers.items():
+        layer.update_layer(new_adapter_name, combined[name])
+
+
+def _combine(masks: list[torch.Tensor], how: str) -> torch.Tensor:
+    stack = torch.stack(masks)
+    if how == "intersection":
+        return stack.all(0)
+    if how == "union":
+        return stack.any(0)
+    return stack.sum(0, dtype=torch.int32) * 2 > len(masks)

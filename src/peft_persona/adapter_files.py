@@ -1,0 +1,152 @@
+"""The on-disk format of a persona mask adapter: file names, tensor names, and reading and checking saved adapters.
+
+A saved adapter is a directory holding PEFT's two files (names from ``peft.utils.constants``):
+
+* ``adapter_config.json``: a ``PersonaMaskConfig`` with ``"peft_type": "PERSONA_MASK"``;
+* ``adapter_model.safetensors``: one ``uint8`` tensor ``base_model.model.<module>.persona_mask_bits`` per masked
+  layer, shaped ``(out_features, ceil(in_features / 8))`` (see :mod:`peft_persona.bits`).
+
+Several adapters saved together sit in one sub-directory each; PEFT saves an adapter named ``default`` at the root.
+This module is the only place that knows these names; everything that reads adapter files goes through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+from .bits import unpack_mask
+from .errors import PersonaAdapterError
+from .targets import clean_module_name
+
+PEFT_TYPE = "PERSONA_MASK"
+PREFIX = f"{PEFT_TYPE.lower()}_"  # "persona_mask_": PEFT's prefix of every adapter buffer
+BITS_BUFFER = f"{PREFIX}bits"  # the layer attribute holding the packed masks
+BITS_SUFFIX = f".{BITS_BUFFER}"  # how every mask tensor name ends in adapter_model.safetensors
+ROOT_ADAPTER = "default"  # name of an adapter saved at a directory's root that records no persona
+PathLike = Union[str, os.PathLike]
+
+__all__ = [
+    "BITS_SUFFIX", "CONFIG_NAME", "PEFT_TYPE", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME",
+    "adapter_dirs", "check_safetensors", "digest", "mask_tensor_module", "read_config", "read_masks",
+    "validate_weights",
+]
+
+
+def mask_tensor_module(key: str) -> str:
+    """The base-model module name of a mask tensor name (``base_model.model.<module>.persona_mask_bits``)."""
+    return clean_module_name(key[: -len(BITS_SUFFIX)] if key.endswith(BITS_SUFFIX) else key)
+
+
+def read_config(directory: PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a persona mask adapter directory, as a dict.
+
+    Raises :class:`PersonaAdapterError` naming the file if it is missing, not JSON, or not a persona mask config.
+    """
+    file = Path(directory) / CONFIG_NAME
+    if not file.is_file():
+        raise PersonaAdapterError(f"no {CONFIG_NAME} in {Path(directory)}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PersonaAdapterError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise PersonaAdapterError(f"{file} holds a JSON {type(config).__name__}, not an object")
+    if config.get("peft_type") != PEFT_TYPE:
+        raise PersonaAdapterError(
+            f"{file}: peft_type is {config.get('peft_type')!r}, not {PEFT_TYPE!r}; not a persona mask adapter"
+        )
+    return config
+
+
+def check_safetensors(file: PathLike) -> None:
+    """Raise :class:`PersonaAdapterError` naming ``file`` if it is not a readable safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PersonaAdapterError(f"{file} is not a readable safetensors file ({err})") from None
+
+
+def validate_weights(file: PathLike) -> list[str]:
+    """Check an adapter's weights file and return its mask tensor names.
+
+    The file must be readable safetensors holding at least one mask tensor, each 2-D ``uint8``.
+    """
+    from safetensors import safe_open
+
+    file = Path(file)
+    if not file.is_file():
+        raise PersonaAdapterError(f"no {SAFETENSORS_WEIGHTS_NAME} at {file.parent}")
+    check_safetensors(file)
+    with safe_open(str(file), framework="pt") as handle:
+        keys = [key for key in handle.keys() if key.endswith(BITS_SUFFIX)]
+        for key in keys:
+            meta = handle.get_slice(key)
+            dtype, shape = meta.get_dtype(), meta.get_shape()
+            if dtype != "U8" or len(shape) != 2:
+                raise PersonaAdapterError(f"{file}: tensor {key!r} is {dtype} {tuple(shape)}, not 2-D uint8")
+    if not keys:
+        raise PersonaAdapterError(f"{file} holds no persona mask tensors (keys ending in {BITS_SUFFIX!r})")
+    return keys
+
+
+def adapter_dirs(directory: PathLike) -> dict[str, Path]:
+    """The persona mask adapters saved in ``directory``, by name.
+
+    Every sub-directory holding an ``adapter_config.json`` is an adapter named after the sub-directory. An adapter
+    at the root itself is named after its config's ``persona``, or ``default`` if it records none.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no adapter directory at {root}")
+    found: dict[str, Path] = {}
+    if (root / CONFIG_NAME).is_file():
+        found[read_config(root).get("persona") or ROOT_ADAPTER] = root
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):
+        found[child.name] = child
+    if not found:
+        raise PersonaAdapterError(f"no {CONFIG_NAME} in {root} or in any folder directly below it")
+    return found
+
+
+def read_masks(path: PathLike, in_features: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """The ``bool`` masks saved at ``path`` (an adapter directory or its weights file), by module name.
+
+    ``in_features`` gives each module's input width; a tensor for a module not in it raises a ``KeyError``.
+    """
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / SAFETENSORS_WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no persona mask weights at {file}")
+    if (file.parent / CONFIG_NAME).is_file():
+        read_config(file.parent)
+    keys = validate_weights(file)
+    tensors = load_file(str(file))
+    masks = {}
+    for key in keys:
+        name = mask_tensor_module(key)
+        if name not in in_features:
+            raise KeyError(f"{file}: tensor {key!r} names module {name!r}, which holds no persona mask layer")
+        masks[name] = unpack_mask(tensors[key], in_features[name])
+    return masks
+
+
+def digest(directory: PathLike) -> str:
+    """SHA-256 prefix of an adapter directory's weights file, to recognise unchanged adapters."""
+    sha = hashlib.sha256()
+    with open(Path(directory) / SAFETENSORS_WEIGHTS_NAME, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
