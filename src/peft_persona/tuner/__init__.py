@@ -6,11 +6,15 @@ Enum member of the package's own (see :mod:`.config`) written into ``peft.mappin
 masks like any other adapter.
 """
 
+import logging
+
 from peft import mapping
 
 from .config import PERSONA_MASK, PersonaMaskConfig, PersonaPeftType
 from .layer import MaskedLinear, PersonaMaskLayer
-from .model import COMBINE_MODES, PersonaMaskModel, combine_adapters, get_masks, mask_layers, set_masks
+from .model import REPORT_FILTER, COMBINE_MODES, PersonaMaskModel, combine_adapters, get_masks, mask_layers, set_masks
+
+TRANSFORMERS_PEFT_LOGGER = "transformers.integrations.peft"
 
 
 def register() -> None:
@@ -19,6 +23,9 @@ def register() -> None:
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PERSONA_MASK] = PersonaMaskModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PERSONA_MASK] = PersonaMaskModel.prefix
     mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING[PERSONA_MASK] = PersonaMaskModel
+    logger = logging.getLogger(TRANSFORMERS_PEFT_LOGGER)
+    if REPORT_FILTER not in logger.filters:
+        logger.addFilter(REPORT_FILTER)
 
 
 register()

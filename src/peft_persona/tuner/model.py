@@ -9,6 +9,10 @@ object), or a plain module. :class:`PersonaMaskModel` exposes them as methods, a
 from __future__ import annotations
 
 import copy
+import logging
+import re
+import threading
+import warnings
 from typing import Any, Iterable, Literal, Mapping
 
 import torch
@@ -42,12 +46,19 @@ class PersonaMaskModel(BaseTuner):
     tuner_layer_cls = PersonaMaskLayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # PEFT warns whenever a second adapter joins a model; several persona masks on one model is the point.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            super().__init__(model, peft_config, adapter_name, **kwargs)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
         fingerprint.check_base_model_fingerprint(config.base_model_fingerprint, model, adapter_name)
         if config.target_modules is None:
             config.target_modules = set(targets.decoder_linear_modules(model))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        REPORT_FILTER.loading.adapter = adapter_name
 
     def _create_and_replace(
         self,
@@ -89,6 +100,37 @@ class PersonaMaskModel(BaseTuner):
     def combine_adapters(self, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection") -> None:
         """Create ``new_adapter_name`` from existing adapters, the analogue of LoRA's ``add_weighted_adapter``."""
         combine_adapters(self.model, adapters, new_adapter_name, how=how)
+
+
+class OtherAdaptersReportFilter(logging.Filter):
+    """Drops transformers' load report when all it lists is the masks of adapters loaded earlier.
+
+    transformers' ``load_adapter`` reports every buffer of the adapters already on the model as MISSING from the new
+    adapter's checkpoint, "newly initialized" (it does the same for LoRA), although nothing was touched. A report
+    that lists anything else (a mask of the adapter being loaded, an unexpected or mismatched key) is kept whole.
+    """
+
+    _row = re.compile(rf"^\s*(.+?)\.{adapter_files.BITS_BUFFER}\.([^\s.|]+)\s*\|\s*MISSING\s*\|")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading = threading.local()  # name of the adapter being injected in this thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.getMessage())
+        current = getattr(self.loading, "adapter", None)
+        if "LOAD REPORT" not in message or current is None:
+            return True
+        rows = [line for line in _strip_styles(message).splitlines() if "|" in line and not line.startswith(("Key", "-"))]
+        others = [m for m in map(self._row.match, rows) if m is not None and m.group(2) != current]
+        return not rows or len(others) != len(rows)
+
+
+def _strip_styles(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+REPORT_FILTER = OtherAdaptersReportFilter()
 
 
 def mask_layers(model: nn.Module) -> dict[str, PersonaMaskLayer]:
