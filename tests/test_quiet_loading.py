@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
+import pytest
 import torch
 from conftest import random_masks, tiny_llama
 from peft import LoraConfig, get_peft_model
@@ -66,12 +68,15 @@ def test_two_persona_adapters_load_quietly_and_intact(tmp_path, capfd):
         assert all(torch.equal(pp.get_masks(model, name)[k], expected[k]) for k in expected)
 
 
-def test_a_mask_missing_from_the_loaded_checkpoint_is_still_reported(tmp_path, capfd):
+def test_a_checkpoint_missing_a_mask_is_refused_before_injection(tmp_path):
     _save_persona_pair(tmp_path)
     weights = tmp_path / "introvert" / "adapter_model.safetensors"
     tensors = load_file(str(weights))
     dropped = sorted(tensors)[0]
     del tensors[dropped]
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    _, _, output = _load_pair(tmp_path, capfd)
-    assert "MISSING" in output and "persona_mask_bits.introvert" in output
+    model = tiny_llama()
+    model.load_adapter(str(tmp_path / "extravert"), adapter_name="extravert")
+    with pytest.raises(pp.PersonaAdapterError, match=re.escape(dropped)):
+        model.load_adapter(str(tmp_path / "introvert"), adapter_name="introvert")
+    assert set(model.peft_config) == {"extravert"} and model.active_adapters() == ["extravert"]

@@ -34,9 +34,33 @@ PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "BITS_SUFFIX", "CONFIG_NAME", "PEFT_TYPE", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME",
-    "adapter_dirs", "check_safetensors", "digest", "mask_tensor_module", "read_config", "read_masks",
-    "validate_weights",
+    "adapter_dirs", "check_adapter_name", "check_mask_tensors", "check_safetensors", "digest", "mask_tensor_key",
+    "mask_tensor_module", "read_config", "read_masks", "validate_weights",
 ]
+MAX_NAME_LENGTH = 128
+_FORBIDDEN_IN_NAMES = set("/\\.:\0")
+
+
+def check_adapter_name(name: object, what: str = "adapter name") -> str:
+    """``name`` if it is safe as an adapter name, which becomes a directory name and a buffer key; else raise.
+
+    A name must be a non-empty string of at most 128 characters without path separators, dots (so neither ``..``
+    nor an absolute path), colons, control characters or surrounding whitespace.
+    """
+    if not isinstance(name, str):
+        raise PersonaAdapterError(f"{what} must be a string, got {type(name).__name__}")
+    bad = sorted({c for c in name if c in _FORBIDDEN_IN_NAMES or ord(c) < 32})
+    if not name or name != name.strip() or len(name) > MAX_NAME_LENGTH or bad:
+        reason = f"contains {bad!r}" if bad else "is empty, too long or padded with whitespace"
+        raise PersonaAdapterError(
+            f"{what} {name!r} {reason}; use letters, digits, '_' or '-' (it becomes a directory name and a buffer key)"
+        )
+    return name
+
+
+def mask_tensor_key(module: str) -> str:
+    """The name of ``module``'s mask tensor in ``adapter_model.safetensors``."""
+    return f"base_model.model.{module}{BITS_SUFFIX}"
 
 
 def mask_tensor_module(key: str) -> str:
@@ -97,6 +121,34 @@ def validate_weights(file: PathLike) -> list[str]:
     if not keys:
         raise PersonaAdapterError(f"{file} holds no persona mask tensors (keys ending in {BITS_SUFFIX!r})")
     return keys
+
+
+def check_mask_tensors(file: PathLike, expected: Mapping[str, tuple[int, int]]) -> None:
+    """Check that ``file`` holds exactly one mask tensor per module of ``expected`` (module name to the weight's
+    ``(out_features, in_features)``), each ``uint8`` of the packed shape ``(out, ceil(in / 8))``, and nothing else.
+
+    Reads the header only. Raises :class:`PersonaAdapterError` naming the file and the first offending tensor.
+    """
+    from safetensors import safe_open
+
+    check_safetensors(file)
+    with safe_open(str(file), framework="pt") as handle:
+        found = {key: handle.get_slice(key) for key in handle.keys()}
+    wanted = {mask_tensor_key(module): module for module in expected}
+    unexpected = sorted(set(found) - set(wanted))
+    missing = sorted(set(wanted) - set(found))
+    if unexpected:
+        raise PersonaAdapterError(f"{file}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    if missing:
+        raise PersonaAdapterError(f"{file}: no tensor {missing[0]!r} for module {wanted[missing[0]]!r} ({len(missing)} missing)")
+    for key, module in sorted(wanted.items()):
+        out_features, in_features = expected[module]
+        shape, dtype = tuple(found[key].get_shape()), found[key].get_dtype()
+        if dtype != "U8" or shape != (out_features, (in_features + 7) // 8):
+            raise PersonaAdapterError(
+                f"{file}: tensor {key!r} is {dtype} {shape}; module {module!r} with weight ({out_features}, "
+                f"{in_features}) needs U8 {(out_features, (in_features + 7) // 8)}"
+            )
 
 
 def adapter_dirs(directory: PathLike) -> dict[str, Path]:

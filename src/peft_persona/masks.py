@@ -16,8 +16,9 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from . import adapter_files
+from .adapter_files import check_adapter_name
 from .fingerprint import base_model_fingerprint
-from .targets import clean_module_name, is_maskable, oriented_weight
+from .targets import clean_module_name, oriented_weight, why_not_maskable
 from .tuner import PersonaMaskConfig, PersonaMaskLayer, mask_layers, set_masks
 from .tuner.model import adapter_layers
 
@@ -38,8 +39,9 @@ def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[
         if module is None:
             raise KeyError(f"mask for {raw_name!r}: the model has no module of that name")
         base = module.get_base_layer() if isinstance(module, PersonaMaskLayer) else module
-        if not is_maskable(base):
-            raise TypeError(f"mask for {name!r}: module is a {type(base).__name__}, not nn.Linear or Conv1D")
+        reason = why_not_maskable(base)
+        if reason is not None:
+            raise TypeError(f"mask for {name!r}: module is {reason}")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise TypeError(f"mask for {name!r} must be a torch.bool tensor, got {got}")
@@ -57,7 +59,7 @@ def _complete_config(config: Optional[PersonaMaskConfig], base: nn.Module, modul
     if config.method is None:
         config.method = "explicit"
     if config.base_model_fingerprint is None:
-        config.base_model_fingerprint = base_model_fingerprint(base)
+        config.base_model_fingerprint = base_model_fingerprint(base, sorted(modules))
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(base, "config", None), "name_or_path", None) or None
     return config
@@ -76,6 +78,7 @@ def add_mask_adapter(
     is added through transformers' ``add_adapter`` and the model is returned). Everything is validated before the
     model is touched; the adapter is injected with all-ones masks, which are then overwritten in place.
     """
+    check_adapter_name(adapter_name)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     checked = validate_masks(base, masks)
     config = _complete_config(config, base, set(checked))

@@ -37,8 +37,28 @@ def module_kind(name: str) -> str:
 
 
 def is_maskable(module: nn.Module) -> bool:
-    """True for the layer types a persona mask can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
-    return isinstance(module, (nn.Linear, Conv1D))
+    """True for the layers a persona mask can wrap: ``nn.Linear`` and transformers' ``Conv1D`` with a dense
+    floating-point weight of their declared shape (see :func:`why_not_maskable`)."""
+    return why_not_maskable(module) is None
+
+
+def why_not_maskable(module: nn.Module) -> Optional[str]:
+    """Why a persona mask cannot wrap ``module``, or ``None`` if it can.
+
+    Quantised linears (bitsandbytes ``Linear4bit``/``Linear8bitLt`` subclass ``nn.Linear``) are refused: their
+    ``weight`` holds packed integers, not one value per weight.
+    """
+    kind = type(module).__name__
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        return f"a {kind}, not torch.nn.Linear or transformers Conv1D"
+    weight = getattr(module, "weight", None)
+    quantised = type(module).__module__.split(".")[0] in ("bitsandbytes", "awq", "auto_gptq", "gptqmodel", "optimum")
+    if quantised or not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        dtype = getattr(weight, "dtype", None)
+        return f"a quantised {kind} (weight dtype {dtype}); persona masks need a dense floating-point weight"
+    if isinstance(module, nn.Linear) and tuple(weight.shape) != (module.out_features, module.in_features):
+        return f"a {kind} whose weight {tuple(weight.shape)} is not (out_features, in_features); it looks packed"
+    return None
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from peft import mapping
 
 from .config import PERSONA_MASK, PersonaMaskConfig, PersonaPeftType
 from .layer import MaskedLinear, PersonaMaskLayer
+from .loading import guard_transformers_load_adapter
 from .model import REPORT_FILTER, COMBINE_MODES, PersonaMaskModel, combine_adapters, get_masks, mask_layers, set_masks
 
 TRANSFORMERS_PEFT_LOGGER = "transformers.integrations.peft"
@@ -26,6 +27,7 @@ def register() -> None:
     logger = logging.getLogger(TRANSFORMERS_PEFT_LOGGER)
     if REPORT_FILTER not in logger.filters:
         logger.addFilter(REPORT_FILTER)
+    guard_transformers_load_adapter()
 
 
 register()

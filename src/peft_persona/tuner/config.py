@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -12,6 +11,8 @@ from peft.utils import PeftType
 
 from .. import adapter_files
 from ..options import CONFIG_METHODS
+from .loading import WEIGHTS_ATTRIBUTE, locate_weights
+from .validation import check_config
 
 
 class PersonaPeftType(str, enum.Enum):
@@ -72,6 +73,16 @@ class PersonaMaskConfig(PeftConfig):
         default=None,
         metadata={"help": "Description of the calibration data: source, number of texts and tokens, licence, seed."},
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "How masks start when an adapter is created without saved ones: True (default) keeps every weight; "
+                "False draws seeded random masks keeping half of each layer's weights, a non-trivial adapter for tests, "
+                "as `init_weights=False` does for PEFT's own methods."
+            )
+        },
+    )
     base_model_fingerprint: Optional[dict[str, Any]] = field(
         default=None,
         metadata={
@@ -86,26 +97,19 @@ class PersonaMaskConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PERSONA_MASK
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("PersonaMaskConfig: `layers_pattern` only applies together with `layers_to_transform`.")
-        if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:
-            raise ValueError(f"PersonaMaskConfig: `sparsity` must lie in [0, 1), got {self.sparsity}.")
-        if self.method is not None and self.method not in CONFIG_METHODS:
-            raise ValueError(f"PersonaMaskConfig: unknown `method` {self.method!r}; expected one of {CONFIG_METHODS}.")
+        check_config(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """Load the config; for a local directory, also check that its weights file is readable safetensors.
+        """Load the config, then find and check its weights file (local, or downloaded into the Hub cache).
 
-        PEFT reads the config before the weights, so a corrupt weights file is reported here, naming its path,
-        instead of as a bare deserialisation error later.
+        PEFT reads the config before it injects the adapter and loads the weights, so a missing, unreadable or
+        malformed ``adapter_model.safetensors`` fails here, naming its path, before the model is touched. The file is
+        remembered, and its tensors are checked against the model's layers at injection.
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = os.path.join(str(pretrained_model_name_or_path), subfolder or "", adapter_files.SAFETENSORS_WEIGHTS_NAME)
-        if os.path.isfile(weights):
-            adapter_files.check_safetensors(weights)
+        download = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+        weights = locate_weights(str(pretrained_model_name_or_path), subfolder, **download)
+        adapter_files.validate_weights(weights)
+        object.__setattr__(config, WEIGHTS_ATTRIBUTE, weights)
         return config

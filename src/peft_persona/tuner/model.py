@@ -13,6 +13,7 @@ import logging
 import re
 import threading
 import warnings
+import zlib
 from typing import Any, Iterable, Literal, Mapping
 
 import torch
@@ -20,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .. import adapter_files, fingerprint, targets
+from . import loading
 from .config import PersonaMaskConfig
 from .layer import MaskedLinear, PersonaMaskLayer
 
@@ -53,12 +55,30 @@ class PersonaMaskModel(BaseTuner):
             super().__init__(model, peft_config, adapter_name, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Check everything, then inject; an injection that fails midway is rolled back."""
+        adapter_files.check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
-        fingerprint.check_base_model_fingerprint(config.base_model_fingerprint, model, adapter_name)
         if config.target_modules is None:
             config.target_modules = set(targets.decoder_linear_modules(model))
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        fingerprint.check_base_model_fingerprint(config.base_model_fingerprint, model, adapter_name, config)
+        weights = loading.weights_file(config)
+        if weights is not None:
+            adapter_files.check_mask_tensors(weights, loading.targeted_shapes(model, config))
+        before = loading.snapshot(model)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            loading.rollback(model, adapter_name, before)
+            raise
         REPORT_FILTER.loading.adapter = adapter_name
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not for masks: weighted sums of binary masks are not masks. Use :meth:`combine_adapters`."""
+        raise TypeError(
+            "persona mask adapters cannot be added with weights; combine them with "
+            "`combine_adapters(adapters, new_adapter_name, how='intersection' | 'union' | 'majority')` "
+            "(also `peft_persona.combine_adapters(model, ...)`)"
+        )
 
     def _create_and_replace(
         self,
@@ -70,16 +90,18 @@ class PersonaMaskModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        mask = None if peft_config.init_weights else _random_mask(target, f"{adapter_name}:{current_key}")
         if isinstance(target, PersonaMaskLayer):
-            target.update_layer(adapter_name)
+            target.update_layer(adapter_name, mask)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not targets.is_maskable(base):
+        reason = targets.why_not_maskable(base)
+        if reason is not None:
             raise TypeError(
-                f"module {current_key!r} is a {type(base).__name__}; persona masks wrap only torch.nn.Linear and "
+                f"module {current_key!r} is {reason}; persona masks wrap only dense torch.nn.Linear and "
                 "transformers Conv1D layers. Narrow `target_modules` so that it does not match this module."
             )
-        new_module = MaskedLinear(target, adapter_name)
+        new_module = MaskedLinear(target, adapter_name, mask)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new_module, target)
@@ -131,6 +153,13 @@ def _strip_styles(text: str) -> str:
 
 
 REPORT_FILTER = OtherAdaptersReportFilter()
+
+
+def _random_mask(target: nn.Module, key: str) -> torch.Tensor:
+    """A mask keeping a seeded random half of the layer's weights (``init_weights=False``), the same for a key."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return torch.rand(targets.oriented_weight(base).shape, generator=generator) < 0.5
 
 
 def mask_layers(model: nn.Module) -> dict[str, PersonaMaskLayer]:

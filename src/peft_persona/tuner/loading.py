@@ -1,0 +1,178 @@
+"""Loading an adapter all or nothing: its files are checked against the model before injection, and a load that
+fails after injection is rolled back, so the model keeps exactly the adapters, active set and weights it had.
+
+PEFT reads a persona adapter's config through :meth:`PersonaMaskConfig.from_pretrained`, which records the weights
+file it checked. transformers' ``load_adapter`` reads the config through PEFT's base class and then loads the weights
+itself, so :func:`guard_transformers_load_adapter` wraps it: it finds and checks the weights file first, and removes
+a persona adapter whose load failed. Both only act on persona mask adapters.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from .. import adapter_files
+from ..errors import PersonaAdapterError
+from ..targets import clean_module_name, oriented_weight
+
+WEIGHTS_ATTRIBUTE = "_persona_weights_file"  # set on a config by from_pretrained; not a dataclass field, never saved
+_pending = threading.local()  # weights file of the adapter transformers is loading in this thread
+
+
+def weights_file(config: Any) -> Optional[str]:
+    """The checked weights file an adapter is about to be loaded from, if it is known."""
+    return getattr(config, WEIGHTS_ATTRIBUTE, None) or getattr(_pending, "file", None)
+
+
+def locate_weights(path: str, subfolder: Optional[str] = None, **download: Any) -> str:
+    """The adapter's ``adapter_model.safetensors``: a local file, or downloaded from the Hub into its cache.
+
+    Raises :class:`PersonaAdapterError` if there is none, naming a pickle file found in its place.
+    """
+    directory = os.path.join(path, subfolder or "")
+    if os.path.isdir(directory):
+        file = os.path.join(directory, adapter_files.SAFETENSORS_WEIGHTS_NAME)
+        if not os.path.isfile(file):
+            pickle = os.path.join(directory, adapter_files.WEIGHTS_NAME)
+            also = f"; {pickle} is a pickle and is never read" if os.path.isfile(pickle) else ""
+            raise PersonaAdapterError(f"no {adapter_files.SAFETENSORS_WEIGHTS_NAME} in {directory}{also}")
+        return file
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    allowed = {k: v for k, v in download.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+    try:
+        return hf_hub_download(path, adapter_files.SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder or None, **allowed)
+    except EntryNotFoundError:
+        raise PersonaAdapterError(
+            f"Hub repo {path!r}{f' folder {subfolder!r}' if subfolder else ''} has no {adapter_files.SAFETENSORS_WEIGHTS_NAME}"
+        ) from None
+
+
+def targeted_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, int]]:
+    """Module name to weight ``(out_features, in_features)`` of every module ``config`` targets in ``model``."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        clean = clean_module_name(name)
+        if clean in shapes or name.endswith(".base_layer") or not check_target_module_exists(config, name):
+            continue  # excluded modules are falsy too
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        weight = getattr(base, "weight", None)
+        if weight is not None and weight.dim() == 2:
+            shapes[clean] = tuple(oriented_weight(base).shape)
+    return shapes
+
+
+@dataclass
+class Snapshot:
+    """What a failed load must restore: the persona layers by name and their adapters, and the active set."""
+
+    layers: dict[str, tuple[str, ...]]
+    active: Optional[list[str]]
+    had_config: bool
+    config_loaded: bool
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    from .layer import PersonaMaskLayer
+
+    layers = {
+        clean_module_name(n): tuple(m.persona_mask_bits.keys())
+        for n, m in model.named_modules() if isinstance(m, PersonaMaskLayer)
+    }
+    active = next((list(m.active_adapters) for m in model.modules() if isinstance(m, PersonaMaskLayer)), None)
+    return Snapshot(layers, active, hasattr(model, "peft_config"), bool(getattr(model, "_hf_peft_config_loaded", False)))
+
+
+def rollback(model: nn.Module, adapter_name: str, before: Snapshot) -> None:
+    """Undo the injection of ``adapter_name``: unwrap layers it created, drop it from the others and the config."""
+    from .layer import PersonaMaskLayer
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, PersonaMaskLayer):
+            continue
+        clean = clean_module_name(name)
+        if clean not in before.layers:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+        elif adapter_name in module.persona_mask_bits and adapter_name not in before.layers[clean]:
+            module.delete_adapter(adapter_name)
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and adapter_name not in _adapters_in(before):
+        configs.pop(adapter_name, None)
+        if not configs and not before.had_config:
+            del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = before.config_loaded
+    if before.active is not None:
+        for module in model.modules():
+            if isinstance(module, PersonaMaskLayer):
+                module.set_adapter(before.active)
+
+
+def _adapters_in(before: Snapshot) -> set[str]:
+    return {a for adapters in before.layers.values() for a in adapters}
+
+
+def _is_persona_adapter(path: Optional[str], download: dict[str, Any]) -> bool:
+    if path is None:
+        return False
+    subfolder = download.get("subfolder")
+    directory = os.path.join(path, subfolder or "")
+    try:
+        if os.path.isdir(directory):
+            adapter_files.read_config(directory)
+            return True
+        from huggingface_hub import hf_hub_download
+
+        allowed = {k: v for k, v in download.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+        config = hf_hub_download(path, adapter_files.CONFIG_NAME, subfolder=subfolder or None, **allowed)
+        adapter_files.read_config(os.path.dirname(config))
+        return True
+    except Exception:  # not ours, or unreadable: transformers reports it as it always does
+        return False
+
+
+def guard_transformers_load_adapter() -> None:
+    """Wrap transformers' ``PeftAdapterMixin.load_adapter`` once (see the module docstring). Idempotent."""
+    from transformers.integrations import peft as hf_peft
+
+    original = hf_peft.PeftAdapterMixin.load_adapter
+    if getattr(original, "_persona_guarded", False):
+        return
+    hf_peft.PeftAdapterMixin.load_adapter = _guarded(original)
+
+
+def _guarded(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        path = bound.arguments.get("peft_model_id")
+        download = dict(bound.arguments.get("adapter_kwargs") or {})
+        if bound.arguments.get("peft_config") is not None or not _is_persona_adapter(path, download):
+            return original(self, *args, **kwargs)
+        name = bound.arguments.get("adapter_name") or "default"
+        before = snapshot(self)
+        _pending.file = locate_weights(str(path), download.pop("subfolder", None), **download)
+        adapter_files.validate_weights(_pending.file)
+        try:
+            return original(self, *args, **kwargs)
+        except BaseException:
+            if name not in _adapters_in(before):
+                rollback(self, name, before)
+            raise
+        finally:
+            _pending.file = None
+
+    load_adapter._persona_guarded = True
+    return load_adapter
