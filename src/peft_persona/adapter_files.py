@@ -191,7 +191,10 @@ def read_masks(path: PathLike, in_features: Mapping[str, int]) -> dict[str, torc
         name = mask_tensor_module(key)
         if name not in in_features:
             raise KeyError(f"{file}: tensor {key!r} names module {name!r}, which holds no persona mask layer")
-        masks[name] = unpack_mask(tensors[key], in_features[name])
+        try:
+            masks[name] = unpack_mask(tensors[key], in_features[name])
+        except (TypeError, ValueError) as err:
+            raise PersonaAdapterError(f"{file}: tensor {key!r}: {err}") from None
     return masks
 
 

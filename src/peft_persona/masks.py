@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
@@ -108,5 +109,12 @@ def read_adapter_masks(path: str | os.PathLike, model: nn.Module) -> dict[str, t
 
 
 def hotswap_adapter(model: nn.Module, adapter_name: str, path: str | os.PathLike) -> None:
-    """Replace ``adapter_name``'s masks with those saved at ``path``, in place, without recompiling."""
+    """Replace ``adapter_name``'s masks with those saved at ``path``, in place, without recompiling.
+
+    The file must hold exactly one mask of the right shape per layer of the adapter; it is checked before any mask
+    is written.
+    """
+    layers = adapter_layers(model, adapter_name)
+    file = Path(path) / adapter_files.SAFETENSORS_WEIGHTS_NAME if Path(path).is_dir() else Path(path)
+    adapter_files.check_mask_tensors(file, {n: (layer.out_features, layer.in_features) for n, layer in layers.items()})
     set_masks(model, adapter_name, read_adapter_masks(path, model))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -122,23 +123,38 @@ def _adapters_in(before: Snapshot) -> set[str]:
     return {a for adapters in before.layers.values() for a in adapters}
 
 
-def _is_persona_adapter(path: Optional[str], download: dict[str, Any]) -> bool:
+def _config_file(path: Optional[str], download: dict[str, Any]) -> Optional[str]:
+    """The adapter's ``adapter_config.json``: local, or from the Hub cache; ``None`` if it cannot be had."""
     if path is None:
-        return False
+        return None
     subfolder = download.get("subfolder")
-    directory = os.path.join(path, subfolder or "")
+    local = os.path.join(path, subfolder or "", adapter_files.CONFIG_NAME)
+    if os.path.isfile(local):
+        return local
     try:
-        if os.path.isdir(directory):
-            adapter_files.read_config(directory)
-            return True
         from huggingface_hub import hf_hub_download
 
         allowed = {k: v for k, v in download.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
-        config = hf_hub_download(path, adapter_files.CONFIG_NAME, subfolder=subfolder or None, **allowed)
-        adapter_files.read_config(os.path.dirname(config))
-        return True
-    except Exception:  # not ours, or unreadable: transformers reports it as it always does
+        return hf_hub_download(path, adapter_files.CONFIG_NAME, subfolder=subfolder or None, **allowed)
+    except Exception:  # noqa: BLE001 - transformers reports an unreachable adapter as it always does
+        return None
+
+
+def _is_persona_adapter(path: Optional[str], download: dict[str, Any]) -> bool:
+    """Whether the adapter at ``path`` is a persona mask adapter; a config whose ``peft_type`` PEFT does not know
+    raises :class:`PersonaAdapterError` naming the file (PEFT itself would fail with a bare ``KeyError``)."""
+    from peft import mapping
+
+    file = _config_file(path, download)
+    if file is None:
         return False
+    try:
+        peft_type = json.loads(open(file, encoding="utf-8").read()).get("peft_type")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise PersonaAdapterError(f"{file} is not a JSON object") from None
+    if not isinstance(peft_type, str) or peft_type not in mapping.PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise PersonaAdapterError(f"{file}: `peft_type` {peft_type!r} is not an adapter type PEFT knows")
+    return peft_type == adapter_files.PEFT_TYPE
 
 
 def guard_transformers_load_adapter() -> None:
@@ -163,9 +179,10 @@ def _guarded(original: Callable) -> Callable:
             return original(self, *args, **kwargs)
         name = bound.arguments.get("adapter_name") or "default"
         before = snapshot(self)
-        _pending.file = locate_weights(str(path), download.pop("subfolder", None), **download)
-        adapter_files.validate_weights(_pending.file)
+        file = locate_weights(str(path), download.pop("subfolder", None), **download)
+        adapter_files.validate_weights(file)
         try:
+            _pending.file = file
             return original(self, *args, **kwargs)
         except BaseException:
             if name not in _adapters_in(before):

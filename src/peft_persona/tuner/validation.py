@@ -70,6 +70,8 @@ def _check_names(field: str, value: Any, regex_allowed: bool = True) -> Any:
             check_regex(field, value)
         return value
     if isinstance(value, (list, set, tuple)) and len(value) <= MAX_LIST_LENGTH and all(isinstance(v, str) for v in value):
+        if not value and field == "target_modules":
+            raise _fail(field, "is empty; name at least one module, or use null for every decoder linear layer")
         return set(value)
     raise _fail(field, f"must be null, a string or a list of strings, got {type(value).__name__}")
 

@@ -1,0 +1,263 @@
+"""Untrusted adapters and bad input: a failed load leaves the model exactly as it was, nothing is written outside the
+output, configs cannot hang a load, the base-model check catches what it should, and quantised layers are refused."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from conftest import random_masks, tiny_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import peft_persona as pp
+from peft_persona.fingerprint import base_model_fingerprint
+from peft_persona.tuner import mask_layers
+
+
+def model_state(model: nn.Module) -> tuple:
+    """Everything a failed load must leave alone: adapters, active set, module types and every tensor."""
+    configs = sorted(getattr(model, "peft_config", {}) or {})
+    active = sorted({a for m in mask_layers(model).values() for a in m.active_adapters})
+    modules = {name: type(module).__name__ for name, module in model.named_modules()}
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return configs, active, modules, tensors
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert before[:3] == after[:3]
+    assert before[3].keys() == after[3].keys()
+    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
+
+
+def saved_adapter(tmp_path, name="persona", seed=1):
+    directory = tmp_path / name
+    pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), seed), name).save_pretrained(directory)
+    return directory / name if (directory / name).is_dir() else directory
+
+
+def model_with_adapter(tmp_path):
+    model = tiny_llama()
+    model.load_adapter(str(saved_adapter(tmp_path, "first", 3)), adapter_name="first")
+    return model
+
+
+BREAKAGES = {
+    "empty weights": lambda d: (d / "adapter_model.safetensors").write_bytes(b""),
+    "corrupt weights": lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"),
+    "only a pickle": lambda d: ((d / "adapter_model.bin").write_bytes(b"not read"), (d / "adapter_model.safetensors").unlink()),
+    "a missing mask": lambda d: save_file(dict(list(load_file(str(d / "adapter_model.safetensors")).items())[1:]),
+                                          str(d / "adapter_model.safetensors")),
+    "a wrong shape": lambda d: save_file({k: v[:, :-1].contiguous() for k, v in load_file(str(d / "adapter_model.safetensors")).items()},
+                                         str(d / "adapter_model.safetensors")),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+@pytest.mark.parametrize("path", ["transformers", "transformers-second", "peft", "peft-second", "hotswap"])
+def test_failed_load_leaves_model_as_it_was(tmp_path, breakage, path):
+    directory = saved_adapter(tmp_path)
+    BREAKAGES[breakage](directory)
+    if path == "transformers":
+        model = tiny_llama()
+        load = lambda: model.load_adapter(str(directory), adapter_name="persona")  # noqa: E731
+    elif path == "transformers-second":
+        model = model_with_adapter(tmp_path)
+        load = lambda: model.load_adapter(str(directory), adapter_name="persona")  # noqa: E731
+    elif path == "peft":
+        model = tiny_llama()
+        load = lambda: PeftModel.from_pretrained(model, str(directory))  # noqa: E731
+    elif path == "peft-second":
+        model = pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3), "first")
+        load = lambda: model.load_adapter(str(directory), adapter_name="persona")  # noqa: E731
+    else:
+        model = pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3), "first")
+        load = lambda: pp.hotswap_adapter(model, "first", directory)  # noqa: E731
+    before = model_state(model)
+    with pytest.raises((ValueError, TypeError, KeyError, FileNotFoundError)) as error:
+        load()
+    assert "adapter_model" in str(error.value) or "persona_mask_bits" in str(error.value)
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "..", "a/b", "a\\b", "", " x", "a.b"])
+def test_unsafe_adapter_names_are_refused(tmp_path, name):
+    with pytest.raises(pp.PersonaAdapterError, match="adapter name"):
+        pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1), name)
+    with pytest.raises(pp.PersonaAdapterError, match="adapter name"):
+        get_peft_model(tiny_llama(), pp.PersonaMaskConfig(), adapter_name=name)
+    directory = saved_adapter(tmp_path)
+    model = tiny_llama()
+    with pytest.raises(pp.PersonaAdapterError, match="adapter name"):
+        model.load_adapter(str(directory), adapter_name=name)
+    assert not hasattr(model, "peft_config") or not model.peft_config
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_backtracking_regex_in_config_is_refused_fast(tmp_path, field):
+    directory = saved_adapter(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config[field] = "(a+)+$" if field == "target_modules" else "(.*a){20}x"
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    for load in (lambda: tiny_llama().load_adapter(str(directory)), lambda: PeftModel.from_pretrained(tiny_llama(), str(directory))):
+        with pytest.raises(ValueError, match=field):
+            load()
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize("pattern", [r"(q|v)_proj", r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.mlp\..*"])
+def test_ordinary_regexes_are_accepted(pattern):
+    assert pp.PersonaMaskConfig(target_modules=pattern).target_modules == pattern
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("sparsity", "0.5"), ("sparsity", float("nan")), ("sparsity", 1.0), ("method", "sgd"), ("persona", 3),
+     ("target_modules", 5), ("layers_to_transform", "1"), ("layers_pattern", "(a+)+"), ("calibration", []),
+     ("init_weights", "yes"), ("base_model_fingerprint", "abc")],
+)
+def test_config_fields_are_checked_by_name(field, value):
+    kwargs = {"layers_to_transform": [0]} if field == "layers_pattern" else {}
+    with pytest.raises(pp.PersonaAdapterError, match=field):
+        pp.PersonaMaskConfig(**{field: value}, **kwargs)
+
+
+@pytest.mark.parametrize("probe", [[], [float("nan")] * 8, ["x"]])
+def test_malformed_fingerprint_probe_is_refused(tmp_path, probe):
+    directory = saved_adapter(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["base_model_fingerprint"]["weight_probe"] = probe
+    (directory / "adapter_config.json").write_text(json.dumps(config).replace("NaN", "NaN"))
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(pp.FingerprintMismatchError, match="weight_probe"):
+        model.load_adapter(str(directory))
+    assert_same_state(before, model_state(model))
+
+
+def test_model_with_nan_weights_fails_the_fingerprint(tmp_path):
+    directory = saved_adapter(tmp_path)
+    model = tiny_llama()
+    with torch.no_grad():
+        for module in mask_layers(pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1))).keys():
+            model.get_submodule(module).weight.fill_(float("nan"))
+    with pytest.raises(pp.FingerprintMismatchError, match="NaN"):
+        model.load_adapter(str(directory))
+
+
+def test_adapter_for_another_width_without_fingerprint_is_refused_before_injection(tmp_path):
+    directory = saved_adapter(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["base_model_fingerprint"] = None
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=1000)).eval()
+    for load in (lambda m: m.load_adapter(str(directory)), lambda m: PeftModel.from_pretrained(m, str(directory))):
+        before = model_state(wider)
+        with pytest.raises(pp.PersonaAdapterError, match="needs U8"):
+            load(wider)
+        assert_same_state(before, model_state(wider))
+
+
+class NoBlocks(nn.Module):
+    """A model with linear layers but no nn.ModuleList of blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_add_mask_adapter_works_without_a_block_list():
+    torch.manual_seed(0)
+    model = NoBlocks()
+    masks = {"first": torch.rand(16, 8) < 0.5, "second": torch.rand(4, 16) < 0.5}
+    x = torch.randn(3, 8)
+    expected = nn.functional.linear(nn.functional.linear(x, model.first.weight * masks["first"], model.first.bias),
+                                    model.second.weight * masks["second"], model.second.bias)
+    peft_model = pp.add_mask_adapter(model, masks, "persona")
+    assert torch.allclose(peft_model(x), expected)
+    assert peft_model.peft_config["persona"].base_model_fingerprint["num_layers"] == 2
+
+
+class Linear4bit(nn.Linear):
+    """Stands in for bitsandbytes' Linear4bit: an nn.Linear subclass whose weight holds packed integers."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.weight = nn.Parameter(torch.zeros(in_features * out_features // 2, 1, dtype=torch.uint8), requires_grad=False)
+
+
+Linear4bit.__module__ = "bitsandbytes.nn.modules"
+
+
+def test_quantised_linear_is_refused_by_name():
+    model = tiny_llama()
+    model.model.layers[0].mlp.up_proj = Linear4bit(64, 128)
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp\.up_proj.*quantised"):
+        get_peft_model(model, pp.PersonaMaskConfig(target_modules=["up_proj"]))
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp\.up_proj.*quantised"):
+        pp.add_mask_adapter(model, {"model.layers.0.mlp.up_proj": torch.ones(128, 64, dtype=torch.bool)})
+
+
+def test_init_weights_false_gives_seeded_nontrivial_masks():
+    first = get_peft_model(tiny_llama(), pp.PersonaMaskConfig(init_weights=False), adapter_name="a")
+    second = get_peft_model(tiny_llama(), pp.PersonaMaskConfig(init_weights=False), adapter_name="a")
+    masks, again = pp.get_masks(first, "a"), pp.get_masks(second, "a")
+    density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert 0.45 < density < 0.55 and all(torch.equal(masks[k], again[k]) for k in masks)
+    ones = get_peft_model(tiny_llama(), pp.PersonaMaskConfig(), adapter_name="a")
+    assert all(m.all() for m in pp.get_masks(ones, "a").values())
+
+
+def test_add_weighted_adapter_points_to_combine_adapters():
+    model = pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1), "a")
+    with pytest.raises(TypeError, match="combine_adapters"):
+        model.add_weighted_adapter(["a"], [1.0], "b")
+
+
+def test_fingerprint_covers_the_masked_modules():
+    model = tiny_llama()
+    masks = {k: v for k, v in random_masks(model, 1).items() if k.startswith("model.layers.0.")}
+    peft_model = pp.add_mask_adapter(model, masks, "a")
+    assert peft_model.peft_config["a"].base_model_fingerprint == base_model_fingerprint(tiny_llama(), sorted(masks))
+
+
+def test_pickle_is_never_reachable(tmp_path, monkeypatch):
+    """Every load path, with an ``adapter_model.bin`` planted beside and instead of the safetensors file."""
+    import pickle
+
+    from peft_persona.inspection import inspect_adapters
+
+    beside = saved_adapter(tmp_path, "beside")
+    instead = saved_adapter(tmp_path, "instead")
+    for directory in (beside, instead):
+        torch.save({"planted": torch.zeros(1)}, directory / "adapter_model.bin")
+    (instead / "adapter_model.safetensors").unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was reached")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    loads = {
+        "transformers": lambda d: tiny_llama().load_adapter(str(d)),
+        "peft": lambda d: PeftModel.from_pretrained(tiny_llama(), str(d)),
+        "peft load_adapter": lambda d: pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3), "x").load_adapter(str(d), "y"),
+        "hotswap": lambda d: pp.hotswap_adapter(pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3), "x"), "x", d),
+        "read_adapter_masks": lambda d: pp.read_adapter_masks(d, pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3))),
+        "inspect": lambda d: inspect_adapters(d),
+    }
+    for name, load in loads.items():
+        load(beside)  # the safetensors file is used, the pickle beside it never
+        with pytest.raises((ValueError, FileNotFoundError), match="adapter_model") as error:
+            load(instead)
+        assert "pickle was reached" not in str(error.value), name
