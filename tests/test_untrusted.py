@@ -261,3 +261,11 @@ def test_pickle_is_never_reachable(tmp_path, monkeypatch):
         with pytest.raises((ValueError, FileNotFoundError), match="adapter_model") as error:
             load(instead)
         assert "pickle was reached" not in str(error.value), name
+
+
+@pytest.mark.parametrize("in_features, sparsity, kept", [(2560, 0.9, 256), (10, 0.55, 4), (7, 0.0, 7), (100, 0.7, 30),
+                                                          (4096, 0.3, 2868), (10, 0.25, 7)])
+def test_kept_per_row_is_exact(in_features, sparsity, kept):
+    from peft_persona.scoring import kept_per_row
+
+    assert kept_per_row(in_features, sparsity) == kept

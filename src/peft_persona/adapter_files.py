@@ -205,3 +205,59 @@ def digest(directory: PathLike) -> str:
         while chunk := handle.read(1 << 20):
             sha.update(chunk)
     return sha.hexdigest()[:16]
+
+
+STAGING_MARK = ".staging-"  # staging folders sit beside an output folder: .<out name>.staging-<pid>-<random>
+
+
+def staging_dir(out: PathLike) -> Path:
+    """A new, empty staging folder beside ``out`` (on the same file system, so a rename moves its content into
+    ``out`` atomically); stale ones left by killed runs are removed first."""
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}{os.getpid()}-", dir=out.parent))
+
+
+def remove_stale_staging(out: PathLike) -> list[Path]:
+    """Delete staging folders beside ``out`` whose process is gone; return them."""
+    import shutil
+
+    out = Path(out)
+    removed = []
+    for folder in out.parent.glob(f".{out.name}{STAGING_MARK}*"):
+        pid = folder.name[len(f".{out.name}{STAGING_MARK}") :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def move_into_place(source: PathLike, target: PathLike) -> None:
+    """Move the complete folder ``source`` to ``target`` by renames, replacing an older ``target``.
+
+    ``target`` is at every moment either absent, the old complete folder or the new one, never a partial one.
+    """
+    import shutil
+
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = source.with_name(source.name + ".old")
+        os.replace(target, old)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Weight scores and the per-output-row selection that turns them into masks.
 
 All scores are non-negative ``float32`` tensors shaped like the weight, ``(out_features, in_features)``. Selection
-keeps, in every row, the ``k = floor(in_features * (1 - sparsity))`` largest scores; ties are broken by a secondary
+keeps, in every row, the ``k = in_features - ceil(in_features * sparsity)`` largest scores (``sparsity`` read as the
+decimal number it is written as, so 2560 features at sparsity 0.9 keep exactly 256); ties are broken by a secondary
 score where one is given, then by the lower column index. The rule is exact and deterministic: scores are mapped to
 ``int32`` keys (their IEEE bits, which order non-negative floats exactly), a per-row ``kthvalue`` finds the threshold
 key, and the few rows with ties at the threshold keep their lowest columns. A secondary score costs one more such
@@ -9,6 +10,9 @@ selection over the tied entries. No Python loop runs over rows, and nothing is s
 """
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 from typing import Literal
 
@@ -21,10 +25,15 @@ CONTRASTIVE_EPS = 1e-6
 
 
 def kept_per_row(in_features: int, sparsity: float) -> int:
-    """``floor(in_features * (1 - sparsity))``, the number of weights each output row keeps."""
+    """The number of weights each output row keeps: ``in_features - ceil(in_features * sparsity)``.
+
+    Computed exactly, with ``sparsity`` taken as the shortest decimal that round-trips to it (``repr``), so float
+    rounding never drops a weight: ``kept_per_row(2560, 0.9) == 256``, where ``int(2560 * (1 - 0.9))`` gives 255.
+    """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
-    return int(in_features * (1.0 - sparsity))
+    pruned = Fraction(repr(float(sparsity))) * in_features
+    return in_features - math.ceil(pruned)
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
+from .. import adapter_files
 from ..models import DEFAULT_MODEL
 
 
@@ -43,6 +46,7 @@ def parse_personas(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--persona {spec!r}: expected NAME=SOURCE")
         if name in personas:
             raise ValueError(f"--persona {name!r} given twice")
+        adapter_files.check_adapter_name(name, "--persona name")
         personas[name] = source
     return personas
 
@@ -70,17 +74,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_adapters(peft_model, names: list[str], out: Path) -> None:
-    """Save each adapter to ``out/<name>/``; writes to a temporary directory first, so a failure leaves nothing."""
-    import shutil
-    import tempfile
+def save_adapters(peft_model: Any, names: list[str], out: Path) -> None:
+    """Save each adapter to ``out/<name>/``, all or nothing per adapter.
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        for name in names:
-            peft_model.save_pretrained(tmp, selected_adapters=[name])
-            written = Path(tmp) / name if name != "default" else Path(tmp)
-            target = out / name
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(str(written), target)
+    Adapters are written into a staging folder beside ``out`` (not inside it), then each is renamed into place. If
+    the process is killed at any point, ``out`` holds only complete adapters, and the next run removes the stale
+    staging folder.
+    """
+    out = Path(out)
+    for name in names:
+        adapter_files.check_adapter_name(name, "persona name")
+    staging = adapter_files.staging_dir(out)
+    try:
+        written = {}
+        for index, name in enumerate(names):  # PEFT writes "default" at the root of the folder it is given
+            peft_model.save_pretrained(str(staging / str(index)), selected_adapters=[name])
+            written[name] = staging / str(index) / (name if name != "default" else "")
+        out.mkdir(parents=True, exist_ok=True)
+        for name, folder in written.items():
+            adapter_files.move_into_place(folder, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
