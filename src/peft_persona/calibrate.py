@@ -8,6 +8,13 @@ For a targeted linear layer with input ``x_t`` (one non-padding token ``t``) and
 * ``l2_sum[j]  = sum_s sqrt(sum_{t in s} x_tj^2)``   (the paper code's per-sequence L2 norm; ``reference=True`` only)
 
 Everything is accumulated in float64 on the layer's device; padding never enters a statistic.
+
+The pieces: a :class:`BatchLayout` says which positions of a padded batch are real tokens; an
+:class:`ActivationRecorder` puts forward pre-hooks on the targeted layers and feeds each layer's input to its
+*accumulator*. Every accumulator follows one protocol (:class:`Accumulator`): ``contribution(x, layout)`` computes a
+batch's share, once per distinct input tensor (q/k/v and gate/up share theirs), and ``add`` sums it in.
+:class:`LayerStats` is the accumulator of Wanda and contrastive statistics, :class:`GramAccumulator` that of OBS
+(``X^T X``), with :func:`group_by_memory` to bound how many Gram matrices are held at once.
 """
 
 from __future__ import annotations
@@ -15,13 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .targets import modules_by_name, oriented_weight
 
 STAT_NAMES = ("sum_sq", "rms_sum", "rms_sq_sum", "l2_sum")
 STATS_FORMAT = "peft-persona-stats/1"
@@ -41,6 +47,11 @@ class LayerStats:
     @classmethod
     def zeros(cls, in_features: int, device: Union[torch.device, str, None] = None) -> "LayerStats":
         return cls(*(torch.zeros(in_features, dtype=torch.float64, device=device) for _ in STAT_NAMES))
+
+    @staticmethod
+    def contribution(x: torch.Tensor, layout: "BatchLayout") -> "BatchStats":
+        """One batch's share of the statistics, from a layer input ``x`` of shape ``(batch, seq, d)``."""
+        return batch_stats(x, layout.tokens.to(x.device), layout.sequences.to(x.device), layout.n_sequences)
 
     def add(self, batch: "BatchStats") -> None:
         self.sum_sq += batch.sum_sq
@@ -70,8 +81,6 @@ class LayerStats:
         """The paper code's statistic: per-sequence L2 norms averaged over texts (length-confounded)."""
         return self.l2_sum / self.n_seqs
 
-    def to(self, device: Union[torch.device, str]) -> "LayerStats":
-        return LayerStats(*(getattr(self, n).to(device) for n in STAT_NAMES), self.n_tokens, self.n_seqs)
 
     @staticmethod
     def pooled(parts: Iterable["LayerStats"]) -> "LayerStats":
@@ -144,18 +153,92 @@ def batch_stats(x: torch.Tensor, token_index: torch.Tensor, seq_index: torch.Ten
     return BatchStats(squares.sum(0), (per_seq / lengths).sqrt(), per_seq.sqrt(), int(token_index.numel()))
 
 
-class ActivationRecorder:
-    """Forward pre-hooks on the targeted layers that feed each layer's input to ``consume(name, x)``.
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which positions of a padded ``(batch, seq)`` batch are real tokens: their flat indices, and the sequence each
+    belongs to."""
 
-    ``set_batch`` tells the recorder which token positions are real (not padding). Layers fed the same input tensor in
-    one forward pass, one after the other (q/k/v, gate/up), share a single call of ``compute``: the recorder keeps
-    the last input tensor and its result, so identity is exact and at most one extra activation is held alive.
+    tokens: torch.Tensor
+    sequences: torch.Tensor
+    n_sequences: int
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> "BatchLayout":
+        flat = attention_mask.flatten().nonzero().squeeze(1)
+        return cls(flat, flat // attention_mask.shape[1], attention_mask.shape[0])
+
+
+class Accumulator(Protocol):
+    """What an :class:`ActivationRecorder` feeds: a streaming statistic of one layer's input."""
+
+    def contribution(self, x: torch.Tensor, layout: BatchLayout) -> Any:
+        """A batch's share, from the layer input ``x`` (``(batch, seq, d)``); must depend on ``x`` and ``layout``
+        only, so that layers fed the same tensor share it."""
+
+    def add(self, contribution: Any) -> None:
+        """Sum a contribution in."""
+
+
+@dataclass
+class GramAccumulator:
+    """``X^T X`` (float64) over the real tokens of a layer's input: OBS's Hessian, up to a factor 2."""
+
+    gram: torch.Tensor
+
+    @classmethod
+    def zeros(cls, in_features: int, device: Union[torch.device, str, None] = None) -> "GramAccumulator":
+        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device))
+
+    @staticmethod
+    def contribution(x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        valid = x.reshape(-1, x.shape[-1]).index_select(0, layout.tokens.to(x.device)).double()
+        return valid.T @ valid
+
+    def add(self, contribution: torch.Tensor) -> None:
+        self.gram += contribution
+
+
+def gram_bytes(in_features: int) -> int:
+    """Memory of one layer's float64 Gram matrix."""
+    return in_features * in_features * 8
+
+
+def group_by_memory(sizes: Mapping[str, int], budget: int) -> list[list[str]]:
+    """Split layers, in order, into groups whose summed ``sizes`` (bytes) stay within ``budget``; a layer larger
+    than the budget gets a group of its own."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return [g for g in groups if g]
+
+
+class ActivationRecorder:
+    """Forward pre-hooks on ``modules`` that feed each one's input to its accumulator in ``accumulators``.
+
+    Before each forward pass, :meth:`set_layout` tells the recorder which positions are real tokens. Layers fed the
+    same input tensor one after the other (q/k/v, gate/up) share a single ``contribution`` per accumulator type: the
+    recorder keeps the last input tensor and its contributions, so identity is exact and at most one extra
+    activation is held alive.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], compute: Callable[[torch.Tensor], Any], consume: Callable):
-        self.modules, self.compute, self.consume = dict(modules), compute, consume
+    def __init__(self, modules: Mapping[str, nn.Module], accumulators: Mapping[str, Accumulator]) -> None:
+        missing = set(accumulators) - set(modules)
+        if missing:
+            raise KeyError(f"accumulators for unknown layers: {sorted(missing)[:5]}")
+        self.modules = {name: modules[name] for name in accumulators}
+        self.accumulators = dict(accumulators)
+        self._layout: Optional[BatchLayout] = None
         self._handles: list = []
-        self._last: Optional[tuple[torch.Tensor, Any]] = None
+        self._last: Optional[tuple[torch.Tensor, dict[type, Any]]] = None
+
+    def set_layout(self, layout: BatchLayout) -> None:
+        """The layout of the batch about to be forwarded."""
+        self._layout, self._last = layout, None
 
     def __enter__(self) -> "ActivationRecorder":
         for name, module in self.modules.items():
@@ -169,18 +252,21 @@ class ActivationRecorder:
         self._last = None
 
     def _hook(self, name: str) -> Callable:
+        accumulator = self.accumulators[name]
+
         def hook(module: nn.Module, args: tuple) -> None:
+            if self._layout is None:
+                raise RuntimeError("ActivationRecorder: set_layout must be called before each forward pass")
             x = args[0]
             if self._last is None or self._last[0] is not x:
-                self._last = (x, self.compute(x))
-            self.consume(name, self._last[1])
+                self._last = (x, {})
+            shared = self._last[1]
+            kind = type(accumulator)
+            if kind not in shared:
+                shared[kind] = accumulator.contribution(x, self._layout)
+            accumulator.add(shared[kind])
 
         return hook
-
-
-def target_modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Resolve module names to modules, seeing through persona mask wrappers to the base layer."""
-    return modules_by_name(model, names)
 
 
 def check_finite(name: str, statistic: torch.Tensor) -> None:
@@ -191,6 +277,3 @@ def check_finite(name: str, statistic: torch.Tensor) -> None:
             "an overflow: calibrate in bfloat16 or float32"
         )
 
-
-def in_features_of(module: nn.Module) -> int:
-    return oriented_weight(module).shape[1]

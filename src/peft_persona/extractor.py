@@ -1,15 +1,17 @@
 """PersonaExtractor: calibrate on persona texts, score weights, select masks, hand them back as PEFT adapters.
 
-Glue only: the statistics live in :mod:`peft_persona.calibrate`, the formulas in :mod:`peft_persona.scoring`.
+Glue only: texts become tokens, tokens become padded batches, batches go through the model's forward pass. The
+statistics are accumulated in :mod:`peft_persona.calibrate`, the scores and the selection are
+:mod:`peft_persona.scoring`'s, the recipe is an :class:`~peft_persona.options.ExtractionOptions`, and the masks become
+adapters through :func:`peft_persona.masks.add_mask_adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from peft import PeftModel
@@ -17,24 +19,25 @@ from torch import nn
 
 from . import scoring
 from .calibrate import (
+    Accumulator,
     ActivationRecorder,
+    BatchLayout,
+    GramAccumulator,
     LayerStats,
     PersonaStats,
-    batch_stats,
     check_finite,
-    in_features_of,
-    target_modules_by_name,
+    gram_bytes,
+    group_by_memory,
 )
 from .data import BUILTIN_LICENSE, Text, load_texts
 from .fingerprint import base_model_fingerprint
-from .targets import decoder_linear_modules, is_maskable, oriented_weight
+from .models import ensure_pad_token
+from .options import ExtractionOptions, Method
+from .targets import decoder_linear_modules, in_features_of, modules_by_name, oriented_weight, why_not_maskable
 from .masks import add_mask_adapter
 from .tuner.config import PersonaMaskConfig
 
-Method = Literal["wanda", "contrastive", "obs", "magnitude", "random"]
 TextsLike = Union[str, Sequence[Text], PersonaStats, None]
-CALIBRATED_METHODS = ("wanda", "contrastive", "obs")
-CONTROL_METHODS = ("magnitude", "random")
 OBS_MEMORY_BUDGET = 2 * 1024**3
 
 
@@ -50,6 +53,25 @@ class ExtractionSummary:
     kept_fraction: float
     overlap: Optional[float]
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, options: ExtractionOptions, names: list[str], stats: Mapping[str, Optional[PersonaStats]],
+        masks: Mapping[str, Mapping[str, torch.Tensor]], times: Sequence[float],
+    ) -> "ExtractionSummary":
+        """The summary of a run from its statistics, masks and the four time stamps around its three stages."""
+        first = masks[names[0]]
+        return cls(
+            method=options.method,
+            sparsity=options.sparsity,
+            personas=names,
+            n_texts={n: s.meta.get("n_texts", 0) for n, s in stats.items() if s is not None},
+            n_tokens={n: s.meta.get("n_tokens", 0) for n, s in stats.items() if s is not None},
+            kept_fraction=sum(int(m.sum()) for m in first.values()) / sum(m.numel() for m in first.values()),
+            overlap=mask_overlap(first, masks[names[1]]) if len(names) == 2 else None,
+            seconds={"calibration": times[1] - times[0], "masks": times[2] - times[1],
+                     "adapters": times[3] - times[2], "total": times[3] - times[0]},
+        )
 
     def __str__(self) -> str:
         lines = [
@@ -91,16 +113,14 @@ class PersonaExtractor:
         self.base_model = model.get_base_model() if isinstance(model, PeftModel) else model
         self.tokenizer = tokenizer
         self.max_length, self.batch_size, self.show_progress = max_length, batch_size, show_progress
-        if tokenizer.pad_token_id is None:
-            if tokenizer.eos_token is None:
-                raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set pad_token")
-            warnings.warn(f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding")
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer)
+        self.default_targets = target_modules is None
         names = list(target_modules) if target_modules is not None else list(decoder_linear_modules(self.base_model))
-        self.modules = target_modules_by_name(self.base_model, names)
+        self.modules = modules_by_name(self.base_model, names)
         for name, module in self.modules.items():
-            if not is_maskable(module):
-                raise TypeError(f"target module {name!r} is a {type(module).__name__}, not nn.Linear or Conv1D")
+            reason = why_not_maskable(module)
+            if reason is not None:
+                raise TypeError(f"target module {name!r} is {reason}")
         self.summary: Optional[ExtractionSummary] = None
 
     # ------------------------------------------------------------------------------------------- texts
@@ -159,8 +179,8 @@ class PersonaExtractor:
         with torch.no_grad(), (self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext()):
             yield
 
-    def _run(self, encoded: list[list[int]], recorder: ActivationRecorder, on_batch: Any, desc: str) -> None:
-        """Forward every batch through the decoder (not the LM head) with ``recorder``'s hooks attached."""
+    def _record(self, encoded: list[list[int]], accumulators: Mapping[str, Accumulator], desc: str) -> None:
+        """Forward every batch through the decoder (not the LM head), feeding each layer's input to its accumulator."""
         decoder = getattr(self.base_model, "base_model", self.base_model)
         device = self.base_model.get_input_embeddings().weight.device
         batches = self._batches(encoded)
@@ -168,96 +188,72 @@ class PersonaExtractor:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=-(-len(encoded) // self.batch_size), desc=desc, unit="batch")
+        recorder = ActivationRecorder(self.modules, accumulators)
         with self._base_forward_context(), recorder:
             for input_ids, attention in batches:
-                flat = attention.flatten().nonzero().squeeze(1)
-                on_batch(flat.to(device), (flat // attention.shape[1]).to(device), attention.shape[0])
-                decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+                attention = attention.to(device)
+                recorder.set_layout(BatchLayout.from_attention_mask(attention))
+                decoder(input_ids=input_ids.to(device), attention_mask=attention, use_cache=False)
+
+    def _prepare(self, name: str, texts: TextsLike) -> tuple[list[list[int]], dict[str, Any]]:
+        """Token ids of a persona's texts, and the provenance record of its statistics."""
+        texts, source = self._resolve_texts(name, texts)
+        encoded = self._encode(name, texts)
+        meta = dict(source, n_texts=len(encoded), n_tokens=sum(map(len, encoded)), max_length=self.max_length)
+        return encoded, meta
 
     # ------------------------------------------------------------------------------------------- statistics
     def calibrate(self, name: str, texts: TextsLike) -> PersonaStats:
         """Stream ``texts`` through the model and return the persona's per-layer :class:`PersonaStats`."""
         if isinstance(texts, PersonaStats):
             return texts
-        texts, source = self._resolve_texts(name, texts)
-        encoded = self._encode(name, texts)
+        encoded, meta = self._prepare(name, texts)
         layers = {n: LayerStats.zeros(in_features_of(m), oriented_weight(m).device) for n, m in self.modules.items()}
-        batch: dict[str, Any] = {}
-
-        def on_batch(tokens: torch.Tensor, seqs: torch.Tensor, n_seqs: int) -> None:
-            batch.update(tokens=tokens, seqs=seqs, n_seqs=n_seqs)
-
-        def compute(x: torch.Tensor):
-            tokens, seqs = batch["tokens"].to(x.device), batch["seqs"].to(x.device)
-            return batch_stats(x, tokens, seqs, batch["n_seqs"])
-
-        recorder = ActivationRecorder(self.modules, compute, lambda layer, stats: layers[layer].add(stats))
-        self._run(encoded, recorder, on_batch, desc=f"calibrating {name}")
+        self._record(encoded, layers, desc=f"calibrating {name}")
         for layer, stats in layers.items():
             check_finite(layer, stats.sum_sq)
-        meta = dict(source, n_texts=len(encoded), n_tokens=sum(map(len, encoded)), max_length=self.max_length)
         return PersonaStats(name, layers, meta)
 
     def _obs_inverse_diagonals(self, name: str, texts: TextsLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``diag(H^-1)`` per layer, accumulating ``X^T X`` for groups of layers that fit ``OBS_MEMORY_BUDGET``."""
-        texts, source = self._resolve_texts(name, texts)
-        encoded = self._encode(name, texts)
-        groups: list[list[str]] = [[]]
-        used = 0
-        for layer, module in self.modules.items():
-            size = in_features_of(module) ** 2 * 8
-            if groups[-1] and used + size > OBS_MEMORY_BUDGET:
-                groups.append([])
-                used = 0
-            groups[-1].append(layer)
-            used += size
+        """``diag(H^-1)`` per layer; the Gram matrices of groups of layers that fit ``OBS_MEMORY_BUDGET`` are
+        accumulated one group per pass over the texts."""
+        encoded, meta = self._prepare(name, texts)
+        sizes = {n: gram_bytes(in_features_of(m)) for n, m in self.modules.items()}
         result: dict[str, torch.Tensor] = {}
-        batch: dict[str, Any] = {}
-        for group in groups:
-            grams = {
-                n: torch.zeros(in_features_of(self.modules[n]), in_features_of(self.modules[n]), dtype=torch.float64,
-                               device=oriented_weight(self.modules[n]).device)
-                for n in group
-            }
-
-            def compute(x: torch.Tensor) -> torch.Tensor:
-                valid = x.reshape(-1, x.shape[-1]).index_select(0, batch["tokens"].to(x.device)).double()
-                return valid.T @ valid
-
-            def on_batch(tokens: torch.Tensor, seqs: torch.Tensor, n_seqs: int) -> None:
-                batch["tokens"] = tokens
-
-            recorder = ActivationRecorder({n: self.modules[n] for n in group}, compute, lambda n, g: grams[n].add_(g))
-            self._run(encoded, recorder, on_batch, desc=f"OBS statistics {name}")
+        for group in group_by_memory(sizes, OBS_MEMORY_BUDGET):
+            grams = {n: GramAccumulator.zeros(in_features_of(self.modules[n]), oriented_weight(self.modules[n]).device)
+                     for n in group}
+            self._record(encoded, grams, desc=f"OBS statistics {name}")
             for layer in group:
-                check_finite(layer, grams[layer].diagonal())
-                result[layer] = scoring.obs_hessian_inverse_diagonal(grams.pop(layer))
-        meta = dict(source, n_texts=len(encoded), n_tokens=sum(map(len, encoded)), max_length=self.max_length)
+                check_finite(layer, grams[layer].gram.diagonal())
+                result[layer] = scoring.obs_hessian_inverse_diagonal(grams.pop(layer).gram)
         return result, meta
 
     # ------------------------------------------------------------------------------------------- masks
     def masks(
         self,
         stats: Mapping[str, Optional[PersonaStats]],
-        method: Method = "wanda",
-        sparsity: float = 0.5,
+        method: Optional[Method] = None,
+        sparsity: Optional[float] = None,
         *,
-        phi: Literal["relu", "softplus"] = "relu",
-        tau: float = 1.0,
-        reference: bool = False,
-        seed: int = 0,
+        phi: Optional[str] = None,
+        tau: Optional[float] = None,
+        reference: Optional[bool] = None,
+        seed: Optional[int] = None,
+        options: Optional[ExtractionOptions] = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Masks per persona and layer from calibration statistics (no forward pass). See :meth:`extract`."""
+        options = resolve_options(options, method=method, sparsity=sparsity, phi=phi, tau=tau, reference=reference, seed=seed)
         names = list(stats)
-        _check_method(method, names, sparsity)
-        generator = torch.Generator().manual_seed(seed)
+        check_personas(options, names)
+        generator = torch.Generator().manual_seed(options.seed)
         result: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
         for layer, module in self.modules.items():
             weight = oriented_weight(module)
-            k = scoring.kept_per_row(weight.shape[1], sparsity)
+            k = scoring.kept_per_row(weight.shape[1], options.sparsity)
             for persona in names:
-                scores, secondary = self._scores(layer, weight, persona, stats, method, phi, tau, reference, generator)
-                if reference:
+                scores, secondary = self._scores(layer, weight, persona, stats, options, generator)
+                if options.reference:
                     mask = scoring.select_topk_reference(scores, k)
                 elif secondary is not None:
                     mask = scoring.select_lexicographic(scores, secondary, k)
@@ -266,36 +262,38 @@ class PersonaExtractor:
                 result[persona][layer] = mask.cpu()
         return result
 
-    def _scores(self, layer, weight, persona, stats, method, phi, tau, reference, generator):
-        if method == "magnitude":
+    def _scores(
+        self, layer: str, weight: torch.Tensor, persona: str, stats: Mapping[str, Optional[PersonaStats]],
+        options: ExtractionOptions, generator: torch.Generator,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Primary scores of one layer for one persona, and the tie-breaking secondary scores if the method has any."""
+        if options.method == "magnitude":
             return scoring.magnitude_scores(weight), None
-        if method == "random":
+        if options.method == "random":
             return scoring.random_scores(tuple(weight.shape), generator).to(weight.device), None
         own = stats[persona].layers[layer]
-        if method == "wanda":
-            norm = own.reference_norm if reference else own.feature_norm
-            return scoring.wanda_scores(weight, norm), None
-        if method == "contrastive":
+        if options.method == "wanda":
+            return scoring.wanda_scores(weight, own.reference_norm if options.reference else own.feature_norm), None
+        if options.method == "contrastive":
             others = [s.layers[layer] for n, s in stats.items() if n != persona]
             rest = others[0] if len(others) == 1 else LayerStats.pooled(others)
-            z = scoring.contrastive_z(own, rest)
-            channel = scoring.phi(z, phi, tau)
-            if reference:
-                return scoring.contrastive_scores(weight, channel), None
-            return scoring.contrastive_scores(weight, channel), scoring.wanda_scores(weight, own.feature_norm)
-        raise ValueError(f"method {method!r} does not score from statistics")
+            channel = scoring.phi(scoring.contrastive_z(own, rest), options.phi, options.tau)
+            primary = scoring.contrastive_scores(weight, channel)
+            return primary, None if options.reference else scoring.wanda_scores(weight, own.feature_norm)
+        raise ValueError(f"method {options.method!r} does not score from statistics")
 
     # ------------------------------------------------------------------------------------------- adapters
     def extract(
         self,
         personas: Mapping[str, TextsLike],
-        method: Method = "wanda",
-        sparsity: float = 0.5,
+        method: Optional[Method] = None,
+        sparsity: Optional[float] = None,
         *,
-        phi: Literal["relu", "softplus"] = "relu",
-        tau: float = 1.0,
-        reference: bool = False,
-        seed: int = 0,
+        phi: Optional[str] = None,
+        tau: Optional[float] = None,
+        reference: Optional[bool] = None,
+        seed: Optional[int] = None,
+        options: Optional[ExtractionOptions] = None,
     ) -> PeftModel:
         """Calibrate (if needed), build one mask per persona and return them as adapters of one ``PeftModel``.
 
@@ -303,75 +301,74 @@ class PersonaExtractor:
             personas: persona name to texts: a list of strings or chat-message lists, a source string for
                 :func:`peft_persona.data.load_texts`, a ``(Dataset, column)`` pair, a :class:`PersonaStats`, or
                 ``None`` for the ``magnitude`` and ``random`` controls.
-            method: ``wanda`` (one mask per persona from its own statistics), ``contrastive`` (two personas against
-                each other, or each of k > 2 against the pooled rest), ``obs`` (SparseGPT-style saliency
-                ``W^2 / diag(H^-1)``, no weight update), ``magnitude`` or ``random`` (seeded) controls.
-            sparsity: fraction of each output row's weights removed, in [0, 1).
-            phi: contrastive channel weight, ``relu`` (default) or ``softplus(z / tau)``.
-            reference: reproduce the paper code's statistics (per-sequence L2 norms averaged over texts) and its
-                ``torch.topk`` tie handling, for comparison. Not the default.
-            seed: seed of the ``random`` control.
+            method, sparsity, phi, tau, reference, seed: the recipe, as the fields of :class:`ExtractionOptions`
+                (defaults: ``wanda``, ``0.5``, ``relu``, ``1.0``, ``False``, ``0``). ``wanda``: one mask per persona
+                from its own statistics; ``contrastive``: two personas against each other, or each of k > 2
+                against the pooled rest; ``obs``: SparseGPT-style saliency ``W^2 / diag(H^-1)``, no weight update;
+                ``magnitude`` and ``random`` (seeded): controls. ``reference`` reproduces the paper code's
+                statistics and ``torch.topk`` tie handling, for comparison only.
+            options: the whole recipe as one :class:`ExtractionOptions`, instead of the keywords.
 
         Returns:
             The ``PeftModel`` (created on the first call, reused after) with one adapter per persona, named after
             it. As in PEFT, the first adapter ever created is active and later ones are added inactive: choose with
             ``set_adapter``. ``self.summary`` describes the run.
         """
+        options = resolve_options(options, method=method, sparsity=sparsity, phi=phi, tau=tau, reference=reference, seed=seed)
         names = list(personas)
-        _check_method(method, names, sparsity)
+        check_personas(options, names)
         if self.peft_model is not None:
             clash = [n for n in names if n in self.peft_model.peft_config]
             if clash:
                 raise ValueError(f"adapters named {clash} already exist on the model")
-        started = time.perf_counter()
-        stats: dict[str, Optional[PersonaStats]] = {}
-        obs_diag: dict[str, dict[str, torch.Tensor]] = {}
-        for name in names:
-            if method in CONTROL_METHODS:
-                stats[name] = None
-            elif method == "obs":
-                diag, meta = self._obs_inverse_diagonals(name, personas[name])
-                obs_diag[name], stats[name] = diag, PersonaStats(name, {}, meta)
-            else:
-                stats[name] = self.calibrate(name, personas[name])
-        calibrated = time.perf_counter()
-        if method == "obs":
-            masks = self._obs_masks(obs_diag, sparsity)
+        times = [time.perf_counter()]
+        stats, obs_diagonals = self._statistics(personas, options)
+        times.append(time.perf_counter())
+        if options.method == "obs":
+            masks = self._obs_masks(obs_diagonals, options.sparsity)
         else:
-            masks = self.masks(stats, method, sparsity, phi=phi, tau=tau, reference=reference, seed=seed)
-        selected = time.perf_counter()
-        fingerprint = base_model_fingerprint(self.base_model)
+            masks = self.masks(stats, options=options)
+        times.append(time.perf_counter())
+        self._add_adapters(names, masks, stats, options)
+        times.append(time.perf_counter())
+        self.summary = ExtractionSummary.of(options, names, stats, masks, times)
+        return self.peft_model
+
+    def _statistics(
+        self, personas: Mapping[str, TextsLike], options: ExtractionOptions
+    ) -> tuple[dict[str, Optional[PersonaStats]], dict[str, dict[str, torch.Tensor]]]:
+        """Each persona's statistics (``None`` for controls) and, for OBS, its ``diag(H^-1)`` per layer."""
+        stats: dict[str, Optional[PersonaStats]] = {}
+        obs_diagonals: dict[str, dict[str, torch.Tensor]] = {}
+        for name, texts in personas.items():
+            if not options.calibrated:
+                stats[name] = None
+            elif options.method == "obs":
+                obs_diagonals[name], meta = self._obs_inverse_diagonals(name, texts)
+                stats[name] = PersonaStats(name, {}, meta)
+            else:
+                stats[name] = self.calibrate(name, texts)
+        return stats, obs_diagonals
+
+    def _add_adapters(
+        self, names: list[str], masks: Mapping[str, Mapping[str, torch.Tensor]],
+        stats: Mapping[str, Optional[PersonaStats]], options: ExtractionOptions,
+    ) -> None:
+        fingerprint = base_model_fingerprint(self.base_model, None if self.default_targets else sorted(self.modules))
         for name in names:
+            record = dict(stats[name].meta) if stats[name] is not None else {}
             config = PersonaMaskConfig(
                 target_modules=set(self.modules),
                 persona=name,
-                opposite_persona=_opposite(name, names) if method == "contrastive" else None,
-                method=method,
-                sparsity=sparsity,
-                calibration=_calibration_record(stats[name], method, phi, tau, reference, seed),
+                opposite_persona=_opposite(name, names) if options.method == "contrastive" else None,
+                method=options.method,
+                sparsity=options.sparsity,
+                calibration={**record, **options.record()},
                 base_model_fingerprint=fingerprint,
                 base_model_name_or_path=getattr(self.base_model.config, "name_or_path", None) or None,
             )
             model = self.peft_model if self.peft_model is not None else self.base_model
             self.peft_model = add_mask_adapter(model, masks[name], adapter_name=name, config=config)
-        done = time.perf_counter()
-        total = sum(m.numel() for m in masks[names[0]].values())
-        self.summary = ExtractionSummary(
-            method=method,
-            sparsity=sparsity,
-            personas=names,
-            n_texts={n: s.meta.get("n_texts", 0) for n, s in stats.items() if s is not None},
-            n_tokens={n: s.meta.get("n_tokens", 0) for n, s in stats.items() if s is not None},
-            kept_fraction=sum(int(m.sum()) for m in masks[names[0]].values()) / total,
-            overlap=mask_overlap(masks[names[0]], masks[names[1]]) if len(names) == 2 else None,
-            seconds={
-                "calibration": calibrated - started,
-                "masks": selected - calibrated,
-                "adapters": done - selected,
-                "total": done - started,
-            },
-        )
-        return self.peft_model
 
     def _obs_masks(self, diag: Mapping[str, Mapping[str, torch.Tensor]], sparsity: float) -> dict[str, dict[str, torch.Tensor]]:
         masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in diag}
@@ -391,27 +388,22 @@ def mask_overlap(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.T
     return shared / kept if kept else 0.0
 
 
-def _check_method(method: str, names: Sequence[str], sparsity: float) -> None:
-    if method not in CALIBRATED_METHODS + CONTROL_METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {CALIBRATED_METHODS + CONTROL_METHODS}")
+def resolve_options(options: Optional[ExtractionOptions], **keywords: Any) -> ExtractionOptions:
+    """``options``, or one built from the keywords that were given; giving both is a ``TypeError``."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if options is not None and given:
+        raise TypeError(f"pass either `options` or the keywords {sorted(given)}, not both")
+    return options if options is not None else ExtractionOptions(**given)
+
+
+def check_personas(options: ExtractionOptions, names: Sequence[str]) -> None:
+    """Raise a ``ValueError`` if ``names`` do not suit the method: none at all, or fewer than two to contrast."""
     if not names:
         raise ValueError("no personas given")
-    if method == "contrastive" and len(names) < 2:
+    if options.method == "contrastive" and len(names) < 2:
         raise ValueError(f"contrastive extraction needs at least two personas, got {list(names)}")
-    scoring.kept_per_row(1, sparsity)  # validates the range
 
 
 def _opposite(name: str, names: Sequence[str]) -> str:
     others = [n for n in names if n != name]
     return others[0] if len(others) == 1 else "rest(" + ",".join(others) + ")"
-
-
-def _calibration_record(stats: Optional[PersonaStats], method: str, phi: str, tau: float, reference: bool, seed: int) -> dict:
-    record: dict[str, Any] = dict(stats.meta) if stats is not None else {}
-    if method == "contrastive":
-        record.update(phi=phi, tau=tau)
-    if method == "random":
-        record["seed"] = seed
-    if reference:
-        record["reference_mode"] = True
-    return record

@@ -29,7 +29,7 @@ from .adapter_files import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from .adapter_files import adapter_dirs
 from .data import BUILTIN_LICENSE
 from .errors import PersonaAdapterError
-from .tuner import PERSONA_MASK, PersonaMaskConfig
+from .tuner import PersonaMaskConfig
 from .tuner.model import adapter_layers as _layers_of
 from .tuner.model import peft_configs as _peft_config_dict
 

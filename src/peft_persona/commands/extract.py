@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import adapter_files
 from ..models import DEFAULT_MODEL
+from ..options import EXTRACTION_METHODS, PHI_KINDS, ExtractionOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--persona", action="append", required=True, metavar="NAME=SOURCE",
         help="persona name and its texts, e.g. extravert=builtin:extraversion#yes (repeat for each persona)",
     )
-    parser.add_argument("--method", default="contrastive", choices=["wanda", "contrastive", "obs", "magnitude", "random"])
+    parser.add_argument("--method", default="contrastive", choices=EXTRACTION_METHODS, help="how masks are found (default contrastive)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row's weights removed (default 0.5)")
-    parser.add_argument("--phi", default="relu", choices=["relu", "softplus"], help="contrastive channel weight")
+    parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight")
     parser.add_argument("--tau", type=float, default=1.0, help="softplus temperature")
     parser.add_argument("--reference", action="store_true", help="reproduce the paper code's statistics (comparison only)")
     parser.add_argument("--max-length", type=int, default=256, help="truncate calibration texts to this many tokens")
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     personas = parse_personas(args.persona)
+    ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)  # fail before loading
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     extractor = PersonaExtractor(model, tokenizer, max_length=args.max_length, batch_size=args.batch_size, show_progress=True)
     if args.save_stats and args.method in ("wanda", "contrastive"):
@@ -63,9 +65,8 @@ def run(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, stats in personas.items():
             stats.save(args.out / f"{name}.stats.safetensors")
-    peft_model = extractor.extract(
-        personas, method=args.method, sparsity=args.sparsity, phi=args.phi, tau=args.tau, reference=args.reference, seed=args.seed
-    )
+    options = ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)
+    peft_model = extractor.extract(personas, options=options)
     save_adapters(peft_model, list(personas), args.out)
     print(extractor.summary)
     summary = {"out": str(args.out), "adapters": {n: str(args.out / n) for n in personas}, **vars(extractor.summary)}
