@@ -76,8 +76,8 @@ def tiny_run():
         add_mask_adapter(peft_model, random_masks(model, seed), name)
     personas = [items.PERSONAS["extraversion"], items.PERSONAS["power"]]
     passages = items.neutral_texts(SHARED, "eval", 2)
-    results = harness.run(peft_model, tokenizer, personas, SHARED, n_items=6, batch_size=4, nll_passages=passages,
-                          digests={"extraversion": "e1"}, log=lambda _: None)
+    plan = harness.EvalPlan(personas, SHARED, n_items=6, batch_size=4, nll_passages=passages, digests={"extraversion": "e1"})
+    results = harness.run(peft_model, tokenizer, plan, log=lambda _: None)
     return peft_model, tokenizer, personas, results
 
 
@@ -123,16 +123,16 @@ def test_margins_and_accuracy_match_a_hand_scored_item(tiny_run):
 
 def test_resume_reuses_only_unchanged_conditions(tiny_run):
     model, tokenizer, personas, first = tiny_run
-    again = harness.run(model, tokenizer, personas[:1], SHARED, n_items=6, batch_size=4,
-                        digests={"extraversion": "e2"}, previous=first, log=lambda _: None)
+    again = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], SHARED, n_items=6, batch_size=4,
+                                                           digests={"extraversion": "e2"}, previous=first), log=lambda _: None)
     assert "extraversion/yes_no/base" in again["reused"]
     assert "extraversion/yes_no/persona mask" not in again["reused"]  # the adapter's digest changed
     assert "extraversion/yes_no/random mask" not in again["reused"]  # no digest known: never reused
     old = first["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
     new = again["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
     assert new["margin"] == pytest.approx(old["margin"], abs=1e-6)
-    fewer = harness.run(model, tokenizer, personas[:1], SHARED, n_items=4, previous=first, log=lambda _: None,
-                        conditions=CONDITIONS[:1], digests={})
+    fewer = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], SHARED, n_items=4, previous=first,
+                                                           conditions=CONDITIONS[:1], digests={}), log=lambda _: None)
     assert fewer["reused"] == []  # other items: nothing reused
 
 

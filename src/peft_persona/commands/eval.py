@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+DATA_ENV = "PEFT_PERSONA_DATA"
 DEFAULT_PERSONAS = ("extraversion", "agreeableness", "desire-for-acquiring-power", "power", "wealth", "hallucination")
 
 
@@ -26,7 +28,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparsity for --extract (default 0.5)")
     parser.add_argument("--method", default="contrastive", help="extraction method for --extract (default contrastive)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--data-root", default="../shared/data", help="the shared data folder (default ../shared/data)")
+    parser.add_argument("--data-root", default=os.environ.get(DATA_ENV),
+                        help=f"folder holding anthropic-evals/, paper-persona/ and machine-mindset/ (default: ${DATA_ENV})")
     parser.add_argument("--personas", nargs="+", default=list(DEFAULT_PERSONAS), help="personas to evaluate")
     parser.add_argument("--conditions", nargs="+", default=None, help="condition names (default: all)")
     parser.add_argument("--n-items", type=int, default=100, help="items per persona and format (default 100)")
@@ -55,14 +58,16 @@ def run(args: argparse.Namespace) -> int:
     names = {c.name for c in CONDITIONS}
     if args.conditions and set(args.conditions) - names:
         raise ValueError(f"unknown condition(s) {sorted(set(args.conditions) - names)}; known: {[c.name for c in CONDITIONS]}")
-    data_root = Path(args.data_root)
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"data root {data_root} does not exist (pass --data-root)")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.report_only:
         return rewrite_report(out)
+    if args.data_root is None:
+        raise FileNotFoundError(f"no evaluation data: pass --data-root DIR or set {DATA_ENV}")
+    data_root = Path(args.data_root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"data root {data_root} does not exist (pass --data-root)")
     out.mkdir(parents=True, exist_ok=True)
     personas = [items.PERSONAS[p] for p in args.personas]
     started = time.time()
@@ -84,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     nll = items.neutral_texts(data_root, "eval", args.nll_passages) if args.nll_passages else []
     sources = {"paper": args.n_paper_items} if args.n_paper_items else None
     with torch.inference_mode():
+        plan = harness.EvalPlan(personas, data_root, args.n_items, args.seed, conditions, args.batch_size, nll,
+                                n_items_by_source=sources, digests=digests, previous=previous)
         results = harness.run(
-            model, tokenizer, personas, data_root, args.n_items, args.seed, conditions, args.batch_size, nll,
-            n_items_by_source=sources, digests=digests, previous=previous,
+            model, tokenizer, plan,
             on_block=lambda partial: (out / "results.json").write_text(json.dumps({**partial, "partial": True}, indent=1)),
         )
     results["meta"] = report.metadata(args, personas, conditions, digests, time.time() - started)

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 
+from ..adapter_files import adapter_dirs, digest
+from ..extractor import PersonaExtractor
 from .items import Persona, calibration_texts, neutral_texts
-
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-
-
-def adapter_dirs(directory: str | Path) -> dict[str, Path]:
-    """Saved adapters under ``directory``: the directory itself (named ``default``) and each sub-directory holding
-    an ``adapter_config.json`` (named after the sub-directory), as ``PeftModel.save_pretrained`` lays them out."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"adapter directory {root} does not exist")
-    found = {"default": root} if (root / CONFIG).is_file() else {}
-    found.update({d.name: d for d in sorted(root.iterdir()) if d.is_dir() and (d / CONFIG).is_file()})
-    if not found:
-        raise FileNotFoundError(f"no saved adapter ({CONFIG}) in {root} or its sub-directories")
-    return found
-
-
-def digest(path: str | Path) -> str:
-    """SHA-256 prefix of a saved adapter's weights file, to recognise unchanged adapters between runs."""
-    sha = hashlib.sha256()
-    with open(Path(path) / WEIGHTS, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()[:16]
 
 
 def load_adapters(model: nn.Module, directory: str | Path) -> tuple[nn.Module, dict[str, str]]:
@@ -67,8 +43,6 @@ def extract_adapters(
     at most ``max_calibration`` texts per side, the first after a ``seed`` shuffle) and the three controls at the same
     sparsity: ``random``, ``magnitude``, and ``neutral`` (Wanda on neutral instructions disjoint from the NLL texts)."""
     import random
-
-    from .. import PersonaExtractor  # the extractor (issue 3)
 
     extractor = PersonaExtractor(model, tokenizer, max_length=256, batch_size=8)
     for persona in personas:

@@ -11,7 +11,6 @@ from torch import nn
 from .items import Persona
 
 PERSONA, OPPOSITE = "{persona}", "{opposite}"
-CONTROLS = ("random", "magnitude", "neutral")
 
 
 @dataclass(frozen=True)

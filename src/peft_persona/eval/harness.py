@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -14,6 +14,7 @@ from torch import nn
 
 from ..metrics.functions import TIE, mask_overlap, persona_alignment, persona_margin
 from .. import stats
+from ..targets import block_index
 from .conditions import CONDITIONS, Condition, active, adapter_names, control_for, render
 from .items import Item, Persona, load_items
 from .scoring import Score, encode, score_continuations, score_ids
@@ -143,8 +144,8 @@ def _fingerprint(items: Sequence[Item]) -> str:
 
 
 def _block(name: str) -> str:
-    match = re.search(r"layers\.(\d+)\.", name)
-    return match.group(1) if match else name
+    index = block_index(name)
+    return name if index is None else str(index)
 
 
 def mask_statistics(model: nn.Module, personas: Sequence[Persona], control: str = "random") -> dict[str, Any]:
@@ -189,80 +190,108 @@ def _per_block(layers: dict[str, dict[str, float]], key: str) -> dict[str, float
     return {b: totals[b][0] / totals[b][1] for b in ordered}
 
 
-def run(
-    model: nn.Module,
-    tokenizer: Any,
-    personas: Sequence[Persona],
-    data_root: Path,
-    n_items: int = 100,
-    seed: int = 1,
-    conditions: Sequence[Condition] = CONDITIONS,
-    batch_size: int = 8,
-    nll_passages: Sequence[str] = (),
-    log: Log = _stderr,
-    n_items_by_source: Optional[dict[str, int]] = None,
-    digests: Optional[dict[str, str]] = None,
-    previous: Optional[dict[str, Any]] = None,
-    on_block: Optional[Callable[[dict[str, Any]], None]] = None,
-) -> dict[str, Any]:
-    """Score every persona's items under every condition whose adapter the model holds, and compare each condition
-    with its random-mask control. Conditions whose adapter is missing are listed under ``skipped``.
+@dataclass(frozen=True)
+class EvalPlan:
+    """What an evaluation scores.
 
     ``n_items_by_source`` overrides ``n_items`` per persona source (``"anthropic"``, ``"paper"``). With ``previous``
     results, a condition is reused instead of rescored when its items, system prompt and adapter digest (from
     ``digests``; ``"base"`` for no adapter) are unchanged.
     """
+
+    personas: Sequence[Persona]
+    data_root: Path
+    n_items: int = 100
+    seed: int = 1
+    conditions: Sequence[Condition] = CONDITIONS
+    batch_size: int = 8
+    nll_passages: Sequence[str] = ()
+    n_items_by_source: Optional[dict[str, int]] = None
+    digests: Optional[dict[str, str]] = None
+    previous: Optional[dict[str, Any]] = None
+
+    def digest(self, adapter: Optional[str]) -> Optional[str]:
+        return {**(self.digests or {}), "base": "base"}.get(adapter or "base")
+
+    def old_block(self, persona: Persona, fmt: str, items: Sequence[Item]) -> dict[str, Any]:
+        """The previous run's block for these exact items, or an empty one."""
+        old = (self.previous or {}).get("personas", {}).get(persona.name, {}).get("formats", {}).get(fmt, {})
+        same = old.get("item_ids") == [i.id for i in items] and old.get("items_text") == _fingerprint(items)
+        return old if same else {}
+
+
+def run(
+    model: nn.Module,
+    tokenizer: Any,
+    plan: EvalPlan,
+    log: Log = _stderr,
+    on_block: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> dict[str, Any]:
+    """Score every persona's items under every condition of ``plan`` whose adapter the model holds, and compare each
+    condition with its random-mask control; then general-ability NLL per adapter and mask statistics. Conditions
+    whose adapter is missing are listed under ``skipped``; ``on_block`` gets the partial results after each block."""
     start = time.time()
     held = adapter_names(model)
-    digests = {**(digests or {}), "base": "base"}
     results: dict[str, Any] = {"personas": {}, "general_ability": {}, "skipped": [], "reused": []}
-    for persona in personas:
+    for persona in plan.personas:
         entry: dict[str, Any] = {"prompt": persona.prompt, "opposite_prompt": persona.opposite_prompt, "formats": {}}
         results["personas"][persona.name] = entry
         for fmt in persona.formats:
-            n = (n_items_by_source or {}).get(persona.source, n_items)
-            items = load_items(data_root, persona, fmt, n, seed)
-            old = ((previous or {}).get("personas", {}).get(persona.name, {}).get("formats", {}).get(fmt, {}))
-            if old.get("item_ids") != [i.id for i in items] or old.get("items_text") != _fingerprint(items):
-                old = {}
-            block: dict[str, Any] = {
-                "item_ids": [i.id for i in items], "items_text": _fingerprint(items), "conditions": {}, "vs_control": {}
-            }
-            entry["formats"][fmt] = block
-            for condition in conditions:
-                adapter = condition.adapter_for(persona)
-                if adapter is not None and adapter not in held:
-                    results["skipped"].append(f"{persona.name}/{fmt}/{condition.name}: no adapter {adapter!r}")
-                    continue
-                digest = digests.get(adapter or "base")
-                before = old.get("conditions", {}).get(condition.name)
-                if before and digest and before.get("digest") == digest and before.get("system_prompt") == condition.system_prompt(persona):
-                    block["conditions"][condition.name] = before
-                    results["reused"].append(f"{persona.name}/{fmt}/{condition.name}")
-                    continue
-                tick = time.time()
-                with active(model, adapter):
-                    scores = score_items(model, tokenizer, items, condition.system_prompt(persona), batch_size)
-                values = item_values(items, scores)
-                block["conditions"][condition.name] = {
-                    "adapter": adapter, "digest": digest, "system_prompt": condition.system_prompt(persona),
-                    **summarize(fmt, values, BOOTSTRAP_SEED), "items": values,
-                }
-                log(f"{persona.name}/{fmt}/{condition.name}: {time.time() - tick:.1f}s")
-            compare_block(fmt, block, conditions)
+            entry["formats"][fmt] = _score_block(model, tokenizer, plan, persona, fmt, held, results, log)
             if on_block is not None:
                 on_block(results)
-    if nll_passages:
-        for adapter in [None, *sorted(held)]:
-            tick = time.time()
-            with active(model, adapter):
-                results["general_ability"][adapter or "base"] = general_nll(model, tokenizer, nll_passages, batch_size)
-            log(f"general ability/{adapter or 'base'}: {time.time() - tick:.1f}s")
-        base = results["general_ability"]["base"]["per_passage"]
-        for name, value in results["general_ability"].items():
-            if name != "base":
-                value["vs_base"] = stats.paired_bootstrap(value["per_passage"], base)
+    if plan.nll_passages:
+        results["general_ability"] = _general_ability(model, tokenizer, plan, held, log)
     if held:
-        results["masks"] = mask_statistics(model, personas)
+        results["masks"] = mask_statistics(model, plan.personas)
     results["runtime_s"] = time.time() - start
     return results
+
+
+def _score_block(
+    model: nn.Module, tokenizer: Any, plan: EvalPlan, persona: Persona, fmt: str, held: set[str],
+    results: dict[str, Any], log: Log,
+) -> dict[str, Any]:
+    """One persona's items in one format under every condition, with the paired comparisons."""
+    n = (plan.n_items_by_source or {}).get(persona.source, plan.n_items)
+    items = load_items(plan.data_root, persona, fmt, n, plan.seed)
+    old = plan.old_block(persona, fmt, items)
+    block: dict[str, Any] = {"item_ids": [i.id for i in items], "items_text": _fingerprint(items), "conditions": {},
+                             "vs_control": {}}
+    for condition in plan.conditions:
+        adapter = condition.adapter_for(persona)
+        where = f"{persona.name}/{fmt}/{condition.name}"
+        if adapter is not None and adapter not in held:
+            results["skipped"].append(f"{where}: no adapter {adapter!r}")
+            continue
+        digest, system = plan.digest(adapter), condition.system_prompt(persona)
+        before = old.get("conditions", {}).get(condition.name)
+        if before and digest and before.get("digest") == digest and before.get("system_prompt") == system:
+            block["conditions"][condition.name] = before
+            results["reused"].append(where)
+            continue
+        tick = time.time()
+        with active(model, adapter):
+            values = item_values(items, score_items(model, tokenizer, items, system, plan.batch_size))
+        block["conditions"][condition.name] = {
+            "adapter": adapter, "digest": digest, "system_prompt": system,
+            **summarize(fmt, values, BOOTSTRAP_SEED), "items": values,
+        }
+        log(f"{where}: {time.time() - tick:.1f}s")
+    compare_block(fmt, block, plan.conditions)
+    return block
+
+
+def _general_ability(model: nn.Module, tokenizer: Any, plan: EvalPlan, held: set[str], log: Log) -> dict[str, Any]:
+    """Per-token NLL of the neutral passages for the base model and every adapter, each compared with the base."""
+    result: dict[str, Any] = {}
+    for adapter in [None, *sorted(held)]:
+        tick = time.time()
+        with active(model, adapter):
+            result[adapter or "base"] = general_nll(model, tokenizer, plan.nll_passages, plan.batch_size)
+        log(f"general ability/{adapter or 'base'}: {time.time() - tick:.1f}s")
+    base = result["base"]["per_passage"]
+    for name, value in result.items():
+        if name != "base":
+            value["vs_base"] = stats.paired_bootstrap(value["per_passage"], base)
+    return result

@@ -22,7 +22,6 @@ from typing import Optional
 
 from .. import data
 
-FORMATS = ("yes_no", "paper_ab", "statement")
 STATEMENT_PROMPT = "Say something about yourself in one sentence."
 AB_SUFFIX = "\n\nAnswer with A or B."
 CALIBRATION_PER_ANSWER = 100

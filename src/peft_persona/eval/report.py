@@ -184,6 +184,25 @@ def reference_table(fmt: str, block: dict[str, Any]) -> str:
 
 def render(results: dict[str, Any]) -> str:
     """The Markdown report of one run."""
+    out = _introduction(results) + _setup(results.get("meta", {}))
+    for persona, entry in results["personas"].items():
+        out += [f"## {persona}", ""]
+        for fmt, block in entry["formats"].items():
+            out += [f"### {FORMAT_TITLES[fmt]}", "", format_table(fmt, block), ""]
+            if block.get("vs_reference"):
+                out += ["Persona mask against other references:", "", reference_table(fmt, block), ""]
+    out += _general_ability(results.get("general_ability")) + _masks(results.get("masks"), results["personas"])
+    out += ["## The paper's numbers (theirs, not ours)", "",
+            "LLaMA-2-13B accuracy (%) on the paper's power / wealth / hallucination tests, as reported by Ye et al. "
+            "(ICLR 2026, arXiv 2602.07164). Different model, and the paper adds a persona system prompt whenever it "
+            "evaluates a mask.", "", PAPER_TABLE, ""]
+    if results.get("skipped"):
+        out += ["## Skipped conditions", "", *[f"- {s}" for s in results["skipped"]], ""]
+    out += ["Plots: `conditions.png` (accuracy and margin per condition, 95% CI bars), `mask_layers.png`.", ""]
+    return "\n".join(out)
+
+
+def _introduction(results: dict[str, Any]) -> list[str]:
     meta = results.get("meta", {})
     out = [f"# Persona evaluation: {meta.get('model', '?')}", ""]
     out += ["Produced by:", "", "```", meta.get("command", "?"), "```", ""]
@@ -194,7 +213,11 @@ def render(results: dict[str, Any]) -> str:
     out += ["Accuracy CIs are Wilson 95%; margin CIs are percentile bootstrap 95% (2000 resamples, seed 0). "
             "Tests against the control are paired over the same items: exact sign test on correctness, paired "
             "bootstrap on the margin (statements: stratified bootstrap on the per-statement difference).", ""]
-    out += ["## Setup", ""]
+    return out
+
+
+def _setup(meta: dict[str, Any]) -> list[str]:
+    out = ["## Setup", ""]
     out += [f"- Items: {meta.get('n_items')} per Anthropic trait (balanced Yes/No), {meta.get('n_paper_items')} per paper "
             f"split (balanced A/B), drawn with seed {meta.get('item_seed')} from held-out rows only.",
             f"- Calibration/evaluation split of the Anthropic files: `{meta.get('calibration_split')}`; masks are "
@@ -209,40 +232,31 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"| {name} (opposite: {p['opposite']}) | {p['prompt']} | {p['opposite_prompt']} |")
     out += ["", "### Adapters (SHA-256 prefix of the weights)", ""]
     out += [f"- `{name}`: {d}" for name, d in sorted(meta.get("adapters", {}).items())] or ["- none (base model only)"]
-    out.append("")
-    for persona, entry in results["personas"].items():
-        out += [f"## {persona}", ""]
-        for fmt, block in entry["formats"].items():
-            out += [f"### {FORMAT_TITLES[fmt]}", "", format_table(fmt, block), ""]
-            if block.get("vs_reference"):
-                out += ["Persona mask against other references:", "", reference_table(fmt, block), ""]
-    if results.get("general_ability"):
-        out += ["## General ability: per-token NLL on neutral text", "", "| adapter | NLL [95% CI] | Δ vs base [95% CI] (p) | tokens |",
-                "|---|---|---|---|"]
-        for name, value in results["general_ability"].items():
-            vs = value.get("vs_base")
-            out.append(f"| {name} | {_ci(value['nll'], digits=3)} | "
-                       f"{_vs(vs)} | {value['n_tokens']} |")
-        out.append("")
-    masks = results.get("masks")
-    if masks:
-        out += ["## Masks", "", "| adapter | density |", "|---|---|"]
-        out += [f"| {n} | {v['overall']:.3f} |" for n, v in masks["density"].items()]
-        out += ["", "| persona | Jaccard vs opposite | difference rate vs opposite | Jaccard vs random | difference rate vs random |",
-                "|---|---|---|---|---|"]
-        for name in results["personas"]:
-            a, b = masks["persona_vs_opposite"].get(name), masks["persona_vs_control"].get(name)
-            out.append(f"| {name} | {a['jaccard']:.3f} | {a['difference_rate']:.3f} | " if a else f"| {name} | - | - | ")
-            out[-1] += f"{b['jaccard']:.3f} | {b['difference_rate']:.3f} |" if b else "- | - |"
-        out += ["", "Per-layer density and difference rate: `mask_layers.png`.", ""]
-    out += ["## The paper's numbers (theirs, not ours)", "",
-            "LLaMA-2-13B accuracy (%) on the paper's power / wealth / hallucination tests, as reported by Ye et al. "
-            "(ICLR 2026, arXiv 2602.07164); copied from `../shared/README.md`. Different model, and the paper adds a "
-            "persona system prompt whenever it evaluates a mask.", "", PAPER_TABLE, ""]
-    if results.get("skipped"):
-        out += ["## Skipped conditions", "", *[f"- {s}" for s in results["skipped"]], ""]
-    out += ["Plots: `conditions.png` (accuracy and margin per condition, 95% CI bars), `mask_layers.png`.", ""]
-    return "\n".join(out)
+    return out + [""]
+
+
+def _general_ability(general: Optional[dict[str, Any]]) -> list[str]:
+    if not general:
+        return []
+    out = ["## General ability: per-token NLL on neutral text", "",
+           "| adapter | NLL [95% CI] | Δ vs base [95% CI] (p) | tokens |", "|---|---|---|---|"]
+    for name, value in general.items():
+        out.append(f"| {name} | {_ci(value['nll'], digits=3)} | {_vs(value.get('vs_base'))} | {value['n_tokens']} |")
+    return out + [""]
+
+
+def _masks(masks: Optional[dict[str, Any]], personas: dict[str, Any]) -> list[str]:
+    if not masks:
+        return []
+    out = ["## Masks", "", "| adapter | density |", "|---|---|"]
+    out += [f"| {n} | {v['overall']:.3f} |" for n, v in masks["density"].items()]
+    out += ["", "| persona | Jaccard vs opposite | difference rate vs opposite | Jaccard vs random | difference rate vs random |",
+            "|---|---|---|---|---|"]
+    for name in personas:
+        a, b = masks["persona_vs_opposite"].get(name), masks["persona_vs_control"].get(name)
+        row = f"| {name} | {a['jaccard']:.3f} | {a['difference_rate']:.3f} | " if a else f"| {name} | - | - | "
+        out.append(row + (f"{b['jaccard']:.3f} | {b['difference_rate']:.3f} |" if b else "- | - |"))
+    return out + ["", "Per-layer density and difference rate: `mask_layers.png`.", ""]
 
 
 __all__ = ["PAPER_TABLE", "command_line", "format_table", "headline", "headline_tables", "metadata", "reference_table", "render"]

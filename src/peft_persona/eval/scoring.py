@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..models import ensure_pad_token
+
 
 @dataclass(frozen=True)
 class Score:
@@ -28,14 +30,6 @@ class Score:
     def mean(self) -> float:
         """Per-token mean log-likelihood."""
         return self.logprob / self.n_tokens
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -55,7 +49,7 @@ def score_continuations(
     if len(contexts) != len(continuations):
         raise ValueError(f"contexts and continuations differ in length: {len(contexts)} vs {len(continuations)}")
     return score_ids(
-        model, encode(tokenizer, contexts), encode(tokenizer, continuations), _pad_id(tokenizer), batch_size, prefix_cache
+        model, encode(tokenizer, contexts), encode(tokenizer, continuations), ensure_pad_token(tokenizer), batch_size, prefix_cache
     )
 
 
