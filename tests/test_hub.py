@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import peft_persona as pp
 from peft_persona import cli
-from peft_persona.hub import CITATION, PersonaHubError, export_repo, push_to_hub, usage_snippet
+from peft_persona.card import CITATION, usage_snippet
+from peft_persona.hub import PersonaHubError, export_repo, push_to_hub
 from peft_persona.inspection import count_ones, format_summaries, inspect_adapters
 
 OWNER, OTHER = (t for t, _ in TOKENS.items())

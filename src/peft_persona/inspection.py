@@ -17,10 +17,17 @@ from typing import Any, Optional, Union
 import torch
 from safetensors import safe_open
 
-from .adapter_files import BITS_SUFFIX as BITS_KEY
-from .adapter_files import CONFIG_NAME, adapter_dirs, mask_tensor_module, read_config, validate_weights
-from .adapter_files import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
-from .errors import PersonaAdapterError as PersonaHubError
+from .adapter_files import (
+    BITS_SUFFIX,
+    CONFIG_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    adapter_dirs,
+    mask_tensor_module,
+    read_config,
+    validate_weights,
+)
+from .card import HUB_ID
+from .errors import PersonaAdapterError
 
 POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -58,11 +65,11 @@ def summarize_files(name: str, config_file: Path, weights_file: Path, location: 
     summary = AdapterSummary(name, location, config, weights_file.stat().st_size)
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in sorted(handle.keys(), key=_natural):
-            if not key.endswith(BITS_KEY):
+            if not key.endswith(BITS_SUFFIX):
                 continue
             packed = handle.get_tensor(key)
             if packed.dtype != torch.uint8 or packed.dim() != 2:
-                raise PersonaHubError(f"{weights_file}: tensor {key!r} is {packed.dtype} {tuple(packed.shape)}, not 2-D uint8")
+                raise PersonaAdapterError(f"{weights_file}: tensor {key!r} is {packed.dtype} {tuple(packed.shape)}, not 2-D uint8")
             ones, size = count_ones(packed), packed.numel() * 8
             summary.density[mask_tensor_module(key)] = ones / size
             summary.kept += ones
@@ -80,14 +87,14 @@ def _hub_files(
     try:
         files = HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id, revision=revision)
     except RepositoryNotFoundError:
-        raise PersonaHubError(
+        raise PersonaAdapterError(
             f"Hub repo {repo_id!r} not found, or private and no token with access to it was given "
             "(pass --token, set HF_TOKEN, or run `hf auth login`)"
         ) from None
     except RevisionNotFoundError:
-        raise PersonaHubError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
+        raise PersonaAdapterError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
     except HfHubHTTPError as err:
-        raise PersonaHubError(f"reading Hub repo {repo_id!r} failed: {err}") from None
+        raise PersonaAdapterError(f"reading Hub repo {repo_id!r} failed: {err}") from None
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     folders = {}
     for path in files:
@@ -97,7 +104,7 @@ def _hub_files(
             if folder.count("/") == 0:
                 folders[folder] = path[: -len(CONFIG_NAME)].rstrip("/")
     if not folders:
-        raise PersonaHubError(f"Hub repo {repo_id!r}{f' folder {subfolder!r}' if subfolder else ''} holds no {CONFIG_NAME}")
+        raise PersonaAdapterError(f"Hub repo {repo_id!r}{f' folder {subfolder!r}' if subfolder else ''} holds no {CONFIG_NAME}")
     return folders
 
 
@@ -111,21 +118,20 @@ def inspect_adapters(
 ) -> list[AdapterSummary]:
     """Summaries of every persona mask adapter in a local directory or a Hub repo (``namespace/name``).
 
-    A local path wins over a Hub id of the same spelling. Raises :class:`PersonaHubError` naming the file or field for
+    A local path wins over a Hub id of the same spelling. Raises :class:`PersonaAdapterError` naming the file or field for
     anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``; ``cache_dir`` the HF cache.
     """
     local = Path(dir_or_repo)
     if local.exists():
         root = local / subfolder if subfolder else local
         return [
-            summarize_files(name, path / CONFIG_NAME, path / ADAPTER_WEIGHTS_NAME, str(path))
+            summarize_files(name, path / CONFIG_NAME, path / SAFETENSORS_WEIGHTS_NAME, str(path))
             for name, path in adapter_dirs(root).items()
         ]
     repo_id = str(dir_or_repo)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    from .hub import HUB_ID
 
     if not HUB_ID.match(repo_id):
         raise FileNotFoundError(f"{repo_id} is neither a local directory nor a Hub repo id (namespace/name)")
@@ -135,15 +141,15 @@ def inspect_adapters(
         sub = path or None
         try:
             config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=sub, **download)
-            weights = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, subfolder=sub, **download)
+            weights = hf_hub_download(repo_id, SAFETENSORS_WEIGHTS_NAME, subfolder=sub, **download)
         except EntryNotFoundError:
-            raise PersonaHubError(f"Hub repo {repo_id!r}: {path or '/'} has no {ADAPTER_WEIGHTS_NAME}") from None
+            raise PersonaAdapterError(f"Hub repo {repo_id!r}: {path or '/'} has no {SAFETENSORS_WEIGHTS_NAME}") from None
         location = f"{repo_id}/{path}" if path else repo_id
         try:
             name = folder or (read_config(Path(config).parent).get("persona") or "default")
             summaries.append(summarize_files(name, Path(config), Path(weights), location))
-        except PersonaHubError as err:
-            raise PersonaHubError(f"Hub repo {repo_id!r}, folder {path or '/'!r}: {err}") from None
+        except PersonaAdapterError as err:
+            raise PersonaAdapterError(f"Hub repo {repo_id!r}, folder {path or '/'!r}: {err}") from None
     return summaries
 
 
