@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import DATA_ROOT
 
 from peft_persona import data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_builtin_is_the_seeded_calibration_split_of_the_shared_file():
-    rows = data.read_jsonl(SHARED / "anthropic-evals" / "persona" / "extraversion.jsonl")
+    rows = data.read_jsonl(DATA_ROOT / "anthropic-evals" / "persona" / "extraversion.jsonl")
     calibration, held_out = data.anthropic_split(rows, n_calibration=100, seed=0)
     assert len(calibration) == 200 and len(held_out) == 800
     assert data.read_jsonl(data.builtin_path("extraversion")) == calibration
@@ -53,7 +52,7 @@ def test_alpaca_and_dpo_lists(tmp_path):
 
 
 def test_advanced_ai_risk_choice_text():
-    texts = data.load_texts(str(SHARED / "anthropic-evals/advanced-ai-risk/lm_generated_evals/power-seeking-inclination.jsonl"))
+    texts = data.load_texts(str(DATA_ROOT / "anthropic-evals/advanced-ai-risk/lm_generated_evals/power-seeking-inclination.jsonl"))
     user, assistant = texts[0]
     assert "(A)" not in user["content"] and assistant["content"].startswith("Yes, I agree")
 

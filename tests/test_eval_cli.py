@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from conftest import chat_tokenizer, tiny_llama
+from conftest import DATA_ROOT, chat_tokenizer, tiny_llama
 from peft_persona import cli
-from peft_persona.eval.adapters import adapter_dirs
+from peft_persona.adapter_files import adapter_dirs
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys, monkeypatch):
@@ -18,7 +16,7 @@ def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys, monkeypatch)
     tiny_llama(0).save_pretrained(model_dir)
     chat_tokenizer().save_pretrained(model_dir)
     adapters, out = tmp_path / "adapters", tmp_path / "out"
-    argv = ["eval", "--model", str(model_dir), "--adapters", str(adapters), "--extract", "--data-root", str(SHARED),
+    argv = ["eval", "--model", str(model_dir), "--adapters", str(adapters), "--extract", "--data-root", str(DATA_ROOT),
             "--personas", "extraversion", "--n-items", "4", "--nll-passages", "2", "--batch-size", "4",
             "--threads", "1", "--out", str(out)]
     assert cli.main(argv) == 0
@@ -54,5 +52,5 @@ def test_eval_command_errors_are_clear(tmp_path, capsys):
     assert "unknown condition(s) ['magic']" in capsys.readouterr().err
     assert cli.main(["eval", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "data root" in capsys.readouterr().err
-    assert cli.main(["eval", "--report-only", "--data-root", str(SHARED), "--out", str(tmp_path)]) == 2
+    assert cli.main(["eval", "--report-only", "--data-root", str(DATA_ROOT), "--out", str(tmp_path)]) == 2
     assert "--report-only needs" in capsys.readouterr().err

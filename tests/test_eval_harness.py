@@ -3,61 +3,59 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import random_masks, tiny_llama, chat_tokenizer
+from conftest import DATA_ROOT, random_masks, tiny_llama, chat_tokenizer
 from peft_persona import add_mask_adapter, data
 from peft_persona import stats
 from peft_persona.eval import harness, items, plots, report
 from peft_persona.eval.conditions import CONDITIONS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.parametrize("name", ["extraversion", "agreeableness", "desire-for-acquiring-power"])
 def test_anthropic_items_are_held_out_and_balanced(name):
     persona = items.PERSONAS[name]
-    calibration, held_out = items.anthropic_rows(SHARED, persona)
+    calibration, held_out = items.anthropic_rows(DATA_ROOT, persona)
     assert len(calibration) == 200 and len(held_out) == 800
-    yes_no = items.load_items(SHARED, persona, "yes_no", 100)
-    statements = items.load_items(SHARED, persona, "statement", 100)
+    yes_no = items.load_items(DATA_ROOT, persona, "yes_no", 100)
+    statements = items.load_items(DATA_ROOT, persona, "statement", 100)
     assert [i.matching for i in yes_no].count(0) == 50 and {i.choices for i in yes_no} == {(" Yes", " No")}
     calibration_statements = {r["statement"] for r in calibration}
     assert not calibration_statements & {i.choices[0] for i in statements}
     assert all(i.choices[0] in i2.user for i, i2 in zip(statements, yes_no))  # the same rows in both formats
-    trait, opposite = items.calibration_texts(SHARED, persona)
+    trait, opposite = items.calibration_texts(DATA_ROOT, persona)
     assert set(trait) | set(opposite) == calibration_statements
-    assert items.load_items(SHARED, persona, "yes_no", 100) == yes_no  # seeded
-    assert items.load_items(SHARED, persona, "yes_no", 100, seed=2) != yes_no
+    assert items.load_items(DATA_ROOT, persona, "yes_no", 100) == yes_no  # seeded
+    assert items.load_items(DATA_ROOT, persona, "yes_no", 100, seed=2) != yes_no
 
 
 def test_extraversion_calibration_is_the_builtin_split():
-    trait, opposite = items.calibration_texts(SHARED, items.PERSONAS["extraversion"])
+    trait, opposite = items.calibration_texts(DATA_ROOT, items.PERSONAS["extraversion"])
     assert trait == data.load_texts("builtin:extraversion#yes") and opposite == data.load_texts("builtin:extraversion#no")
 
 
 def test_paper_items_drop_the_train_overlap():
-    kept, dropped = items.paper_test_rows(SHARED, items.PERSONAS["power"])
+    kept, dropped = items.paper_test_rows(DATA_ROOT, items.PERSONAS["power"])
     assert len(dropped) == 1 and len(kept) == 199
-    train = {r["question"].strip() for r in data.read_csv(SHARED / "paper-persona" / "train.csv")}
-    ab = items.load_items(SHARED, items.PERSONAS["power"], "paper_ab", 50)
+    train = {r["question"].strip() for r in data.read_csv(DATA_ROOT / "paper-persona" / "train.csv")}
+    ab = items.load_items(DATA_ROOT, items.PERSONAS["power"], "paper_ab", 50)
     assert all(i.user.split("\n\nChoices:")[0] not in train for i in ab)
     assert [i.matching for i in ab].count(0) == 25 and ab[0].choices == ("A", "B")
     with pytest.raises(ValueError, match="has no format 'yes_no'"):
-        items.load_items(SHARED, items.PERSONAS["power"], "yes_no", 10)
+        items.load_items(DATA_ROOT, items.PERSONAS["power"], "yes_no", 10)
     for name in ("wealth", "hallucination"):
-        assert items.paper_test_rows(SHARED, items.PERSONAS[name])[1] == []
+        assert items.paper_test_rows(DATA_ROOT, items.PERSONAS[name])[1] == []
 
 
 def test_neutral_halves_are_disjoint():
-    calibration = items.neutral_texts(SHARED, "calibration", 50, per_passage=4)
-    evaluation = items.neutral_texts(SHARED, "eval", 16)
+    calibration = items.neutral_texts(DATA_ROOT, "calibration", 50, per_passage=4)
+    evaluation = items.neutral_texts(DATA_ROOT, "eval", 16)
     lines = lambda texts: {line for t in texts for line in t.split("\n")}  # noqa: E731
     assert len(evaluation) == 16 and not lines(calibration) & lines(evaluation)
     with pytest.raises(ValueError, match="part must be"):
-        items.neutral_texts(SHARED, "test", 1)
+        items.neutral_texts(DATA_ROOT, "test", 1)
 
 
 def test_group_difference_hand_computed():
@@ -75,8 +73,8 @@ def tiny_run():
     for seed, name in enumerate(["introversion", "random", "power"], start=2):
         add_mask_adapter(peft_model, random_masks(model, seed), name)
     personas = [items.PERSONAS["extraversion"], items.PERSONAS["power"]]
-    passages = items.neutral_texts(SHARED, "eval", 2)
-    plan = harness.EvalPlan(personas, SHARED, n_items=6, batch_size=4, nll_passages=passages, digests={"extraversion": "e1"})
+    passages = items.neutral_texts(DATA_ROOT, "eval", 2)
+    plan = harness.EvalPlan(personas, DATA_ROOT, n_items=6, batch_size=4, nll_passages=passages, digests={"extraversion": "e1"})
     results = harness.run(peft_model, tokenizer, plan, log=lambda _: None)
     return peft_model, tokenizer, personas, results
 
@@ -110,7 +108,7 @@ def test_harness_reports_every_available_condition_against_its_control(tiny_run)
 
 def test_margins_and_accuracy_match_a_hand_scored_item(tiny_run):
     model, tokenizer, personas, results = tiny_run
-    item = items.load_items(SHARED, personas[0], "yes_no", 6)[0]
+    item = items.load_items(DATA_ROOT, personas[0], "yes_no", 6)[0]
     from peft_persona.eval.conditions import active, render
     from peft_persona.eval.scoring import score_continuations
 
@@ -123,7 +121,7 @@ def test_margins_and_accuracy_match_a_hand_scored_item(tiny_run):
 
 def test_resume_reuses_only_unchanged_conditions(tiny_run):
     model, tokenizer, personas, first = tiny_run
-    again = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], SHARED, n_items=6, batch_size=4,
+    again = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], DATA_ROOT, n_items=6, batch_size=4,
                                                            digests={"extraversion": "e2"}, previous=first), log=lambda _: None)
     assert "extraversion/yes_no/base" in again["reused"]
     assert "extraversion/yes_no/persona mask" not in again["reused"]  # the adapter's digest changed
@@ -131,7 +129,7 @@ def test_resume_reuses_only_unchanged_conditions(tiny_run):
     old = first["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
     new = again["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
     assert new["margin"] == pytest.approx(old["margin"], abs=1e-6)
-    fewer = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], SHARED, n_items=4, previous=first,
+    fewer = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], DATA_ROOT, n_items=4, previous=first,
                                                            conditions=CONDITIONS[:1], digests={}), log=lambda _: None)
     assert fewer["reused"] == []  # other items: nothing reused
 

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
+from conftest import DATA_ROOT
 import torch
 
 from peft_persona.eval import harness, items
 from peft_persona.eval.conditions import render
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.real_model
 
 
 @pytest.mark.parametrize(("persona", "fmt"), [("extraversion", "yes_no"), ("extraversion", "statement"), ("power", "paper_ab")])
 def test_smollm2_scores_twenty_items_per_format(smollm2, persona, fmt):
     model, tokenizer = smollm2
-    chosen = items.load_items(SHARED, items.PERSONAS[persona], fmt, 20)
+    chosen = items.load_items(DATA_ROOT, items.PERSONAS[persona], fmt, 20)
     with torch.inference_mode():
         scores = harness.score_items(model, tokenizer, chosen, batch_size=8)
     values = harness.item_values(chosen, scores)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
+from conftest import DATA_ROOT
 import torch
 from peft import PeftModel
 
@@ -12,7 +12,7 @@ import peft_persona as pp
 from peft_persona.tuner import mask_layers
 from peft_persona.commands.extract import save_adapters
 
-EXTRAVERSION = Path(__file__).resolve().parents[2] / "shared" / "data" / "anthropic-evals" / "persona" / "extraversion.jsonl"
+EXTRAVERSION = DATA_ROOT / "anthropic-evals" / "persona" / "extraversion.jsonl"
 
 pytestmark = pytest.mark.real_model
 
