@@ -77,7 +77,8 @@ def main(source: Path) -> None:
         first_lines(source / name, HERE / name, n)
     power_train(source, HERE / "paper-persona/train.csv")
     rows = json.loads((source / MINDSET).read_text(encoding="utf-8"))
-    picked = sorted(random.Random(0).sample(range(len(rows)), MINDSET_ROWS))
+    one_line = [i for i, row in enumerate(rows) if "\n" not in row["instruction"].strip()]
+    picked = sorted(random.Random(0).sample(one_line, MINDSET_ROWS))
     (HERE / MINDSET).parent.mkdir(parents=True, exist_ok=True)
     (HERE / MINDSET).write_text(json.dumps([rows[i] for i in picked], ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
