@@ -269,3 +269,22 @@ def test_kept_per_row_is_exact(in_features, sparsity, kept):
     from peft_persona.scoring import kept_per_row
 
     assert kept_per_row(in_features, sparsity) == kept
+
+
+def test_safe_merge_checks_the_merged_weights():
+    model = pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1), "a")
+    x = torch.randint(3, 1000, (1, 5))
+    with torch.no_grad():
+        unmerged = model(x).logits
+        model.merge_adapter(safe_merge=True)
+        assert torch.equal(model(x).logits, unmerged)
+        model.unmerge_adapter()
+    layer = mask_layers(model)["model.layers.0.mlp.up_proj"]
+    weight = layer.get_base_layer().weight
+    with torch.no_grad():
+        weight[0, 0] = float("inf")  # inf * 0 is NaN: W * M cannot be represented by zeroing
+    before = weight.detach().clone()
+    layer.set_mask("a", torch.zeros_like(pp.get_masks(model, "a")["model.layers.0.mlp.up_proj"]))
+    with pytest.raises(ValueError, match="safe_merge of persona mask adapter 'a'"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(weight, before) and not layer.merged

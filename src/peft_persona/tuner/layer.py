@@ -129,16 +129,31 @@ class PersonaMaskLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Zero the masked-out weights in place; the zeroed values are kept for a bit-exact :meth:`unmerge`.
 
-        ``safe_merge`` is accepted for API compatibility: masking cannot create NaNs, so there is nothing to check.
+        With ``safe_merge``, the merged weight is checked against ``W * M`` computed apart (an extra copy of the
+        weight); any difference, such as NaN or inf among the weights, restores the weight and raises a
+        ``ValueError`` naming the adapter.
         """
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.persona_mask_bits:
                 continue
             weight = self.get_base_weight()
-            dropped = ~self._dense_mask(name)
-            self.persona_mask_stash[name] = weight[dropped]
-            weight.masked_fill_(dropped, 0)
+            kept = self._dense_mask(name)
+            expected = weight * kept if safe_merge else None
+            self.persona_mask_stash[name] = weight[~kept]
+            weight.masked_fill_(~kept, 0)
             self.merged_adapters.append(name)
+            if expected is not None and not torch.equal(weight, expected):
+                self._unmerge_last(name)
+                raise ValueError(
+                    f"safe_merge of persona mask adapter {name!r}: the merged weight differs from W * M (the weight "
+                    "holds NaN or inf values); the weight was restored"
+                )
+
+    def _unmerge_last(self, name: str) -> None:
+        """Restore the weights zeroed by merging ``name``, the last adapter merged."""
+        self.merged_adapters.remove(name)
+        self.get_base_weight()[~self._dense_mask(name)] = self.persona_mask_stash[name]
+        del self.persona_mask_stash[name]
 
     def unmerge(self) -> None:
         """Restore the weights zeroed by :meth:`merge`, bit-exactly, in reverse merge order."""
