@@ -149,7 +149,8 @@ def _is_persona_adapter(path: Optional[str], download: dict[str, Any]) -> bool:
     if file is None:
         return False
     try:
-        peft_type = json.loads(open(file, encoding="utf-8").read()).get("peft_type")
+        with open(file, encoding="utf-8") as handle:
+            peft_type = json.load(handle).get("peft_type")
     except (ValueError, AttributeError, UnicodeDecodeError):
         raise PersonaAdapterError(f"{file} is not a JSON object") from None
     if not isinstance(peft_type, str) or peft_type not in mapping.PEFT_TYPE_TO_CONFIG_MAPPING:
