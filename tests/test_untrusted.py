@@ -288,3 +288,40 @@ def test_safe_merge_checks_the_merged_weights():
     with pytest.raises(ValueError, match="safe_merge of persona mask adapter 'a'"):
         layer.merge(safe_merge=True)
     assert torch.equal(weight, before) and not layer.merged
+
+
+@pytest.mark.parametrize("breakage", ["corrupt weights", "a wrong shape", "only a pickle"])
+def test_failed_hub_load_leaves_model_as_it_was(hub, hub_env, tmp_path, breakage):
+    """From the loopback Hub, in a fresh process, through transformers and PEFT."""
+    import subprocess
+    import sys
+
+    from huggingface_hub import HfApi
+    from hub_server import TOKENS
+
+    directory = saved_adapter(tmp_path)
+    BREAKAGES[breakage](directory)
+    repo = f"user/broken-{breakage.replace(' ', '-')}"
+    api = HfApi(endpoint=hub.endpoint, token=next(iter(TOKENS)))
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=str(directory))
+    script = f"""
+import sys
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+from conftest import tiny_llama
+from test_untrusted import assert_same_state, model_state
+from peft import PeftModel
+model = tiny_llama()
+before = model_state(model)
+for load in (lambda: model.load_adapter({repo!r}), lambda: PeftModel.from_pretrained(model, {repo!r})):
+    try:
+        load()
+    except ValueError as err:
+        assert "adapter_model" in str(err), err
+    else:
+        raise SystemExit("loaded a broken adapter")
+    assert_same_state(before, model_state(model))
+print("unchanged")
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=hub_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "unchanged" in result.stdout, result.stderr[-3000:]
