@@ -105,7 +105,7 @@ class PersonaMaskLayer(BaseTunerLayer):
 
     def _refresh_active_mask(self, in_place: bool = False) -> None:
         state = self._active_state()
-        names = [n for n, *_ in state]
+        names = [n for n, *_ in state if not self._keeps_everything(n)]  # an all-ones mask changes nothing
         if not names or any(self.persona_mask_bits[n].device.type == "meta" for n in names):
             self.persona_mask_active = None
             self._active_key = state
@@ -120,6 +120,15 @@ class PersonaMaskLayer(BaseTunerLayer):
         else:
             self.persona_mask_active = mask
         self._active_key = self._active_state()
+
+    def _keeps_everything(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name``'s mask is all ones (a freshly injected adapter), read from the packed bits."""
+        packed = self.persona_mask_bits[adapter_name]
+        if packed.device.type == "meta":
+            return False
+        if self.in_features % 8 == 0:
+            return bool((packed == 255).all())
+        return torch.equal(packed, full_mask_packed((self.out_features, self.in_features), device=packed.device))
 
     def _dense_mask(self, adapter_name: str) -> torch.Tensor:
         mask = self.get_mask(adapter_name)
