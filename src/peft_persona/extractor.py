@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -236,14 +236,11 @@ class PersonaExtractor:
         method: Optional[Method] = None,
         sparsity: Optional[float] = None,
         *,
-        phi: Optional[str] = None,
-        tau: Optional[float] = None,
-        reference: Optional[bool] = None,
-        seed: Optional[int] = None,
         options: Optional[ExtractionOptions] = None,
+        **recipe: Any,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Masks per persona and layer from calibration statistics (no forward pass). See :meth:`extract`."""
-        options = resolve_options(options, method=method, sparsity=sparsity, phi=phi, tau=tau, reference=reference, seed=seed)
+        options = resolve_options(options, method=method, sparsity=sparsity, **recipe)
         names = list(stats)
         check_personas(options, names)
         generator = torch.Generator().manual_seed(options.seed)
@@ -289,11 +286,8 @@ class PersonaExtractor:
         method: Optional[Method] = None,
         sparsity: Optional[float] = None,
         *,
-        phi: Optional[str] = None,
-        tau: Optional[float] = None,
-        reference: Optional[bool] = None,
-        seed: Optional[int] = None,
         options: Optional[ExtractionOptions] = None,
+        **recipe: Any,
     ) -> PeftModel:
         """Calibrate (if needed), build one mask per persona and return them as adapters of one ``PeftModel``.
 
@@ -301,7 +295,8 @@ class PersonaExtractor:
             personas: persona name to texts: a list of strings or chat-message lists, a source string for
                 :func:`peft_persona.data.load_texts`, a ``(Dataset, column)`` pair, a :class:`PersonaStats`, or
                 ``None`` for the ``magnitude`` and ``random`` controls.
-            method, sparsity, phi, tau, reference, seed: the recipe, as the fields of :class:`ExtractionOptions`
+            method, sparsity, **recipe: the recipe, as the fields of :class:`ExtractionOptions` (``phi``, ``tau``,
+                ``reference``, ``seed`` by keyword)
                 (defaults: ``wanda``, ``0.5``, ``relu``, ``1.0``, ``False``, ``0``). ``wanda``: one mask per persona
                 from its own statistics; ``contrastive``: two personas against each other, or each of k > 2
                 against the pooled rest; ``obs``: SparseGPT-style saliency ``W^2 / diag(H^-1)``, no weight update;
@@ -314,7 +309,7 @@ class PersonaExtractor:
             it. As in PEFT, the first adapter ever created is active and later ones are added inactive: choose with
             ``set_adapter``. ``self.summary`` describes the run.
         """
-        options = resolve_options(options, method=method, sparsity=sparsity, phi=phi, tau=tau, reference=reference, seed=seed)
+        options = resolve_options(options, method=method, sparsity=sparsity, **recipe)
         names = list(personas)
         check_personas(options, names)
         if self.peft_model is not None:
@@ -391,6 +386,9 @@ def mask_overlap(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.T
 def resolve_options(options: Optional[ExtractionOptions], **keywords: Any) -> ExtractionOptions:
     """``options``, or one built from the keywords that were given; giving both is a ``TypeError``."""
     given = {k: v for k, v in keywords.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in fields(ExtractionOptions)})
+    if unknown:
+        raise TypeError(f"unknown recipe keyword(s) {unknown}; ExtractionOptions has {[f.name for f in fields(ExtractionOptions)]}")
     if options is not None and given:
         raise TypeError(f"pass either `options` or the keywords {sorted(given)}, not both")
     return options if options is not None else ExtractionOptions(**given)

@@ -112,7 +112,6 @@ def mean_ci(values: ArrayLike, seed: int = 0, n_resamples: int = 2000) -> dict[s
     return {"mean": float(array.mean()), "ci_low": low, "ci_high": high, "n": int(array.size)}
 
 
-
 def group_difference(
     values: ArrayLike, labels: Sequence[int | bool], n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
 ) -> dict[str, float]:
