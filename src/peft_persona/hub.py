@@ -50,7 +50,7 @@ def _save_from_model(model: nn.Module, name: str, target: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="peft-persona-save-") as tmp:
         if isinstance(model, PeftModel):
-            model.save_pretrained(tmp, selected_adapters=[name])
+            model.save_pretrained(tmp, selected_adapters=[name], save_embedding_layers=False)  # no Hub look-up
             saved = Path(tmp) / (name if name != "default" else "")
         else:
             active = sorted({a for layer in mask_layers(model).values() for a in layer.active_adapters})
@@ -61,8 +61,10 @@ def _save_from_model(model: nn.Module, name: str, target: Path) -> None:
                 model.set_adapter(active)
             saved = Path(tmp)
         target.mkdir(parents=True, exist_ok=True)
-        for file in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME):
-            shutil.copyfile(saved / file, target / file)
+        shutil.copyfile(saved / SAFETENSORS_WEIGHTS_NAME, target / SAFETENSORS_WEIGHTS_NAME)
+        config = json.loads((saved / CONFIG_NAME).read_text(encoding="utf-8"))
+        config["inference_mode"] = True  # masks have nothing to train, whatever mode the adapter was loaded in
+        (target / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def stage_adapters(
