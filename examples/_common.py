@@ -1,6 +1,6 @@
 """Helpers shared by the examples: the embedded model, a persona pair, and a small Yes/No persona probe.
 
-The probe is a stand-in for the evaluation harness (issue 4, ``peft_persona.eval``), kept here so that the examples
+The probe is a quick stand-in for the evaluation harness (``peft_persona.eval``), kept here so that the examples
 run on their own; its statements are written for these examples and are not in the calibration data.
 """
 
