@@ -89,7 +89,7 @@ def save_adapters(peft_model: Any, names: list[str], out: Path) -> None:
     try:
         written = {}
         for index, name in enumerate(names):  # PEFT writes "default" at the root of the folder it is given
-            peft_model.save_pretrained(str(staging / str(index)), selected_adapters=[name])
+            peft_model.save_pretrained(str(staging / str(index)), selected_adapters=[name], save_embedding_layers=False)
             written[name] = staging / str(index) / (name if name != "default" else "")
         out.mkdir(parents=True, exist_ok=True)
         for name, folder in written.items():
