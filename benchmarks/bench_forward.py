@@ -1,8 +1,19 @@
-"""Forward time of a persona-masked model (cached mask) and of a merged one, as ratios to the base model.
+"""Forward and generate speed of persona masks beside PEFT LoRA r=16 on the same modules, as ratios to the base model.
 
-    python benchmarks/bench_forward.py [--repeats 20] [--threads 2]
+    python benchmarks/bench_forward.py [--config 100M] [--repeats 10] [--threads 2] [--device cpu]
 
-Prints a markdown table; docs/benchmarks.md records it. Ratios are measured in one run, round-robin.
+Variants, each its own copy of one random-init Llama (nothing downloaded), timed round-robin in one run:
+
+* ``base``: the model without adapters (the floor: one copy of the weights, nothing else);
+* ``persona``: an unmerged persona mask adapter, the default forward (W_eff written into the weight in place);
+* ``persona, per-call W*M``: the same adapter with ``in_place = False``, computing ``W * M`` in every call (the
+  previous release's forward, and the fallback used under autograd);
+* ``persona merged``: ``merge_adapter()``, the paper code's approach (the pruned weights, no way back but a copy);
+* ``LoRA r=16``: PEFT LoRA, unmerged, on the same modules;
+* ``mixed``: a batch whose rows are split between two adapters (``adapter_names=``), persona and LoRA alike.
+
+Prints markdown tables; docs/benchmarks.md records them. On a GPU (``--device cuda``) use ``--config 7B --dtype
+bfloat16`` for the random-init 7B-shaped rows.
 """
 
 from __future__ import annotations
@@ -12,38 +23,93 @@ import copy
 
 import torch
 from _common import CONFIGS, interleaved_medians, markdown_table, n_params, random_llama
+from peft import LoraConfig, get_peft_model
 
 import peft_persona as pp
 from peft_persona.targets import decoder_linear_modules, oriented_weight
+from peft_persona.tuner import mask_layers
+
+SHAPES = ((1, 1), (1, 128), (8, 128))
+
+
+def persona_model(base, masks_list, in_place=True, merged=False):
+    model = pp.add_mask_adapter(copy.deepcopy(base), masks_list[0], "a")
+    for i, masks in enumerate(masks_list[1:]):
+        pp.add_mask_adapter(model, masks, f"b{i}")
+    model.set_adapter("a")
+    for layer in mask_layers(model).values():
+        layer.in_place = in_place
+        layer.sync()
+    if merged:
+        model.merge_adapter()
+    return model.eval()
+
+
+def lora_model(base, modules):
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=sorted(modules), init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), config, adapter_name="a")
+    model.add_adapter("b0", config)
+    model.set_adapter("a")
+    return model.eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--config", default="100M", choices=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    base = random_llama(args.config).to(args.device, dtype)
+    generator = torch.Generator().manual_seed(1)
+    modules = decoder_linear_modules(base)
+    masks_list = [
+        {n: (torch.rand(oriented_weight(m).shape, generator=generator) < 0.8).to(args.device) for n, m in modules.items()}
+        for _ in range(2)
+    ]  # sparsity 0.2, the fluent regime
+    models = {
+        "base": base,
+        "persona": persona_model(base, masks_list),
+        "persona, per-call W*M": persona_model(base, masks_list, in_place=False),
+        "persona merged": persona_model(base, masks_list, merged=True),
+        "LoRA r=16": lora_model(base, modules),
+    }
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"{args.config}: {n_params(base) / 1e6:.1f}M parameters, {args.dtype}, {device_name}\n")
+
     rows = []
-    for name in CONFIGS:
-        base = random_llama(name)
-        generator = torch.Generator().manual_seed(1)
-        masks = {n: torch.rand(oriented_weight(m).shape, generator=generator) < 0.5 for n, m in decoder_linear_modules(base).items()}
-        masked = pp.add_mask_adapter(copy.deepcopy(base), masks, "persona")
-        merged = pp.add_mask_adapter(copy.deepcopy(base), masks, "persona")
-        merged.merge_adapter()
-        for batch, length in ((1, 1), (1, 128), (8, 128)):
-            tokens = torch.randint(3, base.config.vocab_size, (batch, length), generator=generator)
+    for batch, length in SHAPES:
+        tokens = torch.randint(3, base.config.vocab_size, (batch, length), generator=generator).to(args.device)
+        runs = {name: (lambda m=m: (m(tokens, use_cache=False), sync())) for name, m in models.items()}
+        if batch > 1:
+            names = ["a", "b0"] * (batch // 2)
+            runs["persona mixed (2 adapters)"] = lambda: (models["persona"](tokens, use_cache=False, adapter_names=names), sync())
+            runs["LoRA mixed (2 adapters)"] = lambda: (models["LoRA r=16"](tokens, use_cache=False, adapter_names=names), sync())
+        with torch.no_grad():
+            t = interleaved_medians(runs, args.repeats)
+        for name in runs:
+            rows.append([f"{batch}x{length}", name, f"{t[name] * 1e3:.2f}", f"{t[name] / t['base']:.2f}",
+                         f"{t[name] / t['LoRA r=16']:.2f}"])
+    print(markdown_table(["batch x tokens", "variant", "ms", "/ base", "/ LoRA unmerged"], rows))
 
-            def run(model):
-                return lambda: model(tokens, use_cache=False)
-
-            with torch.no_grad():
-                t = interleaved_medians({"base": run(base), "masked": run(masked), "merged": run(merged)}, args.repeats)
-            rows.append([
-                name, f"{n_params(base) / 1e6:.1f}M", f"{batch}x{length}", f"{t['base'] * 1e3:.2f}",
-                f"{t['masked'] / t['base']:.2f}", f"{t['merged'] / t['base']:.2f}",
-            ])
-    print(markdown_table(["config", "params", "batch x tokens", "base ms", "masked / base", "merged / base"], rows))
+    prompt = torch.randint(3, base.config.vocab_size, (1, 16), generator=generator).to(args.device)
+    batch4 = prompt.repeat(4, 1)
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    gen = {name: (lambda m=m: (m.generate(input_ids=prompt, **settings), sync())) for name, m in models.items()}
+    gen["persona mixed, 4 rows"] = lambda: (models["persona"].generate(input_ids=batch4, adapter_names=["a", "b0"] * 2, **settings), sync())
+    gen["LoRA mixed, 4 rows"] = lambda: (models["LoRA r=16"].generate(input_ids=batch4, adapter_names=["a", "b0"] * 2, **settings), sync())
+    t = interleaved_medians(gen, max(3, args.repeats // 3))
+    rows = []
+    for name, seconds in t.items():
+        tokens = args.new_tokens * (4 if "4 rows" in name else 1)
+        rows.append([name, f"{tokens / seconds:.1f}", f"{t['base'] / seconds * (4 if '4 rows' in name else 1):.2f}"])
+    print()
+    print(markdown_table(["generate (16-token prompt, greedy)", "tokens/s", "tokens/s vs base (batch 1)"], rows))
 
 
 if __name__ == "__main__":

@@ -195,10 +195,36 @@ def test_merge_unmerge_bit_exact(dtype, tokens):
     merged_weight = model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight
     assert torch.equal(merged_weight == 0, ~(m1["model.layers.0.mlp.up_proj"] & m2["model.layers.0.mlp.up_proj"]) | (original["model.layers.0.mlp.up_proj.weight"] == 0))
     model.unmerge_adapter()
-    restored = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "persona_mask" not in k}
-    for key, value in original.items():
-        assert torch.equal(restored[key], value), key
-    assert torch.equal(logits(model, tokens), unmerged_out)
+    assert torch.equal(logits(model, tokens), unmerged_out)  # the weight holds the active adapter again
+    with model.disable_adapter():
+        restored = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "persona_mask" not in k}
+        for key, value in original.items():
+            assert torch.equal(restored[key], value), key
+    plain = model.unload()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in original.items())
+
+
+def test_weight_holds_the_adapters_in_effect_and_restores_exactly(arch, tokens):
+    """The base weight holds W_eff of the active adapter; merging it writes nothing; every switch restores exactly."""
+    factory = MODEL_FACTORIES[arch]
+    original = {k: v.clone() for k, v in factory(0).state_dict().items()}
+    m1, m2 = random_masks(factory(0), 1), random_masks(factory(0), 2)
+    model = pp.add_mask_adapter(factory(0), m1, "extro")
+    pp.add_mask_adapter(model, m2, "intro")
+    layer = next(iter(mask_layers(model).values()))
+    applied = layer.get_base_layer().weight.detach().clone()
+    model.merge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, applied) and layer.merged
+    model.set_adapter("intro")  # unmerges (PEFT warns) and switches: the weight now holds intro
+    assert not layer.merged
+    assert torch.equal(logits(model, tokens), logits(masked_reference(factory, 0, [m2]), tokens))
+    model.base_model.set_adapter(["extro", "intro"])
+    assert torch.equal(logits(model, tokens), logits(masked_reference(factory, 0, [m1, m2]), tokens))
+    fresh = factory(0)
+    for name, module in mask_layers(model).items():
+        assert torch.equal(module.original_weight(), fresh.get_submodule(name).weight), name
+    plain = model.unload()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in original.items())
 
 
 def test_merge_and_unload_gives_plain_model(arch, tokens):
@@ -239,14 +265,14 @@ def test_hotswap_in_place_without_recompile(tmp_path, tokens):
     source.save_pretrained(tmp_path)
     model = pp.add_mask_adapter(tiny_llama(), m1, "persona")
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
-    buffer_before = layer.persona_mask_active
+    weight_before = layer.get_base_layer().weight
     compiled = torch.compile(model, backend="eager", fullgraph=False)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         logits(compiled, tokens)
         pp.hotswap_adapter(model, "persona", tmp_path / "intro")
         out = logits(compiled, tokens)
-    assert layer.persona_mask_active is buffer_before
+    assert layer.get_base_layer().weight is weight_before
     assert torch.equal(out, logits(masked_reference(tiny_llama, 0, [m2]), tokens))
 
 

@@ -302,7 +302,7 @@ def test_cli_extract_on_local_model(tmp_path, capsys):
     code = cli_main([
         "extract", "--model", str(model_dir), "--persona", f"extro={tmp_path / 'e.csv'}",
         "--persona", f"intro={tmp_path / 'i.csv'}", "--method", "contrastive", "--sparsity", "0.5",
-        "--out", str(tmp_path / "out"), "--save-stats",
+        "--strength", "0.75", "--out", str(tmp_path / "out"), "--save-stats",
     ])
     assert code == 0
     assert "overlap" in capsys.readouterr().out
@@ -311,7 +311,10 @@ def test_cli_extract_on_local_model(tmp_path, capsys):
         assert PersonaStats.load(tmp_path / "out" / f"{name}.stats.safetensors").meta["n_texts"] == 6
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out" / "intro")
     assert all(m.sum(1).eq(m.shape[1] // 2).all() for m in pp.get_masks(reloaded, "default").values())
+    assert reloaded.peft_config["default"].strength == 0.75
     assert cli_main(["extract", "--model", str(model_dir), "--persona", "broken", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["extract", "--model", str(model_dir), "--persona", f"extro={tmp_path / 'e.csv'}",
+                     "--strength", "2", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
 
 

@@ -34,6 +34,15 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Unpack ``uint8`` bytes from :func:`pack_mask` into a ``bool`` mask with ``in_features`` columns."""
+    return unpack_to(packed, in_features, _BYTE_BITS).view(torch.bool)
+
+
+def unpack_to(packed: torch.Tensor, in_features: int, table: torch.Tensor) -> torch.Tensor:
+    """Unpack into ``table``'s dtype: entry ``(i, j)`` is ``table[bit, 0]``, read with one lookup per byte.
+
+    ``table`` is ``(256, 8)``: row ``b`` holds the 8 values of byte ``b``, least significant bit first (see
+    :func:`byte_table`). A table of 0 and 1 gives the mask itself; one of 1 and ``f`` a multiplicative factor.
+    """
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise TypeError(f"unpack_mask expects a 2-D torch.uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     if packed.shape[1] != (in_features + 7) // 8:
@@ -41,10 +50,17 @@ def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
             f"packed mask has {packed.shape[1]} bytes per row, which does not fit {in_features} input features "
             f"(expected {(in_features + 7) // 8})"
         )
-    weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) & weights) != 0
-    bits = bits.view(packed.shape[0], -1)
-    return bits if bits.shape[1] == in_features else bits[:, :in_features].contiguous()
+    values = torch.nn.functional.embedding(packed.long(), table.to(packed.device)).view(packed.shape[0], -1)
+    return values if values.shape[1] == in_features else values[:, :in_features].contiguous()
+
+
+def byte_table(off: float | torch.Tensor, on: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(256, 8)`` table of :func:`unpack_to` mapping a 0 bit to ``off`` and a 1 bit to ``on``."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return torch.where(bits.bool(), torch.as_tensor(on, dtype=dtype), torch.as_tensor(off, dtype=dtype))
+
+
+_BYTE_BITS = byte_table(0, 1, torch.uint8)
 
 
 def full_mask_packed(shape: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:

@@ -245,18 +245,19 @@ class PersonaExtractor:
         check_personas(options, names)
         generator = torch.Generator().manual_seed(options.seed)
         result: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
-        for layer, module in self.modules.items():
-            weight = oriented_weight(module)
-            k = scoring.kept_per_row(weight.shape[1], options.sparsity)
-            for persona in names:
-                scores, secondary = self._scores(layer, weight, persona, stats, options, generator)
-                if options.reference:
-                    mask = scoring.select_topk_reference(scores, k)
-                elif secondary is not None:
-                    mask = scoring.select_lexicographic(scores, secondary, k)
-                else:
-                    mask = scoring.select_top_per_row(scoring.order_keys(scores), k)
-                result[persona][layer] = mask.cpu()
+        with self._base_forward_context():  # adapters write their masks into the weights; score the originals
+            for layer, module in self.modules.items():
+                weight = oriented_weight(module)
+                k = scoring.kept_per_row(weight.shape[1], options.sparsity)
+                for persona in names:
+                    scores, secondary = self._scores(layer, weight, persona, stats, options, generator)
+                    if options.reference:
+                        mask = scoring.select_topk_reference(scores, k)
+                    elif secondary is not None:
+                        mask = scoring.select_lexicographic(scores, secondary, k)
+                    else:
+                        mask = scoring.select_top_per_row(scoring.order_keys(scores), k)
+                    result[persona][layer] = mask.cpu()
         return result
 
     def _scores(
@@ -367,12 +368,13 @@ class PersonaExtractor:
 
     def _obs_masks(self, diag: Mapping[str, Mapping[str, torch.Tensor]], sparsity: float) -> dict[str, dict[str, torch.Tensor]]:
         masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in diag}
-        for layer, module in self.modules.items():
-            weight = oriented_weight(module)
-            k = scoring.kept_per_row(weight.shape[1], sparsity)
-            for persona, per_layer in diag.items():
-                keys = scoring.order_keys(scoring.obs_scores(weight, per_layer[layer]))
-                masks[persona][layer] = scoring.select_top_per_row(keys, k).cpu()
+        with self._base_forward_context():
+            for layer, module in self.modules.items():
+                weight = oriented_weight(module)
+                k = scoring.kept_per_row(weight.shape[1], sparsity)
+                for persona, per_layer in diag.items():
+                    keys = scoring.order_keys(scoring.obs_scores(weight, per_layer[layer]))
+                    masks[persona][layer] = scoring.select_top_per_row(keys, k).cpu()
         return masks
 
 

@@ -51,13 +51,23 @@ def base_model_fingerprint(model: nn.Module, modules: Optional[Iterable[str]] = 
     names = sorted(layers)
     picks = [names[round(i * (len(names) - 1) / max(PROBE_MODULES - 1, 1))] for i in range(min(PROBE_MODULES, len(names)))]
     generator = torch.Generator().manual_seed(0)
-    probe = [_probe(oriented_weight(layers[name]).detach(), generator) for name in picks]
+    wrappers = {id(m.get_base_layer()): m for m in model.modules() if hasattr(m, "original_weight")}
+    probe = [_probe(_original_weight(layers[name], wrappers), generator) for name in picks]
     return {
         "format": FINGERPRINT_FORMAT if modules is not None else 1,
         "num_layers": len(layers),
         "structure_sha256": structure.hexdigest(),
         "weight_probe": probe,
     }
+
+
+def _original_weight(module: nn.Module, wrappers: Mapping[int, nn.Module]) -> torch.Tensor:
+    """``(out, in)`` weight of ``module`` as loaded: a persona mask layer writes its masks into the weight in place."""
+    wrapper = wrappers.get(id(module))
+    if wrapper is None:
+        return oriented_weight(module).detach()
+    weight = wrapper.original_weight()
+    return weight.T if wrapper.fan_in_fan_out else weight
 
 
 def _probe(weight: torch.Tensor, generator: torch.Generator) -> float:

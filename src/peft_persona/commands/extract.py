@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--method", default="contrastive", choices=EXTRACTION_METHODS, help="how masks are found (default contrastive)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row's weights removed (default 0.5)")
+    parser.add_argument(
+        "--strength", type=float, default=1.0,
+        help="strength saved with the adapters, in [0, 1]: 1 removes the dropped weights, lower values scale them by 1 - strength",
+    )
     parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight")
     parser.add_argument("--tau", type=float, default=1.0, help="softplus temperature")
     parser.add_argument("--reference", action="store_true", help="reproduce the paper code's statistics (comparison only)")
@@ -56,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
     from ..extractor import PersonaExtractor
     from ..models import load_model
 
+    from ..tuner import set_strength
+    from ..tuner.layer import check_strength
+
     personas = parse_personas(args.persona)
     ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)  # fail before loading
+    check_strength(args.strength, "--strength")
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     extractor = PersonaExtractor(model, tokenizer, max_length=args.max_length, batch_size=args.batch_size, show_progress=True)
     if args.save_stats and args.method in ("wanda", "contrastive"):
@@ -67,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
             stats.save(args.out / f"{name}.stats.safetensors")
     options = ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)
     peft_model = extractor.extract(personas, options=options)
+    for name in personas:
+        set_strength(peft_model, name, args.strength)
     save_adapters(peft_model, list(personas), args.out)
     print(extractor.summary)
     summary = {"out": str(args.out), "adapters": {n: str(args.out / n) for n in personas}, **vars(extractor.summary)}

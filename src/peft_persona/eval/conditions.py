@@ -61,8 +61,7 @@ def adapter_names(model: nn.Module) -> set[str]:
 
 @contextlib.contextmanager
 def active(model: nn.Module, adapter: Optional[str]) -> Iterator[Any]:
-    """Run the block with ``adapter`` active (merged into the weights while it runs, restored after), or with every
-    adapter disabled (the exact base model) for ``None``."""
+    """Run the block with ``adapter`` active, or with every adapter disabled (the exact base model) for ``None``."""
     if adapter is None:
         if hasattr(model, "disable_adapter") and adapter_names(model):
             with model.disable_adapter():
@@ -72,16 +71,8 @@ def active(model: nn.Module, adapter: Optional[str]) -> Iterator[Any]:
         return
     if adapter not in adapter_names(model):
         raise KeyError(f"the model holds no adapter {adapter!r}; it has {sorted(adapter_names(model))}")
-    model.set_adapter(adapter)
-    merge = getattr(model, "merge_adapter", None)
-    if merge is None:
-        yield model
-        return
-    merge()  # zero the masked-out weights in place for speed; unmerge restores them bit-exactly
-    try:
-        yield model
-    finally:
-        model.unmerge_adapter()
+    model.set_adapter(adapter)  # the layers write the adapter's masks into the weights: base-speed forward
+    yield model
 
 
 def render(tokenizer: Any, user: str, system: Optional[str] = None) -> str:

@@ -13,7 +13,17 @@ from peft import mapping
 from .config import PERSONA_MASK, PersonaMaskConfig, PersonaPeftType
 from .layer import MaskedLinear, PersonaMaskLayer
 from .loading import guard_transformers_load_adapter
-from .model import REPORT_FILTER, COMBINE_MODES, PersonaMaskModel, combine_adapters, get_masks, mask_layers, set_masks
+from .mixed import mixed_batch
+from .model import (
+    COMBINE_MODES,
+    REPORT_FILTER,
+    PersonaMaskModel,
+    combine_adapters,
+    get_masks,
+    mask_layers,
+    set_masks,
+    set_strength,
+)
 
 TRANSFORMERS_PEFT_LOGGER = "transformers.integrations.peft"
 
@@ -43,6 +53,8 @@ __all__ = [
     "combine_adapters",
     "get_masks",
     "mask_layers",
+    "mixed_batch",
     "register",
     "set_masks",
+    "set_strength",
 ]

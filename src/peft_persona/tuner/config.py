@@ -73,6 +73,17 @@ class PersonaMaskConfig(PeftConfig):
         default=None,
         metadata={"help": "Description of the calibration data: source, number of texts and tokens, licence, seed."},
     )
+    strength: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "How strongly the mask acts, in [0, 1]: the layer uses W * (M + (1 - strength) * (1 - M)). 1 (the "
+                "default) removes the dropped weights, 0 is the base model, values between scale the dropped weights "
+                "by 1 - strength (the paper's soft gate, mask_gamma = 1 - strength). Change it at run time with "
+                "`peft_persona.set_strength`."
+            )
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={

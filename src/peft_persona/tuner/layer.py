@@ -1,9 +1,25 @@
-"""The persona mask layer: wraps a linear layer and computes ``y = x (W * M)^T + b``."""
+"""The persona mask layer: wraps a linear layer so that it computes ``y = x W_eff^T + b``.
+
+``W_eff = W * (M + (1 - s) * (1 - M))`` for an adapter with mask ``M`` and strength ``s``: strength 1 removes the
+dropped weights (``W * M``), strength 0 is the base layer. Several adapters in effect multiply their factors.
+
+How the forward gets ``W_eff`` at base speed: the layer writes it *into the base weight, in place*, and keeps the
+original values of the entries it changed (the "dropped" entries) for an exact restore. The forward is then the base
+layer's own ``F.linear``: no ``W * M`` per call and no dense cache. The weight always holds the adapters in effect,
+which are the merged adapters plus, while adapters are enabled, the active ones; a change of that set rewrites only
+the entries whose value changes. Merging is therefore free, and an unmerge followed by a merge of another adapter
+touches only the entries where the two masks differ. ``disable_adapter()``, ``unload()`` and ``delete_adapter``
+restore the original weight bit-exactly.
+
+The layer computes ``W_eff`` apart instead, leaving the weight alone, where writing into it would be wrong: when the
+weight needs gradients, when accelerate offloads it, for a mixed-persona batch (``adapter_names=``), and when
+:attr:`PersonaMaskLayer.in_place` is ``False``.
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,29 +27,36 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..bits import full_mask_packed, pack_mask, packed_shape, unpack_mask
+from ..bits import byte_table, full_mask_packed, pack_mask, packed_shape, unpack_mask, unpack_to
 from ..targets import is_conv1d, oriented_weight
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class PersonaMaskLayer(BaseTunerLayer):
-    """Mixin holding the bit-packed masks of every adapter on one layer.
+    """Mixin holding the bit-packed masks of every adapter on one layer, and their strengths.
 
     State:
-      * ``persona_mask_bits[adapter]``: persistent ``uint8`` buffer ``(out, ceil(in / 8))``, the only thing saved;
-      * ``persona_mask_active``: non-persistent ``bool`` buffer in the weight's layout, the intersection of the active
-        adapters' masks, rebuilt only when the active set or a mask changes;
-      * ``persona_mask_stash[adapter]``: non-persistent buffer with the weights a merge zeroed, for a bit-exact unmerge.
+      * ``persona_mask_bits[adapter]``: persistent ``uint8`` buffer ``(out, ceil(in / 8))``, the only tensor saved;
+      * ``persona_strength[adapter]``: the adapter's strength in ``[0, 1]`` (a float, from its config);
+      * ``persona_dropped``: the original values of the weight entries the adapters in effect change, and
+        ``persona_dropped_index``: their flat indices (``int32``); the only per-weight state besides the masks.
     """
 
     adapter_layer_names: tuple[str, ...] = ()  # nothing trainable
-    other_param_names: tuple[str, ...] = ("persona_mask_bits",)
+    other_param_names: tuple[str, ...] = ("persona_mask_bits", "persona_strength")
+    in_place: bool = True  # write W_eff into the base weight; False computes it apart in every forward
+    keep_original: bool = False  # keep a dense copy of the original weight: faster switching, one more weight copy
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.persona_mask_bits = BufferDict({}, persistent=True)
-        self.persona_mask_stash = BufferDict({}, persistent=False)
-        self.register_buffer("persona_mask_active", None, persistent=False)
-        self._active_key: Optional[tuple] = None
+        self.persona_strength: dict[str, float] = {}
+        self.register_buffer("persona_dropped_index", None, persistent=False)
+        self.register_buffer("persona_original", None, persistent=False)
+        self.register_buffer("persona_dropped", None, persistent=False)
+        self._in_effect: tuple = ()  # the (adapter, strength, mask version) that the base weight holds
+        self.register_load_state_dict_post_hook(_sync_after_load)  # loaded masks reach the weight at once
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.out_features, self.in_features = oriented_weight(self.get_base_layer()).shape
@@ -41,8 +64,10 @@ class PersonaMaskLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------- adapters
-    def update_layer(self, adapter_name: str, mask: Optional[torch.Tensor] = None, **kwargs: Any) -> None:
-        """Add ``adapter_name`` with ``mask`` (``bool``, ``(out, in)``); ``None`` keeps every weight."""
+    def update_layer(
+        self, adapter_name: str, mask: Optional[torch.Tensor] = None, strength: float = 1.0, **kwargs: Any
+    ) -> None:
+        """Add ``adapter_name`` with ``mask`` (``bool``, ``(out, in)``; ``None`` keeps every weight) and ``strength``."""
         device = oriented_weight(self.get_base_layer()).device
         if device.type == "meta":
             packed = torch.empty(packed_shape((self.out_features, self.in_features)), dtype=torch.uint8, device="meta")
@@ -51,21 +76,28 @@ class PersonaMaskLayer(BaseTunerLayer):
         else:
             packed = pack_mask(self.check_mask(mask, adapter_name).to(device))
         self.persona_mask_bits[adapter_name] = packed
+        self.persona_strength[adapter_name] = check_strength(strength, adapter_name)
         self.set_adapter(self.active_adapters)
 
     def set_mask(self, adapter_name: str, mask: torch.Tensor) -> None:
-        """Overwrite ``adapter_name``'s mask in place; the active-mask buffer is updated in place too.
+        """Overwrite ``adapter_name``'s mask in place; the weight follows if the adapter is in effect.
 
-        In-place updates keep every tensor's identity, so a ``torch.compile``d model does not recompile.
+        Every tensor keeps its identity, so a ``torch.compile``d model does not recompile.
         """
-        if adapter_name not in self.persona_mask_bits:
-            raise KeyError(f"layer has no persona mask adapter {adapter_name!r}")
+        self._known(adapter_name)
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge it before replacing its mask")
         packed = pack_mask(self.check_mask(mask, adapter_name).to(self.persona_mask_bits[adapter_name].device))
         self.persona_mask_bits[adapter_name].copy_(packed)
-        if adapter_name in self.active_adapters:
-            self._refresh_active_mask(in_place=True)
+        self.sync()
+
+    def set_strength(self, adapter_name: str, strength: float) -> None:
+        """Set ``adapter_name``'s strength; the weight follows at once if the adapter is in effect (no recompile)."""
+        self._known(adapter_name)
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge it before changing its strength")
+        self.persona_strength[adapter_name] = check_strength(strength, adapter_name)
+        self.sync()
 
     def get_mask(self, adapter_name: str) -> torch.Tensor:
         """The ``bool`` mask ``(out, in)`` of ``adapter_name``."""
@@ -83,43 +115,160 @@ class PersonaMaskLayer(BaseTunerLayer):
             )
         return mask
 
+    def _known(self, adapter_name: str) -> None:
+        if adapter_name not in self.persona_mask_bits:
+            raise KeyError(f"layer has no persona mask adapter {adapter_name!r}; it has {sorted(self.persona_mask_bits)}")
+
     def _get_available_adapters(self) -> set[str]:
         return set(self.persona_mask_bits.keys())
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
-        if self._active_key != self._active_state():
-            self._refresh_active_mask()
+        self.sync()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        self.sync()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
+        was_active = adapter_name in self.active_adapters
+        self._transition(tuple(e for e in self._in_effect if e[0] != adapter_name))
         super().delete_adapter(adapter_name)
-        self._refresh_active_mask()
+        if was_active:
+            self.sync()
 
-    # ---------------------------------------------------------------------------------------- active mask
-    def _active_state(self) -> tuple:
-        """Identity and version of the masks behind the active-mask buffer; a change means it is stale."""
+    # ---------------------------------------------------------------------------------------- effective weight
+    def effect(self) -> tuple:
+        """What the weight should hold now: ``(adapter, strength, mask version)`` for each adapter in effect."""
+        names = list(self.merged_adapters)
+        if not self._disable_adapters and self._writes_in_place():
+            names += [n for n in self.active_adapters if n not in names]
         bits = self.persona_mask_bits
-        return tuple((n, id(bits[n]), bits[n]._version, bits[n].device) for n in self.active_adapters if n in bits)
+        return tuple(
+            (n, self.persona_strength[n], bits[n]._version, id(bits[n]))
+            for n in names
+            if n in bits and self.persona_strength[n] > 0
+        )
 
-    def _refresh_active_mask(self, in_place: bool = False) -> None:
-        state = self._active_state()
-        names = [n for n, *_ in state if not self._keeps_everything(n)]  # an all-ones mask changes nothing
-        if not names or any(self.persona_mask_bits[n].device.type == "meta" for n in names):
-            self.persona_mask_active = None
-            self._active_key = state
-            return
-        mask = self.get_mask(names[0])
-        for name in names[1:]:
-            mask &= self.get_mask(name)
+    def sync(self) -> None:
+        """Bring the base weight to :meth:`effect`, rewriting only the entries whose value changes."""
+        target = self.effect()
+        if target != self._in_effect:
+            self._transition(target)
+        bits = self.persona_mask_bits
+        self._synced = (self._writes_in_place(), [(bits[n], bits[n]._version) for n, *_ in target])
+
+    def _maybe_stale(self) -> bool:
+        """A cheap per-call check (a few microseconds) that the last :meth:`sync` still holds: same grad mode, and no
+        mask of the adapters in effect written since. Every public operation syncs by itself."""
+        synced = getattr(self, "_synced", None)
+        if synced is None or synced[0] != self._writes_in_place():
+            return True
+        return any(tensor._version != version for tensor, version in synced[1])
+
+    def _writes_in_place(self) -> bool:
+        base = self.base_layer
+        weight = base.weight
+        return (
+            self.in_place
+            and not (weight.requires_grad and torch.is_grad_enabled())
+            and weight.is_contiguous()
+            and weight.device.type != "meta"
+            and "_hf_hook" not in base.__dict__  # accelerate offload swaps the weight in and out around each call
+        )
+
+    def _plan(self, effect: Sequence[tuple]) -> list[tuple[str, float]]:
+        """``(adapter, strength)`` of the adapters in ``effect`` that change the weight."""
+        return [(n, s) for n, s, *_ in effect if s > 0 and not self._keeps_everything(n)]
+
+    def _dropped_index(self, plan: list[tuple[str, float]]) -> torch.Tensor:
+        """Flat indices (into the weight's own layout) of the entries that some adapter of ``plan`` drops."""
+        kept = self.persona_mask_bits[plan[0][0]]
+        for name, _ in plan[1:]:
+            kept = kept & self.persona_mask_bits[name]
+        dropped = ~unpack_mask(kept, self.in_features)
         if self.fan_in_fan_out:
-            mask = mask.T.contiguous()
-        if in_place and self.persona_mask_active is not None and self.persona_mask_active.shape == mask.shape:
-            self.persona_mask_active.copy_(mask)
+            dropped = dropped.T.contiguous()
+        index = torch.nonzero(dropped.view(-1)).squeeze(1)
+        return index.to(torch.int32) if dropped.numel() < 2**31 else index
+
+    def _factors(self, name: str, strength: float, dtype: torch.dtype) -> torch.Tensor:
+        """Dense per-weight factor of one adapter in the weight's layout: 1 where kept, ``1 - strength`` elsewhere."""
+        off = torch.tensor(1.0 - strength, dtype=dtype) if strength < 1.0 else torch.tensor(0, dtype=dtype)
+        table = byte_table(off, torch.tensor(1, dtype=dtype), dtype)
+        factors = unpack_to(self.persona_mask_bits[name], self.in_features, table)
+        return factors.T if self.fan_in_fan_out else factors
+
+    def _scaled(self, values: torch.Tensor, index: torch.Tensor, plan: list[tuple[str, float]]) -> torch.Tensor:
+        """``values`` (original weights at ``index``) times each adapter's factor where it drops them."""
+        if all(s == 1.0 for _, s in plan):
+            return torch.zeros_like(values)
+        for name, strength in plan:
+            values = values * self._factors(name, strength, values.dtype).reshape(-1)[index.long()]
+        return values
+
+    @torch.no_grad()
+    def _transition(self, target: tuple) -> None:
+        """Make the weight hold ``target``: restore the entries changed before, then change those ``target`` drops.
+
+        Only dropped entries are written, by index; the original values of the entries changed are kept, in the
+        weight's dtype, with their flat indices, for an exact restore.
+        """
+        weight = self.get_base_weight()
+        if weight.device.type == "meta" or any(self.persona_mask_bits[n].device.type == "meta" for n, *_ in target):
+            self._in_effect = ()  # nothing written; applied once the weights are real
+            return
+        if self.keep_original or self.persona_original is not None:
+            self._transition_from_copy(weight, target)
+            return
+        flat = weight.view(-1)
+        if self.persona_dropped_index is not None:
+            flat.index_copy_(0, self.persona_dropped_index.long(), self.persona_dropped)
+            self.persona_dropped_index = self.persona_dropped = None
+        plan = self._plan(target)
+        if plan:
+            index = self._dropped_index(plan)
+            stash = flat.index_select(0, index.long())
+            if all(s == 1.0 for _, s in plan):
+                flat.index_fill_(0, index.long(), 0)
+            else:
+                flat.index_copy_(0, index.long(), self._scaled(stash, index, plan))
+            self.persona_dropped, self.persona_dropped_index = stash, index
+        self._in_effect = target
+
+    def _transition_from_copy(self, weight: torch.Tensor, target: tuple) -> None:
+        """:meth:`_transition` with :attr:`keep_original`: rewrite the weight from the dense original copy."""
+        if self.persona_original is None:
+            self.persona_original = self.original_weight()
+            self.persona_dropped = self.persona_dropped_index = None
+        plan = self._plan(target)
+        if not plan:
+            weight.copy_(self.persona_original)
         else:
-            self.persona_mask_active = mask
-        self._active_key = self._active_state()
+            torch.mul(self.persona_original, self._factors(*plan[0], weight.dtype), out=weight)
+            for name, strength in plan[1:]:
+                weight.mul_(self._factors(name, strength, weight.dtype))
+        if not self.keep_original and not plan:
+            self.persona_original = None
+        self._in_effect = target
+
+    def original_weight(self) -> torch.Tensor:
+        """A copy of the base weight as loaded, without any adapter (in the weight's own layout)."""
+        if self.persona_original is not None:
+            return self.persona_original.clone()
+        weight = self.get_base_weight().detach().clone()
+        if self.persona_dropped_index is not None:
+            weight.view(-1).index_copy_(0, self.persona_dropped_index.long(), self.persona_dropped)
+        return weight
+
+    def effective_weight(self, adapters: Sequence[str]) -> torch.Tensor:
+        """``W_eff`` for ``adapters`` (``[]`` for the base weight), computed apart from the base weight."""
+        weight = self.original_weight()
+        for name, strength in self._plan([(n, self.persona_strength[n]) for n in adapters]):
+            weight.mul_(self._factors(name, strength, weight.dtype))
+        return weight
 
     def _keeps_everything(self, adapter_name: str) -> bool:
         """Whether ``adapter_name``'s mask is all ones (a freshly injected adapter), read from the packed bits."""
@@ -136,82 +285,149 @@ class PersonaMaskLayer(BaseTunerLayer):
 
     # ---------------------------------------------------------------------------------------- merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Zero the masked-out weights in place; the zeroed values are kept for a bit-exact :meth:`unmerge`.
+        """Merge ``adapter_names`` (default: the active ones) into the weight; merging an adapter already in effect
+        writes nothing. :meth:`unmerge` restores the weight bit-exactly.
 
         With ``safe_merge``, the merged weight is checked against ``W * M`` computed apart (an extra copy of the
         weight); any difference, such as NaN or inf among the weights, restores the weight and raises a
         ``ValueError`` naming the adapter.
         """
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.persona_mask_bits:
-                continue
-            weight = self.get_base_weight()
-            kept = self._dense_mask(name)
-            expected = weight * kept if safe_merge else None
-            self.persona_mask_stash[name] = weight[~kept]
-            weight.masked_fill_(~kept, 0)
-            self.merged_adapters.append(name)
-            if expected is not None and not torch.equal(weight, expected):
-                self._unmerge_last(name)
-                raise ValueError(
-                    f"safe_merge of persona mask adapter {name!r}: the merged weight differs from W * M (the weight "
-                    "holds NaN or inf values); the weight was restored"
-                )
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.persona_mask_bits]
+        if not names:
+            return
+        self.merged_adapters.extend(names)
+        self.sync()
+        if safe_merge and not torch.equal(self.get_base_weight(), self._product_weight()):
+            del self.merged_adapters[-len(names):]
+            self.sync()
+            raise ValueError(
+                f"safe_merge of persona mask adapter {names[0]!r}: the merged weight differs from W * M (the weight "
+                "holds NaN or inf values); the weight was restored"
+            )
 
-    def _unmerge_last(self, name: str) -> None:
-        """Restore the weights zeroed by merging ``name``, the last adapter merged."""
-        self.merged_adapters.remove(name)
-        self.get_base_weight()[~self._dense_mask(name)] = self.persona_mask_stash[name]
-        del self.persona_mask_stash[name]
+    def _product_weight(self) -> torch.Tensor:
+        """``W * M`` (or ``W`` scaled by ``1 - s`` off the mask) for the adapters in effect, computed apart as plain
+        products: NaN where a dropped ``W`` is inf, which zeroing in place cannot represent."""
+        expected = self.original_weight()
+        for name, strength in self._plan(self._in_effect):
+            expected = expected * (self._dense_mask(name) if strength == 1.0 else self._factors(name, strength, expected.dtype))
+        return expected
 
     def unmerge(self) -> None:
-        """Restore the weights zeroed by :meth:`merge`, bit-exactly, in reverse merge order."""
+        """Undo :meth:`merge`. The weight then holds the active adapters (or the original, if adapters are disabled);
+        entries that the merged and the active adapters treat alike are not touched."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_weight()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.persona_mask_stash:
-                weight[~self._dense_mask(name)] = self.persona_mask_stash[name]
-                del self.persona_mask_stash[name]
+        self.merged_adapters.clear()
+        self.sync()
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        """The base layer, with the adapters merged into its weight (``merge``) or with its original weight."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            self._in_effect = ()  # the weight keeps W_eff: forget how to restore it
+        else:
+            self._transition(())
+        self.persona_dropped = self.persona_dropped_index = self.persona_original = None
+        return self.get_base_layer()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``W * M - W``: the change the adapter makes to the base weight (dense, in the weight's layout)."""
-        weight = self.get_base_weight()
-        return torch.where(self._dense_mask(adapter_name), torch.zeros_like(weight), -weight)
+        """``W_eff - W``: the change the adapter makes to the original weight (dense, in the weight's layout)."""
+        return self.effective_weight([adapter_name]) - self.original_weight()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
 
+    # ---------------------------------------------------------------------------------------- mixed batches
+    def _check_forward_args(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]]) -> None:
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
+        """One matmul per distinct adapter in the batch, each on its own rows."""
+        base = self.get_base_layer()
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(row)
+        current = [n for n, *_ in self._in_effect]
+        result = None
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            wanted = [] if name == BASE_ADAPTER or name not in self.persona_mask_bits else [name]
+            if [n for n in wanted if self.persona_strength[n] > 0] == current:
+                out = base(x[index])
+            else:
+                weight = self.effective_weight(wanted)
+                out = F.linear(x[index], weight.T if self.fan_in_fan_out else weight, base.bias)
+            if result is None:
+                result = out.new_empty((len(adapter_names), *out.shape[1:]))
+            result[index] = out
+        return result
+
 
 class MaskedLinear(nn.Module, PersonaMaskLayer):
-    """A ``nn.Linear`` (or transformers ``Conv1D``) whose weight is multiplied by the active persona mask."""
+    """A ``nn.Linear`` (or transformers ``Conv1D``) whose weight is multiplied by the active persona masks."""
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, mask: Optional[torch.Tensor] = None, **kwargs: Any
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        mask: Optional[torch.Tensor] = None,
+        strength: float = 1.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         PersonaMaskLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, mask)
+        self.update_layer(adapter_name, mask, strength)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any
+    ) -> torch.Tensor:
+        self._check_forward_args(x, adapter_names)
+        if self._disable_adapters and self.merged_adapters:
+            self.unmerge()
+        if not torch.compiler.is_compiling() and self._maybe_stale():
+            self.sync()  # grad mode switched, or masks written without going through the layer
+        if self._disable_adapters:
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
+        if self.merged_adapters or self._synced[0]:
             return self.base_layer(x, *args, **kwargs)
-        if not torch.compiler.is_compiling() and self._active_key != self._active_state():
-            self._refresh_active_mask()  # a mask was loaded or moved since the buffer was built
-        if self.persona_mask_active is None:
-            return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
-        masked = base.weight * self.persona_mask_active
-        if self.fan_in_fan_out:
-            masked = masked.T
-        return F.linear(x, masked, base.bias)
+        weight = self._functional_weight()
+        return F.linear(x, weight.T if self.fan_in_fan_out else weight, self.get_base_layer().bias)
+
+    def _functional_weight(self) -> torch.Tensor:
+        """``W_eff`` of the active adapters as a differentiable function of the (unmodified) base weight."""
+        weight = self.get_base_weight()
+        active = [(n, self.persona_strength[n]) for n in self.active_adapters if n in self.persona_mask_bits]
+        for name, strength in self._plan(active):
+            weight = weight * self._factors(name, strength, weight.dtype)
+        return weight
 
     def __repr__(self) -> str:
         return "persona_mask." + super().__repr__()
+
+
+def _sync_after_load(layer: PersonaMaskLayer, incompatible_keys: Any) -> None:
+    layer.sync()
+
+
+def check_strength(strength: Any, adapter_name: str) -> float:
+    """``strength`` as a float if it is a number in ``[0, 1]``; else a ``ValueError`` naming the adapter."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength of persona mask adapter {adapter_name!r} must be a number in [0, 1], got {strength!r}")
+    return float(strength)

@@ -103,7 +103,8 @@ def rollback(model: nn.Module, adapter_name: str, before: Snapshot) -> None:
         clean = clean_module_name(name)
         if clean not in before.layers:
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            base = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
         elif adapter_name in module.persona_mask_bits and adapter_name not in before.layers[clean]:
             module.delete_adapter(adapter_name)
     configs = getattr(model, "peft_config", None)
@@ -168,6 +169,14 @@ def guard_transformers_load_adapter() -> None:
     hf_peft.PeftAdapterMixin.load_adapter = _guarded(original)
 
 
+def _sync_layers(model: nn.Module) -> None:
+    from .layer import PersonaMaskLayer
+
+    for module in model.modules():
+        if isinstance(module, PersonaMaskLayer):
+            module.sync()
+
+
 def _guarded(original: Callable) -> Callable:
     signature = inspect.signature(original)
 
@@ -184,7 +193,9 @@ def _guarded(original: Callable) -> Callable:
         adapter_files.validate_weights(file)
         try:
             _pending.file = file
-            return original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
+            _sync_layers(self)  # transformers writes the masks without load_state_dict: apply them now
+            return result
         except BaseException:
             if name not in _adapters_in(before):
                 rollback(self, name, before)

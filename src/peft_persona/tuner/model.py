@@ -8,22 +8,23 @@ object), or a plain module. :class:`PersonaMaskModel` exposes them as methods, a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
 import threading
 import warnings
 import zlib
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .. import adapter_files, fingerprint, targets
-from . import loading
+from . import loading, mixed
 from .config import PersonaMaskConfig
-from .layer import MaskedLinear, PersonaMaskLayer
+from .layer import MaskedLinear, PersonaMaskLayer, check_strength
 
 CombineMode = Literal["intersection", "union", "majority"]
 COMBINE_MODES: tuple[str, ...] = ("intersection", "union", "majority")
@@ -70,7 +71,18 @@ class PersonaMaskModel(BaseTuner):
         except BaseException:
             loading.rollback(model, adapter_name, before)
             raise
+        mixed.accept_adapter_names(model)  # for transformers' load_adapter, which keeps no tuner
         REPORT_FILTER.loading.adapter = adapter_name
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT's entry for ``adapter_names=`` in ``forward`` and ``generate``: a mixed-persona batch."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        with mixed.mixed_batch(self.model, adapter_names, num_beams=kwargs.get("num_beams")):
+            yield
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         """Not for masks: weighted sums of binary masks are not masks. Use :meth:`combine_adapters`."""
@@ -92,7 +104,7 @@ class PersonaMaskModel(BaseTuner):
     ) -> None:
         mask = None if peft_config.init_weights else _random_mask(target, f"{adapter_name}:{current_key}")
         if isinstance(target, PersonaMaskLayer):
-            target.update_layer(adapter_name, mask)
+            target.update_layer(adapter_name, mask, peft_config.strength)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         reason = targets.why_not_maskable(base)
@@ -101,7 +113,7 @@ class PersonaMaskModel(BaseTuner):
                 f"module {current_key!r} is {reason}; persona masks wrap only dense torch.nn.Linear and "
                 "transformers Conv1D layers. Narrow `target_modules` so that it does not match this module."
             )
-        new_module = MaskedLinear(target, adapter_name, mask)
+        new_module = MaskedLinear(target, adapter_name, mask, peft_config.strength)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new_module, target)
@@ -119,9 +131,15 @@ class PersonaMaskModel(BaseTuner):
         """Overwrite ``adapter_name``'s masks in place (hot swap). See :func:`set_masks`."""
         set_masks(self.model, adapter_name, masks)
 
-    def combine_adapters(self, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection") -> None:
+    def set_strength(self, adapter_name: str, strength: float) -> None:
+        """Set ``adapter_name``'s strength at run time. See :func:`set_strength`."""
+        set_strength(self.model, adapter_name, strength)
+
+    def combine_adapters(
+        self, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection", strength: float = 1.0
+    ) -> None:
         """Create ``new_adapter_name`` from existing adapters, the analogue of LoRA's ``add_weighted_adapter``."""
-        combine_adapters(self.model, adapters, new_adapter_name, how=how)
+        combine_adapters(self.model, adapters, new_adapter_name, how=how, strength=strength)
 
 
 class OtherAdaptersReportFilter(logging.Filter):
@@ -212,14 +230,36 @@ def set_masks(model: nn.Module, adapter_name: str, masks: Mapping[str, torch.Ten
         layer.set_mask(adapter_name, checked[name])
 
 
+def set_strength(model: nn.Module, adapter_name: str, strength: float) -> None:
+    """Set ``adapter_name``'s strength in ``[0, 1]`` on every layer and in its config (so it is saved).
+
+    The weights of an adapter in effect follow at once, in place: a ``torch.compile``d model does not recompile.
+    """
+    strength = check_strength(strength, adapter_name)
+    layers = adapter_layers(model, adapter_name)
+    merged = [n for n, layer in layers.items() if adapter_name in layer.merged_adapters]
+    if merged:
+        raise RuntimeError(f"adapter {adapter_name!r} is merged (e.g. {merged[0]}); unmerge it before changing its strength")
+    for layer in layers.values():
+        layer.set_strength(adapter_name, strength)
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is not None:
+        config.strength = strength
+
+
 def combine_adapters(
-    model: nn.Module, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection"
+    model: nn.Module,
+    adapters: Iterable[str],
+    new_adapter_name: str,
+    how: CombineMode = "intersection",
+    strength: float = 1.0,
 ) -> None:
-    """Add ``new_adapter_name``, whose mask combines ``adapters``' masks per weight.
+    """Add ``new_adapter_name``, whose mask combines ``adapters``' masks per weight, with ``strength``.
 
     ``intersection`` keeps a weight every adapter keeps, ``union`` one any adapter keeps, and ``majority`` one that
     strictly more than half of the adapters keep.
     """
+    strength = check_strength(strength, new_adapter_name)
     adapters = list(adapters)
     if not adapters:
         raise ValueError("combine_adapters needs at least one adapter")
@@ -236,9 +276,10 @@ def combine_adapters(
     config = copy.deepcopy(configs[adapters[0]])
     config.method, config.persona, config.opposite_persona, config.sparsity = "combined", new_adapter_name, None, None
     config.calibration = {"combined_from": adapters, "how": how}
+    config.strength = strength
     configs[new_adapter_name] = config
     for name, layer in layers.items():
-        layer.update_layer(new_adapter_name, combined[name])
+        layer.update_layer(new_adapter_name, combined[name], strength)
 
 
 def _combine(masks: list[torch.Tensor], how: str) -> torch.Tensor:

@@ -104,6 +104,10 @@ def _check_provenance(config: Any) -> None:
         or not 0.0 <= float(sparsity) < 1.0
     ):
         raise _fail("sparsity", f"must lie in [0, 1), got {sparsity!r}")
+    strength = config.strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
+        raise _fail("strength", f"must be a number in [0, 1], got {strength!r}")
+    config.strength = float(strength)
     if config.method is not None and config.method not in CONFIG_METHODS:
         raise _fail("method", f"is {config.method!r}; expected one of {CONFIG_METHODS}")
     if not isinstance(config.init_weights, bool):

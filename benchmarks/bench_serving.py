@@ -1,0 +1,170 @@
+"""Serving costs of persona masks beside PEFT LoRA r=16: adapter switching time and resident memory per adapter.
+
+    python benchmarks/bench_serving.py [--config 100M] [--repeats 5] [--threads 2]
+
+Switching: ``set_adapter`` between two loaded adapters followed by one single-token forward, against a plain copy
+of the targeted weights (one pass over them) and against the forward alone. Memory: peak-free RSS of a fresh
+process holding the model and 1, 2, 4 or 8 adapters, minus that of the model alone (each count its own process).
+Prints markdown tables; docs/benchmarks.md records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import CONFIGS, interleaved_medians, markdown_table, n_params, random_llama
+
+COUNTS = (1, 2, 4, 8)
+
+
+def masks_for(base, seed, keep=0.8):
+    from peft_persona.targets import decoder_linear_modules, oriented_weight
+
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(oriented_weight(m).shape, generator=generator) < keep for n, m in decoder_linear_modules(base).items()}
+
+
+def build(kind, base, count):
+    import peft_persona as pp
+    from peft import LoraConfig, get_peft_model
+    from peft_persona.targets import decoder_linear_modules
+
+    if kind == "persona":
+        model = pp.add_mask_adapter(base, masks_for(base, 0), "p0")
+        for i in range(1, count):
+            pp.add_mask_adapter(model, masks_for(base, i), f"p{i}")
+        return model.eval()
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=sorted(decoder_linear_modules(base)), init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="p0")
+    for i in range(1, count):
+        model.add_adapter(f"p{i}", config)
+    return model.eval()
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so that RSS shows what is live."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def child(config: str, kind: str, count: int) -> None:
+    """Print the RSS growth of building ``count`` adapters of ``kind`` on the model, after one forward."""
+    torch.set_num_threads(1)
+    if kind == "persona-keep-original":
+        from peft_persona.tuner import PersonaMaskLayer
+
+        PersonaMaskLayer.keep_original, kind = True, "persona"
+    base = random_llama(config)
+    tokens = torch.randint(3, base.config.vocab_size, (1, 1))
+    with torch.no_grad():
+        base(tokens)
+    release_free_memory()
+    before = rss_bytes()
+    model = build(kind, base, count)
+    with torch.no_grad():
+        model(tokens)
+    release_free_memory()
+    print(json.dumps({"rss_growth": rss_bytes() - before}))
+
+
+def memory_table(config: str) -> str:
+    base = random_llama(config)
+    from peft_persona.targets import decoder_linear_modules, oriented_weight
+
+    targeted = sum(oriented_weight(m).numel() for m in decoder_linear_modules(base).values())
+    rows = []
+    labels = {"persona": "persona", "persona-keep-original": "persona, keep_original", "lora": "LoRA r=16"}
+    for kind, label in labels.items():
+        growth = {}
+        for count in COUNTS:
+            out = subprocess.run([sys.executable, __file__, "--child", config, kind, str(count)], capture_output=True, text=True, check=True)
+            growth[count] = json.loads(out.stdout.strip().splitlines()[-1])["rss_growth"]
+            marginal = (growth[count] - growth[1]) / (count - 1) if count > 1 else float("nan")
+            rows.append([label, count, f"{growth[count] / 2**20:.1f}", f"{marginal / 2**20:.1f}" if count > 1 else "-"])
+    header = ["adapter", "loaded", "RSS growth MiB", "each adapter beyond the first, MiB"]
+    note = (f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona adapter; "
+            f"the active adapter's dropped entries (20%) cost {targeted * 0.2 * 8 / 2**20:.1f} MiB once (fp32 value + int32 index)")
+    return markdown_table(header, rows) + note
+
+
+def switch_table(config: str, repeats: int) -> str:
+    import peft_persona as pp  # noqa: F401 - registers the adapter type
+    from peft_persona.targets import decoder_linear_modules, oriented_weight
+
+    base = random_llama(config)
+    weights = [oriented_weight(m) for m in decoder_linear_modules(base).values()]
+    copies = [w.clone() for w in weights]
+    persona = build("persona", base, 2)
+    from peft_persona.tuner import mask_layers
+
+    dense = build("persona", random_llama(config), 2)
+    for layer in mask_layers(dense).values():
+        layer.keep_original = True
+    tokens = torch.randint(3, base.config.vocab_size, (1, 1))
+    state = {"next": "p1"}
+
+    def switch_and_forward():
+        persona.set_adapter(state["next"])
+        state["next"] = "p0" if state["next"] == "p1" else "p1"
+        persona(tokens)
+
+    dense_state = {"next": "p1"}
+
+    def switch_dense():
+        dense.set_adapter(dense_state["next"])
+        dense_state["next"] = "p0" if dense_state["next"] == "p1" else "p1"
+        dense(tokens)
+
+    def copy_weights():
+        for w, c in zip(weights, copies):
+            c.copy_(w)
+
+    with torch.no_grad():
+        t = interleaved_medians({
+            "copy of the targeted weights": copy_weights,
+            "forward alone (1 token)": lambda: persona(tokens),
+            "set_adapter + forward": switch_and_forward,
+            "set_adapter + forward, keep_original": switch_dense,
+        }, repeats)
+    rows = [[name, f"{seconds * 1e3:.1f}", f"{seconds / t['copy of the targeted weights']:.2f}"] for name, seconds in t.items()]
+    return markdown_table(["operation", "ms", "/ weight copy"], rows)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="100M", choices=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.config}: {n_params(random_llama(args.config)) / 1e6:.1f}M parameters, fp32, CPU {args.threads} threads\n")
+    started = time.perf_counter()
+    print(switch_table(args.config, args.repeats), end="\n\n")
+    print(memory_table(args.config))
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
