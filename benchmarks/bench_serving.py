@@ -107,7 +107,7 @@ def memory_table(config: str) -> str:
 
 
 def switch_table(config: str, repeats: int) -> str:
-    import peft_persona as pp  # noqa: F401 - registers the adapter type
+    import peft_persona  # noqa: F401 - registers the adapter type
     from peft_persona.targets import decoder_linear_modules, oriented_weight
 
     base = random_llama(config)

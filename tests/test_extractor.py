@@ -333,3 +333,33 @@ def test_datasets_column_and_source_strings(extractor, tmp_path):
     path.write_text("".join(f'{{"statement": "{t}", "answer_matching_behavior": " Yes"}}\n' for t in texts))
     from_file = extractor.calibrate("p", str(path))
     assert from_file.meta["source"] == str(path) and from_file.meta["n_texts"] == 5
+
+
+def test_target_presets_and_layer_ranges(tmp_path):
+    from peft_persona.targets import parse_layers, select_targets
+
+    model = tiny_llama()
+    mlp = select_targets(model, "mlp")
+    attention = select_targets(model, "attention", "1")
+    assert mlp == [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert attention == [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    assert len(select_targets(model)) == 14
+    assert select_targets(tiny_gpt2(), "mlp", [0]) == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert parse_layers("0,2,5-7") == [0, 2, 5, 6, 7] and parse_layers(None) is None
+    for bad, message in (("7-3", "backwards"), ("a-b", "not an index"), ("5", r"layers \[5\] do not exist")):
+        with pytest.raises(ValueError, match=message):
+            select_targets(model, "all", bad)
+    with pytest.raises(ValueError, match="unknown"):
+        select_targets(model, "heads")
+
+    extractor = PersonaExtractor(model, tiny_tokenizer(), target="mlp", layers="1")
+    peft_model = extractor.extract({"a": word_texts(1, 4), "b": word_texts(2, 4)}, method="contrastive", sparsity=0.5)
+    assert sorted(pp.get_masks(peft_model, "a")) == sorted(mlp[3:])
+    assert peft_model.peft_config["a"].calibration["targets"] == {"target": "mlp", "layers": [1]}
+    from peft_persona.card import build_model_card
+    from peft_persona.hub import stage_adapters
+
+    card = str(build_model_card("user/pair", stage_adapters(peft_model, tmp_path / "staged")))
+    assert "targets" in card and "mlp" in card
+    with pytest.raises(ValueError, match="either target_modules or target/layers"):
+        PersonaExtractor(tiny_llama(), tiny_tokenizer(), target_modules=mlp, target="mlp")

@@ -160,7 +160,7 @@ def test_card_metadata_and_content(hub, pushed, tmp_path):
     assert data.license == "apache-2.0"
     assert {"peft-persona", "persona-mask", "extravert", "introvert"} <= set(data.tags)
     text = card.text
-    for needle in ("| `extravert` | `extravert` | extravert | introvert | contrastive | 0.50 | 14 |",
+    for needle in ("| `extravert` | `extravert` | extravert | introvert | contrastive | 0.50 | 1 | 14 |",
                    "`model.layers.1.self_attn.v_proj`", "builtin:extraversion#yes", "num_texts: 100",
                    "CC-BY-4.0", "Held-out Anthropic extraversion statements", "| introvert | persona_agreement | 0.23 |",
                    "Subnetworks\", ICLR 2026, arXiv:2602.07164", CITATION):

@@ -80,6 +80,10 @@ def _format_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _strength_text(strength: Any) -> str:
+    return f"{strength:g}" if isinstance(strength, (int, float)) and not isinstance(strength, bool) else "—"
+
+
 def calibration_rows(calibration: Optional[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """The calibration record as ``(field, value)`` rows, with a licence row added for the built-in data."""
     if not calibration:
@@ -219,6 +223,7 @@ def build_model_card(
                 "name": a.name, "folder": a.folder, "persona": a.config.get("persona"),
                 "opposite_persona": a.config.get("opposite_persona"), "method": a.config.get("method"),
                 "sparsity_text": f"{sparsity:.2f}" if isinstance(sparsity, (int, float)) else "—",
+                "strength_text": _strength_text(a.config.get("strength", 1.0)),
                 "num_modules": len(modules),
                 "modules_text": _modules_text(modules),
                 "calibration_rows": calibration_rows(a.config.get("calibration")),

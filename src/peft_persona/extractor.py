@@ -33,7 +33,7 @@ from .data import BUILTIN_LICENSE, Text, load_texts
 from .fingerprint import base_model_fingerprint
 from .models import ensure_pad_token
 from .options import ExtractionOptions, Method
-from .targets import decoder_linear_modules, in_features_of, modules_by_name, oriented_weight, why_not_maskable
+from .targets import in_features_of, modules_by_name, oriented_weight, parse_layers, select_targets, why_not_maskable
 from .masks import add_mask_adapter
 from .tuner.config import PersonaMaskConfig
 
@@ -91,7 +91,11 @@ class PersonaExtractor:
         model: any transformers causal LM (``device_map`` models too) or a ``PeftModel`` holding persona masks
             (calibration then runs with the adapters disabled).
         tokenizer: its tokenizer; one without a pad token gets its EOS token as pad token, with a warning.
-        target_modules: module names to mask; default every ``nn.Linear`` inside the decoder blocks.
+        target_modules: module names to mask; default every ``nn.Linear`` inside the decoder blocks, narrowed by
+            ``target`` and ``layers``.
+        target: ``"all"`` (default), ``"mlp"`` (the paper's ``prune_only_mlp``) or ``"attention"``: which sub-layers
+            of the decoder blocks to mask (with the default ``target_modules``).
+        layers: decoder blocks to mask, as indices or a string like ``"8-23"`` or ``"0,2,5-7"``; default all.
         max_length: texts are truncated to this many tokens.
         batch_size: sequences per forward pass; statistics do not depend on it.
         show_progress: show a tqdm progress bar over batches.
@@ -103,6 +107,8 @@ class PersonaExtractor:
         tokenizer: Any,
         *,
         target_modules: Optional[Sequence[str]] = None,
+        target: str = "all",
+        layers: Union[str, Sequence[int], None] = None,
         max_length: int = 256,
         batch_size: int = 8,
         show_progress: bool = False,
@@ -114,8 +120,12 @@ class PersonaExtractor:
         self.tokenizer = tokenizer
         self.max_length, self.batch_size, self.show_progress = max_length, batch_size, show_progress
         ensure_pad_token(tokenizer)
-        self.default_targets = target_modules is None
-        names = list(target_modules) if target_modules is not None else list(decoder_linear_modules(self.base_model))
+        if target_modules is not None and (target != "all" or layers is not None):
+            raise ValueError("give either target_modules or target/layers, not both")
+        self.default_targets = target_modules is None and target == "all" and layers is None
+        self.targets = {"target_modules": "explicit"} if target_modules is not None else {
+            "target": target, "layers": parse_layers(layers)}
+        names = list(target_modules) if target_modules is not None else select_targets(self.base_model, target, layers)
         self.modules = modules_by_name(self.base_model, names)
         for name, module in self.modules.items():
             reason = why_not_maskable(module)
@@ -359,7 +369,7 @@ class PersonaExtractor:
                 opposite_persona=_opposite(name, names) if options.method == "contrastive" else None,
                 method=options.method,
                 sparsity=options.sparsity,
-                calibration={**record, **options.record()},
+                calibration={**record, **options.record(), "targets": self.targets},
                 base_model_fingerprint=fingerprint,
                 base_model_name_or_path=getattr(self.base_model.config, "name_or_path", None) or None,
             )

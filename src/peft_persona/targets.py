@@ -7,7 +7,7 @@ strips PEFT's ``base_model.model.`` prefix, ``torch.compile``'s ``_orig_mod.`` a
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -117,3 +117,61 @@ def modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Modu
     if missing:
         raise KeyError(f"modules not found in the model: {sorted(missing)[:5]}")
     return found
+
+
+TARGET_PRESETS: tuple[str, ...] = ("all", "mlp", "attention")
+_MLP_WORDS = ("mlp", "feed_forward", "ffn", "fc")
+_ATTENTION_WORDS = ("attn", "attention")
+
+
+def module_role(name: str) -> str:
+    """``"attention"`` or ``"mlp"``: which sub-layer of its decoder block a module belongs to, from its name."""
+    parts = module_kind(name).lower().split(".")
+    if any(w in p for p in parts[:-1] or parts for w in _ATTENTION_WORDS):
+        return "attention"
+    if any(w in p for p in parts[:-1] or parts for w in _MLP_WORDS):
+        return "mlp"
+    raise ValueError(f"module {name!r} is neither in an attention nor in an MLP sub-layer (by its name); name the modules explicitly")
+
+
+def parse_layers(spec: Union[str, Iterable[int], None]) -> Optional[list[int]]:
+    """Decoder block indices from ``"8-23"``, ``"0,2,5-7"`` or a list of ints; ``None`` stays ``None`` (every block)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        values = list(spec)
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError(f"layers must be non-negative block indices, got {spec!r}")
+        return sorted(set(values))
+    found: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(f"layers {spec!r}: {part!r} is not an index or a range like 8-23")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        if high < low:
+            raise ValueError(f"layers {spec!r}: range {part!r} runs backwards")
+        found.update(range(low, high + 1))
+    return sorted(found)
+
+
+def select_targets(
+    model: nn.Module, preset: str = "all", layers: Union[str, Iterable[int], None] = None
+) -> list[str]:
+    """Names of the decoder linear layers of ``model`` in the ``preset`` sub-layers (``all``, ``mlp``, ``attention``,
+    the paper's ``prune_only_mlp`` being ``mlp``) of the decoder blocks ``layers`` (default: every block)."""
+    if preset not in TARGET_PRESETS:
+        raise ValueError(f"target preset {preset!r} is unknown; use one of {TARGET_PRESETS}")
+    blocks = parse_layers(layers)
+    names = list(decoder_linear_modules(model))
+    present = sorted({block_index(n) for n in names if block_index(n) is not None})
+    if blocks is not None:
+        missing = sorted(set(blocks) - set(present))
+        if missing:
+            raise ValueError(f"layers {missing} do not exist: the model's decoder blocks are {present[0]}-{present[-1]}")
+        names = [n for n in names if block_index(n) in blocks]
+    if preset != "all":
+        names = [n for n in names if module_role(n) == preset]
+    if not names:
+        raise ValueError(f"target preset {preset!r} with layers {layers!r} selects no module")
+    return names

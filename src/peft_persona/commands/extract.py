@@ -11,6 +11,7 @@ from typing import Any
 from .. import adapter_files
 from ..models import DEFAULT_MODEL
 from ..options import EXTRACTION_METHODS, PHI_KINDS, ExtractionOptions
+from ..targets import TARGET_PRESETS, parse_layers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--strength", type=float, default=1.0,
         help="strength saved with the adapters, in [0, 1]: 1 removes the dropped weights, lower values scale them by 1 - strength",
+    )
+    parser.add_argument(
+        "--target", default="all", choices=TARGET_PRESETS,
+        help="which sub-layers of the decoder blocks to mask: all (default), mlp (the paper's prune_only_mlp), attention",
+    )
+    parser.add_argument("--layers", default=None, help="decoder blocks to mask, e.g. 8-23 or 0,2,5-7 (default: all)")
+    parser.add_argument(
+        "--modules", default=None,
+        help="comma-separated module names to mask (e.g. model.layers.3.mlp.up_proj); replaces --target and --layers",
     )
     parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight")
     parser.add_argument("--tau", type=float, default=1.0, help="softplus temperature")
@@ -66,8 +76,15 @@ def run(args: argparse.Namespace) -> int:
     personas = parse_personas(args.persona)
     ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)  # fail before loading
     check_strength(args.strength, "--strength")
+    parse_layers(args.layers)  # fail before loading
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
-    extractor = PersonaExtractor(model, tokenizer, max_length=args.max_length, batch_size=args.batch_size, show_progress=True)
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
+    if modules is not None and (args.target != "all" or args.layers is not None):
+        raise ValueError("--modules replaces --target and --layers; give one or the other")
+    targeting = {"target_modules": modules} if modules is not None else {"target": args.target, "layers": args.layers}
+    extractor = PersonaExtractor(
+        model, tokenizer, **targeting, max_length=args.max_length, batch_size=args.batch_size, show_progress=True
+    )
     if args.save_stats and args.method in ("wanda", "contrastive"):
         personas = {name: extractor.calibrate(name, source) for name, source in personas.items()}
         args.out.mkdir(parents=True, exist_ok=True)
