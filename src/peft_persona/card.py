@@ -80,6 +80,22 @@ def _format_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _adapter_row(a: StagedAdapter) -> dict[str, Any]:
+    """What the card's template shows of one staged adapter."""
+    modules = sorted(a.config.get("target_modules") or [])
+    sparsity = a.config.get("sparsity")
+    return {
+        "name": a.name, "folder": a.folder, "persona": a.config.get("persona"),
+        "opposite_persona": a.config.get("opposite_persona"), "method": a.config.get("method"),
+        "sparsity_text": f"{sparsity:.2f}" if isinstance(sparsity, (int, float)) else "—",
+        "strength_text": _strength_text(a.config.get("strength", 1.0)),
+        "num_modules": len(modules),
+        "modules_text": _modules_text(modules),
+        "calibration_rows": calibration_rows(a.config.get("calibration")),
+        "fingerprint_text": _fingerprint_text(a.config.get("base_model_fingerprint")),
+    }
+
+
 def _strength_text(strength: Any) -> str:
     return f"{strength:g}" if isinstance(strength, (int, float)) and not isinstance(strength, bool) else "—"
 
@@ -214,22 +230,7 @@ def build_model_card(
     data = ModelCardData(
         library_name="peft", base_model=hub_id, license=license, tags=tags, pipeline_tag="text-generation"
     )
-    adapters = []
-    for a in staged:
-        modules = sorted(a.config.get("target_modules") or [])
-        sparsity = a.config.get("sparsity")
-        adapters.append(
-            {
-                "name": a.name, "folder": a.folder, "persona": a.config.get("persona"),
-                "opposite_persona": a.config.get("opposite_persona"), "method": a.config.get("method"),
-                "sparsity_text": f"{sparsity:.2f}" if isinstance(sparsity, (int, float)) else "—",
-                "strength_text": _strength_text(a.config.get("strength", 1.0)),
-                "num_modules": len(modules),
-                "modules_text": _modules_text(modules),
-                "calibration_rows": calibration_rows(a.config.get("calibration")),
-                "fingerprint_text": _fingerprint_text(a.config.get("base_model_fingerprint")),
-            }
-        )
+    adapters = [_adapter_row(a) for a in staged]
     report = _load_report(eval_report)
     header, rows = _eval_table(report) if report is not None else ([], [])
     source = report.get("description") if isinstance(report, Mapping) else None
