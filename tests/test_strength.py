@@ -174,3 +174,19 @@ def test_random_operation_sequences_keep_the_weight_exact(seed, keep_original, t
         model.unmerge_adapter()
     plain = model.unload()
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in original.items())
+
+
+def test_gradients_reach_the_base_weight_through_the_mask(tokens):
+    """Training the base under a mask: the layer leaves the weight alone and gives it the gradient of W * M."""
+    masks = random_masks(tiny_llama(), 1)
+    model = pp.add_mask_adapter(tiny_llama(), masks, "a")
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.train()
+    model(tokens).logits.square().mean().backward()
+    layer = mask_layers(model)["model.layers.0.mlp.up_proj"]
+    grad = layer.get_base_layer().weight.grad
+    assert grad is not None and bool((grad[~masks["model.layers.0.mlp.up_proj"]] == 0).all()) and bool(grad.abs().sum() > 0)
+    assert torch.equal(layer.get_base_layer().weight, tiny_llama().get_submodule("model.layers.0.mlp.up_proj").weight)
+    with torch.no_grad():  # back in inference, the weight holds W * M again
+        assert torch.equal(model(tokens).logits, logits(masked_reference(tiny_llama, 0, [masks]), tokens))

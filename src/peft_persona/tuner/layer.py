@@ -412,7 +412,7 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
 
     def _functional_weight(self) -> torch.Tensor:
         """``W_eff`` of the active adapters as a differentiable function of the (unmodified) base weight."""
-        weight = self.get_base_weight()
+        weight = self.base_layer.weight  # the parameter itself, not ``get_base_weight()``'s detached data
         active = [(n, self.persona_strength[n]) for n in self.active_adapters if n in self.persona_mask_bits]
         for name, strength in self._plan(active):
             weight = weight * self._factors(name, strength, weight.dtype)
