@@ -20,7 +20,7 @@ RANKS: dict[str, int] = {
     "bits": 0, "errors": 0, "targets": 0, "stats": 0, "options": 0, "data": 0, "models": 0,
     "fingerprint": 1, "adapter_files": 1, "metrics.functions": 1,
     "tuner.config": 2, "tuner.layer": 2, "tuner.model": 2, "tuner.loading": 2, "tuner.validation": 2, "tuner.mixed": 2, "tuner": 2,
-    "masks": 3, "calibrate": 3,
+    "masks": 3, "calibrate": 3, "distributed": 1,
     "scoring": 4, "card": 4,
     "extractor": 5, "hub": 5, "inspection": 5,
     "metrics": 6, "metrics.persona_alignment.persona_alignment": 6, "metrics.persona_margin.persona_margin": 6,

@@ -61,6 +61,19 @@ class LayerStats:
         self.n_tokens += batch.n_tokens
         self.n_seqs += batch.rms.shape[0]
 
+    def fresh(self) -> "LayerStats":
+        """Zero statistics of the same size and device."""
+        return LayerStats.zeros(self.sum_sq.numel(), self.sum_sq.device)
+
+    def state(self) -> list[torch.Tensor]:
+        """The sums (live tensors) and the two counts (a float64 copy, exact below 2**53), for
+        :func:`peft_persona.distributed.add_in_batch_order`; :meth:`set_counts` writes the counts back."""
+        counts = torch.tensor([self.n_tokens, self.n_seqs], dtype=torch.float64, device=self.sum_sq.device)
+        return [self.sum_sq, self.rms_sum, self.rms_sq_sum, self.l2_sum, counts]
+
+    def set_counts(self, state: list[torch.Tensor]) -> None:
+        self.n_tokens, self.n_seqs = (int(c) for c in state[-1].tolist())
+
     @property
     def feature_norm(self) -> torch.Tensor:
         """Wanda's ``n_j = ||X_j||_2`` over all calibration tokens."""
@@ -178,6 +191,15 @@ class Accumulator(Protocol):
     def add(self, contribution: Any) -> None:
         """Sum a contribution in."""
 
+    def fresh(self) -> "Accumulator":
+        """An empty accumulator of the same shape (one per batch, for multi-process calibration)."""
+
+    def state(self) -> list[torch.Tensor]:
+        """The float64 tensors batches add to; see :func:`peft_persona.distributed.add_in_batch_order`."""
+
+    def set_counts(self, state: list[torch.Tensor]) -> None:
+        """Write back any count that :meth:`state` returned as a copy."""
+
 
 @dataclass
 class GramAccumulator:
@@ -196,6 +218,15 @@ class GramAccumulator:
 
     def add(self, contribution: torch.Tensor) -> None:
         self.gram += contribution
+
+    def fresh(self) -> "GramAccumulator":
+        return GramAccumulator(torch.zeros_like(self.gram))
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.gram]
+
+    def set_counts(self, state: list[torch.Tensor]) -> None:
+        """Nothing to write back: the Gram matrix is the whole state."""
 
 
 def gram_bytes(in_features: int) -> int:

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from . import scoring
+from . import distributed, scoring
 from .calibrate import (
     Accumulator,
     ActivationRecorder,
@@ -198,12 +198,30 @@ class PersonaExtractor:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=-(-len(encoded) // self.batch_size), desc=desc, unit="batch")
-        recorder = ActivationRecorder(self.modules, accumulators)
-        with self._base_forward_context(), recorder:
-            for input_ids, attention in batches:
-                attention = attention.to(device)
-                recorder.set_layout(BatchLayout.from_attention_mask(attention))
-                decoder(input_ids=input_ids.to(device), attention_mask=attention, use_cache=False)
+        rank, size = distributed.world()
+        if size == 1:
+            recorder = ActivationRecorder(self.modules, accumulators)
+            with self._base_forward_context(), recorder:
+                for input_ids, attention in batches:
+                    attention = attention.to(device)
+                    recorder.set_layout(BatchLayout.from_attention_mask(attention))
+                    decoder(input_ids=input_ids.to(device), attention_mask=attention, use_cache=False)
+            return
+        local: dict[int, dict[str, Accumulator]] = {}  # this rank's batches, one statistic each
+        with self._base_forward_context():
+            for index, (input_ids, attention) in enumerate(batches):
+                if distributed.owner(index) != rank:
+                    continue
+                local[index] = {n: a.fresh() for n, a in accumulators.items()}
+                with ActivationRecorder(self.modules, local[index]) as recorder:
+                    attention = attention.to(device)
+                    recorder.set_layout(BatchLayout.from_attention_mask(attention))
+                    decoder(input_ids=input_ids.to(device), attention_mask=attention, use_cache=False)
+        n_batches = -(-len(encoded) // self.batch_size)
+        for name, accumulator in accumulators.items():
+            totals = accumulator.state()
+            distributed.add_in_batch_order(totals, {b: parts[name].state() for b, parts in local.items()}, n_batches)
+            accumulator.set_counts(totals)
 
     def _prepare(self, name: str, texts: TextsLike) -> tuple[list[list[int]], dict[str, Any]]:
         """Token ids of a persona's texts, and the provenance record of its statistics."""
@@ -234,9 +252,12 @@ class PersonaExtractor:
             grams = {n: GramAccumulator.zeros(in_features_of(self.modules[n]), oriented_weight(self.modules[n]).device)
                      for n in group}
             self._record(encoded, grams, desc=f"OBS statistics {name}")
+            mine = self._my_layers()
             for layer in group:
                 check_finite(layer, grams[layer].gram.diagonal())
-                result[layer] = scoring.obs_hessian_inverse_diagonal(grams.pop(layer).gram)
+                gram = grams.pop(layer).gram
+                if layer in mine:
+                    result[layer] = scoring.obs_hessian_inverse_diagonal(gram)
         return result, meta
 
     # ------------------------------------------------------------------------------------------- masks
@@ -255,8 +276,11 @@ class PersonaExtractor:
         check_personas(options, names)
         generator = torch.Generator().manual_seed(options.seed)
         result: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+        mine = self._my_layers(split=options.calibrated)  # the random control's stream runs through every layer
         with self._base_forward_context():  # adapters write their masks into the weights; score the originals
             for layer, module in self.modules.items():
+                if layer not in mine:
+                    continue
                 weight = oriented_weight(module)
                 k = scoring.kept_per_row(weight.shape[1], options.sparsity)
                 for persona in names:
@@ -268,7 +292,21 @@ class PersonaExtractor:
                     else:
                         mask = scoring.select_top_per_row(scoring.order_keys(scores), k)
                     result[persona][layer] = mask.cpu()
+        self._share_masks(result, split=options.calibrated)
         return result
+
+    def _my_layers(self, split: bool = True) -> set[str]:
+        """The layers whose masks this process selects: all of them in one process, every N-th of N ranks."""
+        layers = list(self.modules)
+        return {n for i, n in enumerate(layers) if not split or distributed.owner(i) == distributed.world()[0]}
+
+    def _share_masks(self, masks: dict[str, dict[str, torch.Tensor]], split: bool = True) -> None:
+        """Give every rank every layer's mask, from the rank that selected it (nothing to do in one process)."""
+        if split and distributed.world()[1] > 1:
+            shapes = {n: tuple(oriented_weight(m).shape) for n, m in self.modules.items()}
+            for persona, persona_masks in masks.items():
+                distributed.share_masks(persona_masks, list(self.modules), shapes)
+                masks[persona] = {n: persona_masks[n] for n in self.modules}
 
     def _scores(
         self, layer: str, weight: torch.Tensor, persona: str, stats: Mapping[str, Optional[PersonaStats]],
@@ -378,13 +416,17 @@ class PersonaExtractor:
 
     def _obs_masks(self, diag: Mapping[str, Mapping[str, torch.Tensor]], sparsity: float) -> dict[str, dict[str, torch.Tensor]]:
         masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in diag}
+        mine = self._my_layers()
         with self._base_forward_context():
             for layer, module in self.modules.items():
+                if layer not in mine:
+                    continue
                 weight = oriented_weight(module)
                 k = scoring.kept_per_row(weight.shape[1], sparsity)
                 for persona, per_layer in diag.items():
                     keys = scoring.order_keys(scoring.obs_scores(weight, per_layer[layer]))
                     masks[persona][layer] = scoring.select_top_per_row(keys, k).cpu()
+        self._share_masks(masks)
         return masks
 
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import adapter_files
+from .. import adapter_files, distributed
 from ..models import DEFAULT_MODEL
 from ..options import EXTRACTION_METHODS, PHI_KINDS, ExtractionOptions
 from ..targets import TARGET_PRESETS, parse_layers
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tuner import set_strength
     from ..tuner.layer import check_strength
 
+    distributed.init_from_environment()  # torchrun / accelerate launch: join the process group
     personas = parse_personas(args.persona)
     ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)  # fail before loading
     check_strength(args.strength, "--strength")
@@ -83,22 +84,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--modules replaces --target and --layers; give one or the other")
     targeting = {"target_modules": modules} if modules is not None else {"target": args.target, "layers": args.layers}
     extractor = PersonaExtractor(
-        model, tokenizer, **targeting, max_length=args.max_length, batch_size=args.batch_size, show_progress=True
+        model, tokenizer, **targeting, max_length=args.max_length, batch_size=args.batch_size, show_progress=distributed.is_main_process()
     )
     if args.save_stats and args.method in ("wanda", "contrastive"):
         personas = {name: extractor.calibrate(name, source) for name, source in personas.items()}
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name, stats in personas.items():
-            stats.save(args.out / f"{name}.stats.safetensors")
+        if distributed.is_main_process():
+            args.out.mkdir(parents=True, exist_ok=True)
+            for name, stats in personas.items():
+                stats.save(args.out / f"{name}.stats.safetensors")
     options = ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)
     peft_model = extractor.extract(personas, options=options)
     for name in personas:
         set_strength(peft_model, name, args.strength)
-    save_adapters(peft_model, list(personas), args.out)
-    print(extractor.summary)
-    summary = {"out": str(args.out), "adapters": {n: str(args.out / n) for n in personas}, **vars(extractor.summary)}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"saved {len(personas)} adapter(s) under {args.out}/: " + ", ".join(personas))
+    if distributed.is_main_process():  # under torchrun every rank holds the same masks; one writes them
+        save_adapters(peft_model, list(personas), args.out)
+        print(extractor.summary)
+        summary = {"out": str(args.out), "adapters": {n: str(args.out / n) for n in personas}, **vars(extractor.summary)}
+        summary["processes"] = distributed.world()[1]
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"saved {len(personas)} adapter(s) under {args.out}/: " + ", ".join(personas))
+    distributed.barrier()
     return 0
 
 
