@@ -3,8 +3,14 @@
 A saved adapter is a directory holding PEFT's two files (names from ``peft.utils.constants``):
 
 * ``adapter_config.json``: a ``PersonaMaskConfig`` with ``"peft_type": "PERSONA_MASK"``;
-* ``adapter_model.safetensors``: one ``uint8`` tensor ``base_model.model.<module>.persona_mask_bits`` per masked
-  layer, shaped ``(out_features, ceil(in_features / 8))`` (see :mod:`peft_persona.bits`).
+* ``adapter_model.safetensors``, in one of two formats (the config's ``save_format``):
+
+  * ``bits``: one ``uint8`` tensor ``base_model.model.<module>.persona_mask_bits`` per masked layer, shaped
+    ``(out_features, ceil(in_features / 8))`` (see :mod:`peft_persona.bits`);
+  * ``stats``: per masked layer, ``<module>.persona_mask_channel`` (``float32`` ``(in_features,)``), for contrastive
+    masks ``<module>.persona_mask_tiebreak`` (the same), and ``<module>.persona_mask_digest`` (``uint8`` ``(32,)``,
+    the SHA-256 of the packed mask); the masks are re-derived from the base weights (see
+    :mod:`peft_persona.selection`).
 
 Several adapters saved together sit in one sub-directory each; PEFT saves an adapter named ``default`` at the root.
 This module is the only place that knows these names; everything that reads adapter files goes through it.
@@ -22,6 +28,7 @@ import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .bits import unpack_mask
+from .selection import ChannelSelection
 from .errors import PersonaAdapterError
 from .targets import clean_module_name
 
@@ -29,13 +36,17 @@ PEFT_TYPE = "PERSONA_MASK"
 PREFIX = f"{PEFT_TYPE.lower()}_"  # "persona_mask_": PEFT's prefix of every adapter buffer
 BITS_BUFFER = f"{PREFIX}bits"  # the layer attribute holding the packed masks
 BITS_SUFFIX = f".{BITS_BUFFER}"  # how every mask tensor name ends in adapter_model.safetensors
+CHANNEL_SUFFIX = f".{PREFIX}channel"  # stats format: the float32 channel vector of a layer
+TIEBREAK_SUFFIX = f".{PREFIX}tiebreak"  # stats format: the float32 tie-break vector (contrastive masks)
+DIGEST_SUFFIX = f".{PREFIX}digest"  # stats format: SHA-256 of the packed mask, 32 uint8 values
 ROOT_ADAPTER = "default"  # name of an adapter saved at a directory's root that records no persona
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "BITS_SUFFIX", "CONFIG_NAME", "PEFT_TYPE", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME",
-    "adapter_dirs", "check_adapter_name", "check_mask_tensors", "check_safetensors", "digest", "mask_tensor_key",
-    "mask_tensor_module", "read_config", "read_masks", "validate_weights",
+    "BITS_SUFFIX", "CHANNEL_SUFFIX", "CONFIG_NAME", "DIGEST_SUFFIX", "PEFT_TYPE", "SAFETENSORS_WEIGHTS_NAME",
+    "TIEBREAK_SUFFIX", "WEIGHTS_NAME", "adapter_dirs", "check_adapter_name", "check_mask_tensors",
+    "check_safetensors", "check_stats_tensors", "digest", "mask_tensor_key", "mask_tensor_module", "read_config",
+    "read_masks", "read_selections", "validate_weights", "weights_format",
 ]
 MAX_NAME_LENGTH = 128
 _FORBIDDEN_IN_NAMES = set("/\\.:\0")
@@ -101,9 +112,11 @@ def check_safetensors(file: PathLike) -> None:
 
 
 def validate_weights(file: PathLike) -> list[str]:
-    """Check an adapter's weights file and return its mask tensor names.
+    """Check an adapter's weights file and return its per-layer tensor names (the masks, or the digests of a
+    ``stats`` file).
 
-    The file must be readable safetensors holding at least one mask tensor, each 2-D ``uint8``.
+    The file must be readable safetensors holding at least one layer, in one format: 2-D ``uint8`` masks, or for
+    ``stats`` a 1-D ``float32`` channel vector and a ``uint8`` ``(32,)`` digest per layer (and maybe a tie-break).
     """
     from safetensors import safe_open
 
@@ -112,15 +125,28 @@ def validate_weights(file: PathLike) -> list[str]:
         raise PersonaAdapterError(f"no {SAFETENSORS_WEIGHTS_NAME} at {file.parent}")
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
-        keys = [key for key in handle.keys() if key.endswith(BITS_SUFFIX)]
-        for key in keys:
-            meta = handle.get_slice(key)
-            dtype, shape = meta.get_dtype(), meta.get_shape()
-            if dtype != "U8" or len(shape) != 2:
-                raise PersonaAdapterError(f"{file}: tensor {key!r} is {dtype} {tuple(shape)}, not 2-D uint8")
-    if not keys:
-        raise PersonaAdapterError(f"{file} holds no persona mask tensors (keys ending in {BITS_SUFFIX!r})")
-    return keys
+        found = {key: handle.get_slice(key) for key in handle.keys()}
+    expected = {BITS_SUFFIX: ("U8", 2), CHANNEL_SUFFIX: ("F32", 1), TIEBREAK_SUFFIX: ("F32", 1), DIGEST_SUFFIX: ("U8", 1)}
+    for key, meta in found.items():
+        for suffix, (dtype, dims) in expected.items():
+            if key.endswith(suffix) and (meta.get_dtype() != dtype or len(meta.get_shape()) != dims):
+                raise PersonaAdapterError(
+                    f"{file}: tensor {key!r} is {meta.get_dtype()} {tuple(meta.get_shape())}, not {dims}-D {dtype}"
+                )
+    bits = [k for k in found if k.endswith(BITS_SUFFIX)]
+    digests = [k for k in found if k.endswith(DIGEST_SUFFIX)]
+    if bits and digests:
+        raise PersonaAdapterError(f"{file} mixes mask tensors ({bits[0]!r}) and stats tensors ({digests[0]!r})")
+    if not bits and not digests:
+        raise PersonaAdapterError(
+            f"{file} holds no persona mask tensors (keys ending in {BITS_SUFFIX!r}, or {DIGEST_SUFFIX!r} for stats)"
+        )
+    return bits or digests
+
+
+def weights_format(file: PathLike) -> str:
+    """``"bits"`` or ``"stats"``: the format of a checked weights file (see :func:`validate_weights`)."""
+    return "stats" if validate_weights(file)[0].endswith(DIGEST_SUFFIX) else "bits"
 
 
 def check_mask_tensors(file: PathLike, expected: Mapping[str, tuple[int, int]]) -> None:
@@ -149,6 +175,50 @@ def check_mask_tensors(file: PathLike, expected: Mapping[str, tuple[int, int]]) 
                 f"{file}: tensor {key!r} is {dtype} {shape}; module {module!r} with weight ({out_features}, "
                 f"{in_features}) needs U8 {(out_features, (in_features + 7) // 8)}"
             )
+
+
+def check_stats_tensors(file: PathLike, expected: Mapping[str, int], tiebreak: bool) -> None:
+    """Check that a ``stats`` file holds, for each module of ``expected`` (module name to ``in_features``), exactly
+    a ``float32`` channel vector ``(in_features,)``, a tie-break vector of the same shape if ``tiebreak``, and a
+    ``uint8`` ``(32,)`` digest, and nothing else. Reads the header only; the error names the first offender."""
+    from safetensors import safe_open
+
+    check_safetensors(file)
+    with safe_open(str(file), framework="pt") as handle:
+        found = {key: handle.get_slice(key) for key in handle.keys()}
+    wanted: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for module, in_features in expected.items():
+        suffixes = [(CHANNEL_SUFFIX, "F32", (in_features,)), (DIGEST_SUFFIX, "U8", (32,))]
+        suffixes += [(TIEBREAK_SUFFIX, "F32", (in_features,))] if tiebreak else []
+        for suffix, dtype, shape in suffixes:
+            wanted[f"base_model.model.{module}{suffix}"] = (module, dtype, shape)
+    unexpected, missing = sorted(set(found) - set(wanted)), sorted(set(wanted) - set(found))
+    if unexpected:
+        raise PersonaAdapterError(f"{file}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    if missing:
+        raise PersonaAdapterError(
+            f"{file}: no tensor {missing[0]!r} for module {wanted[missing[0]][0]!r} ({len(missing)} missing)"
+        )
+    for key, (module, dtype, shape) in sorted(wanted.items()):
+        got = (found[key].get_dtype(), tuple(found[key].get_shape()))
+        if got != (dtype, shape):
+            raise PersonaAdapterError(f"{file}: tensor {key!r} is {got[0]} {got[1]}; module {module!r} needs {dtype} {shape}")
+
+
+def read_selections(file: PathLike, sparsity: float) -> dict[str, ChannelSelection]:
+    """The per-layer statistics of a ``stats`` weights file, by module name, with the config's ``sparsity``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    found: dict[str, ChannelSelection] = {}
+    for key in (k for k in tensors if k.endswith(DIGEST_SUFFIX)):
+        stem = key[: -len(DIGEST_SUFFIX)]
+        if stem + CHANNEL_SUFFIX not in tensors:
+            raise PersonaAdapterError(f"{file}: no tensor {stem + CHANNEL_SUFFIX!r} beside {key!r}")
+        found[clean_module_name(stem)] = ChannelSelection(
+            sparsity, tensors[stem + CHANNEL_SUFFIX], tensors.get(stem + TIEBREAK_SUFFIX), tensors[key]
+        )
+    return found
 
 
 def adapter_dirs(directory: PathLike) -> dict[str, Path]:
@@ -185,6 +255,11 @@ def read_masks(path: PathLike, in_features: Mapping[str, int]) -> dict[str, torc
     if (file.parent / CONFIG_NAME).is_file():
         read_config(file.parent)
     keys = validate_weights(file)
+    if keys[0].endswith(DIGEST_SUFFIX):
+        raise PersonaAdapterError(
+            f"{file} is a 'stats' adapter: it holds selection statistics, not masks; its masks are re-derived from "
+            "the base weights, so read them with `peft_persona.read_adapter_masks(path, model)` or load the adapter"
+        )
     tensors = load_file(str(file))
     masks = {}
     for key in keys:

@@ -9,3 +9,7 @@ class PersonaAdapterError(ValueError):
     The message names the file, field, tensor, module or repo at fault. It subclasses ``ValueError``, so code that
     catches ``ValueError`` keeps working.
     """
+
+
+class StatsMismatchError(PersonaAdapterError):
+    """A ``stats`` adapter's masks, re-derived from the base weights, do not match the digests saved with them."""

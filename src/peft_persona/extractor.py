@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from . import distributed, scoring
+from . import distributed, scoring, selection
 from .calibrate import (
     Accumulator,
     ActivationRecorder,
@@ -34,7 +34,8 @@ from .fingerprint import base_model_fingerprint
 from .models import ensure_pad_token
 from .options import ExtractionOptions, Method
 from .targets import in_features_of, modules_by_name, oriented_weight, parse_layers, select_targets, why_not_maskable
-from .masks import add_mask_adapter
+from .masks import add_mask_adapter, add_selection_adapter
+from .selection import ChannelSelection
 from .tuner.config import PersonaMaskConfig
 
 TextsLike = Union[str, Sequence[Text], PersonaStats, None]
@@ -284,14 +285,7 @@ class PersonaExtractor:
                 weight = oriented_weight(module)
                 k = scoring.kept_per_row(weight.shape[1], options.sparsity)
                 for persona in names:
-                    scores, secondary = self._scores(layer, weight, persona, stats, options, generator)
-                    if options.reference:
-                        mask = scoring.select_topk_reference(scores, k)
-                    elif secondary is not None:
-                        mask = scoring.select_lexicographic(scores, secondary, k)
-                    else:
-                        mask = scoring.select_top_per_row(scoring.order_keys(scores), k)
-                    result[persona][layer] = mask.cpu()
+                    result[persona][layer] = self._select(layer, weight, k, persona, stats, options, generator).cpu()
         self._share_masks(result, split=options.calibrated)
         return result
 
@@ -308,25 +302,37 @@ class PersonaExtractor:
                 distributed.share_masks(persona_masks, list(self.modules), shapes)
                 masks[persona] = {n: persona_masks[n] for n in self.modules}
 
-    def _scores(
-        self, layer: str, weight: torch.Tensor, persona: str, stats: Mapping[str, Optional[PersonaStats]],
+    def _select(
+        self, layer: str, weight: torch.Tensor, k: int, persona: str, stats: Mapping[str, Optional[PersonaStats]],
         options: ExtractionOptions, generator: torch.Generator,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Primary scores of one layer for one persona, and the tie-breaking secondary scores if the method has any."""
-        if options.method == "magnitude":
-            return scoring.magnitude_scores(weight), None
+    ) -> torch.Tensor:
+        """One layer's mask for one persona: ``k`` kept per row of ``weight`` ``(out, in)``."""
         if options.method == "random":
-            return scoring.random_scores(tuple(weight.shape), generator).to(weight.device), None
+            scores = scoring.random_scores(tuple(weight.shape), generator).to(weight.device)
+            if options.reference:
+                return scoring.select_topk_reference(scores, k)
+            return selection.select_top_per_row(selection.order_keys(scores), k)
+        channel, tiebreak = self._channels(layer, weight.shape[1], persona, stats, options)
+        if options.reference:
+            return scoring.select_topk_reference(selection.channel_scores(weight, channel), k)
+        return selection.select_by_channels(weight, k, channel, tiebreak)
+
+    def _channels(
+        self, layer: str, in_features: int, persona: str, stats: Mapping[str, Optional[PersonaStats]],
+        options: ExtractionOptions,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The ``float32`` channel vector ``c`` scoring ``|W| * c``, and the tie-break vector (or ``None``)."""
+        if options.method == "magnitude":
+            return torch.ones(in_features, dtype=torch.float32), None
         own = stats[persona].layers[layer]
         if options.method == "wanda":
-            return scoring.wanda_scores(weight, own.reference_norm if options.reference else own.feature_norm), None
+            return (own.reference_norm if options.reference else own.feature_norm).float(), None
         if options.method == "contrastive":
             others = [s.layers[layer] for n, s in stats.items() if n != persona]
             rest = others[0] if len(others) == 1 else LayerStats.pooled(others)
-            channel = scoring.phi(scoring.contrastive_z(own, rest), options.phi, options.tau)
-            primary = scoring.contrastive_scores(weight, channel)
-            return primary, None if options.reference else scoring.wanda_scores(weight, own.feature_norm)
-        raise ValueError(f"method {options.method!r} does not score from statistics")
+            channel = scoring.phi(scoring.contrastive_z(own, rest), options.phi, options.tau).float()
+            return channel, None if options.reference else own.feature_norm.float()
+        raise ValueError(f"method {options.method!r} does not score from per-channel statistics")
 
     # ------------------------------------------------------------------------------------------- adapters
     def extract(
@@ -336,6 +342,7 @@ class PersonaExtractor:
         sparsity: Optional[float] = None,
         *,
         options: Optional[ExtractionOptions] = None,
+        save_format: str = "bits",
         **recipe: Any,
     ) -> PeftModel:
         """Calibrate (if needed), build one mask per persona and return them as adapters of one ``PeftModel``.
@@ -352,6 +359,9 @@ class PersonaExtractor:
                 ``magnitude`` and ``random`` (seeded): controls. ``reference`` reproduces the paper code's
                 statistics and ``torch.topk`` tie handling, for comparison only.
             options: the whole recipe as one :class:`ExtractionOptions`, instead of the keywords.
+            save_format: ``"bits"`` (default) saves each mask, 1 bit per weight; ``"stats"`` saves only the
+                per-channel statistics that select it and re-derives it from the base weights on load (wanda,
+                contrastive and magnitude only; see :class:`PersonaMaskConfig`).
 
         Returns:
             The ``PeftModel`` (created on the first call, reused after) with one adapter per persona, named after
@@ -361,6 +371,8 @@ class PersonaExtractor:
         options = resolve_options(options, method=method, sparsity=sparsity, **recipe)
         names = list(personas)
         check_personas(options, names)
+        PersonaMaskConfig(method=options.method, sparsity=options.sparsity, save_format=save_format,
+                          calibration=options.record())  # a format the recipe cannot have fails before calibration
         if self.peft_model is not None:
             clash = [n for n in names if n in self.peft_model.peft_config]
             if clash:
@@ -373,7 +385,7 @@ class PersonaExtractor:
         else:
             masks = self.masks(stats, options=options)
         times.append(time.perf_counter())
-        self._add_adapters(names, masks, stats, options)
+        self._add_adapters(names, masks, stats, options, save_format)
         times.append(time.perf_counter())
         self.summary = ExtractionSummary.of(options, names, stats, masks, times)
         return self.peft_model
@@ -396,11 +408,14 @@ class PersonaExtractor:
 
     def _add_adapters(
         self, names: list[str], masks: Mapping[str, Mapping[str, torch.Tensor]],
-        stats: Mapping[str, Optional[PersonaStats]], options: ExtractionOptions,
+        stats: Mapping[str, Optional[PersonaStats]], options: ExtractionOptions, save_format: str = "bits",
     ) -> None:
         fingerprint = base_model_fingerprint(self.base_model, None if self.default_targets else sorted(self.modules))
+        dtypes = sorted({str(oriented_weight(m).dtype).removeprefix("torch.") for m in self.modules.values()})
         for name in names:
             record = dict(stats[name].meta) if stats[name] is not None else {}
+            if save_format == "stats":
+                record["weight_dtype"] = dtypes[0] if len(dtypes) == 1 else dtypes
             config = PersonaMaskConfig(
                 target_modules=set(self.modules),
                 persona=name,
@@ -412,7 +427,15 @@ class PersonaExtractor:
                 base_model_name_or_path=getattr(self.base_model.config, "name_or_path", None) or None,
             )
             model = self.peft_model if self.peft_model is not None else self.base_model
-            self.peft_model = add_mask_adapter(model, masks[name], adapter_name=name, config=config)
+            if save_format == "stats":
+                selections = {
+                    layer: ChannelSelection(options.sparsity, *self._channels(
+                        layer, in_features_of(module), name, stats, options), digest=None)
+                    for layer, module in self.modules.items()
+                }
+                self.peft_model = add_selection_adapter(model, masks[name], selections, name, config)
+            else:
+                self.peft_model = add_mask_adapter(model, masks[name], adapter_name=name, config=config)
 
     def _obs_masks(self, diag: Mapping[str, Mapping[str, torch.Tensor]], sparsity: float) -> dict[str, dict[str, torch.Tensor]]:
         masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in diag}

@@ -1,9 +1,10 @@
 """Summaries of saved persona mask adapters, local or on the Hub, read from their files without loading a model.
 
-Only ``adapter_config.json`` and ``adapter_model.safetensors`` are read. Density (the fraction of weights a mask keeps)
-is counted on the packed bytes with a popcount table; it assumes each layer's ``in_features`` is 8 times its bytes per
-row, which holds for every layer width that is a multiple of 8 (otherwise the padding bits, always zero, make the
-density a slight under-estimate).
+Only ``adapter_config.json`` and ``adapter_model.safetensors`` are read. For a ``bits`` adapter, density (the fraction
+of weights a mask keeps) is counted on the packed bytes with a popcount table; it assumes each layer's
+``in_features`` is 8 times its bytes per row, which holds for every layer width that is a multiple of 8 (otherwise
+the padding bits, always zero, make the density a slight under-estimate). A ``stats`` adapter holds no masks: its
+density is exact from the sparsity, per row, since every row keeps the same count.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors import safe_open
 
 from .adapter_files import (
     BITS_SUFFIX,
+    CHANNEL_SUFFIX,
     CONFIG_NAME,
     SAFETENSORS_WEIGHTS_NAME,
     adapter_dirs,
@@ -28,6 +30,7 @@ from .adapter_files import (
 )
 from .card import HUB_ID
 from .errors import PersonaAdapterError
+from .selection import kept_per_row
 
 POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -43,6 +46,7 @@ class AdapterSummary:
     density: dict[str, float] = field(default_factory=dict)  # module name -> fraction of weights kept
     kept: int = 0
     total: int = 0
+    save_format: str = "bits"  # "stats": no masks on disk; kept and total then count one row per layer
 
     @property
     def overall_density(self) -> float:
@@ -61,20 +65,33 @@ def count_ones(packed: torch.Tensor) -> int:
 def summarize_files(name: str, config_file: Path, weights_file: Path, location: str) -> AdapterSummary:
     """Summary of one adapter from its two files."""
     config = read_config(config_file.parent)
-    validate_weights(weights_file)
+    keys = validate_weights(weights_file)
     summary = AdapterSummary(name, location, config, weights_file.stat().st_size)
+    if not keys[0].endswith(BITS_SUFFIX):
+        _summarize_stats(summary, weights_file)
+        return summary
     with safe_open(str(weights_file), framework="pt") as handle:
-        for key in sorted(handle.keys(), key=_natural):
-            if not key.endswith(BITS_SUFFIX):
-                continue
+        for key in sorted(keys, key=_natural):
             packed = handle.get_tensor(key)
-            if packed.dtype != torch.uint8 or packed.dim() != 2:
-                raise PersonaAdapterError(f"{weights_file}: tensor {key!r} is {packed.dtype} {tuple(packed.shape)}, not 2-D uint8")
             ones, size = count_ones(packed), packed.numel() * 8
             summary.density[mask_tensor_module(key)] = ones / size
             summary.kept += ones
             summary.total += size
     return summary
+
+
+def _summarize_stats(summary: AdapterSummary, weights_file: Path) -> None:
+    summary.save_format = "stats"
+    sparsity = summary.config.get("sparsity")
+    if not isinstance(sparsity, (int, float)):
+        raise PersonaAdapterError(f"{weights_file.parent / CONFIG_NAME}: a 'stats' adapter needs a numeric `sparsity`")
+    with safe_open(str(weights_file), framework="pt") as handle:
+        for key in sorted((k for k in handle.keys() if k.endswith(CHANNEL_SUFFIX)), key=_natural):
+            in_features = handle.get_slice(key).get_shape()[0]
+            kept = kept_per_row(in_features, float(sparsity))
+            summary.density[mask_tensor_module(key[: -len(CHANNEL_SUFFIX)])] = kept / in_features
+            summary.kept += kept
+            summary.total += in_features
 
 
 def _hub_files(
@@ -168,8 +185,12 @@ def format_summaries(summaries: list[AdapterSummary], per_layer: bool = True) ->
             f"  base model:       {c.get('base_model_name_or_path') or '-'}",
             f"  fingerprint:      {fingerprint.get('num_layers', '-')} layers, structure "
             f"{fingerprint.get('structure_sha256', '-')}, weight probe {fingerprint.get('weight_probe', '-')}",
+            f"  format:           {s.save_format}" + (
+                " (selection statistics and a SHA-256 per layer; masks re-derived from the base weights on load)"
+                if s.save_format == "stats" else " (1 bit per weight)"),
             f"  file size:        {s.file_size} bytes ({s.file_size / 2**20:.2f} MiB)",
-            f"  masked layers:    {len(s.density)}, density {s.overall_density:.4f} ({s.kept} of {s.total} weights kept)",
+            f"  masked layers:    {len(s.density)}, density {s.overall_density:.4f} "
+            + (f"({s.kept} of {s.total} weights kept)" if s.save_format == "bits" else "(exact, every row alike)"),
         ]
         if per_layer:
             width = max((len(n) for n in s.density), default=0)

@@ -20,7 +20,11 @@ from . import adapter_files
 from .adapter_files import check_adapter_name
 from .fingerprint import base_model_fingerprint
 from .targets import clean_module_name, oriented_weight, why_not_maskable
+from .bits import pack_mask, unpack_mask
+from .errors import PersonaAdapterError, StatsMismatchError
+from .selection import ChannelSelection, mask_digest
 from .tuner import PersonaMaskConfig, PersonaMaskLayer, mask_layers, set_masks
+from .tuner.loading import attach_selections, detach_selections
 from .tuner.model import adapter_layers
 
 
@@ -80,9 +84,48 @@ def add_mask_adapter(
     model is touched; the adapter is injected with all-ones masks, which are then overwritten in place.
     """
     check_adapter_name(adapter_name)
+    if config is not None and config.save_format == "stats":
+        raise PersonaAdapterError(
+            f"adapter {adapter_name!r}: explicit masks carry no selection statistics, so they cannot be saved with "
+            "save_format='stats'; use 'bits' (stats adapters come from `PersonaExtractor.extract`)"
+        )
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     checked = validate_masks(base, masks)
     config = _complete_config(config, base, set(checked))
+    result = _inject(model, adapter_name, config, set(checked))
+    set_masks(result, adapter_name, checked)
+    return result
+
+
+def add_selection_adapter(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    selections: Mapping[str, ChannelSelection],
+    adapter_name: str,
+    config: PersonaMaskConfig,
+) -> nn.Module:
+    """Add a ``stats`` adapter: ``masks`` (module name to ``bool`` ``(out, in)``) with the statistics that select
+    them. Each selection's digest is set from its mask; the masks must be what the statistics select (the
+    extractor's guarantee, which the tests check by re-deriving them)."""
+    check_adapter_name(adapter_name)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    checked = validate_masks(base, masks)
+    config = _complete_config(config, base, set(checked))
+    config.save_format = "stats"
+    derived = {}
+    for name, mask in checked.items():
+        packed = pack_mask(mask)
+        selection = selections[name]
+        derived[name] = (ChannelSelection(selection.sparsity, selection.channel, selection.tiebreak, mask_digest(packed)), packed)
+    attach_selections(config, derived)
+    try:
+        return _inject(model, adapter_name, config, set(checked))
+    finally:
+        detach_selections(config)
+
+
+def _inject(model: nn.Module, adapter_name: str, config: PersonaMaskConfig, modules: set[str]) -> nn.Module:
+    """Inject ``config`` as ``adapter_name`` into any of the three kinds of model; its targets must be ``modules``."""
     if isinstance(model, PeftModel):
         model.add_adapter(adapter_name, config)
         result = model
@@ -92,29 +135,62 @@ def add_mask_adapter(
     else:
         result = get_peft_model(model, config, adapter_name=adapter_name)
     targeted = set(adapter_layers(result, adapter_name))
-    if targeted != set(checked):
+    if targeted != modules:
         result.delete_adapter(adapter_name)
         raise ValueError(
-            f"adapter {adapter_name!r}: `target_modules` matched modules with no mask: {sorted(targeted - set(checked))}, "
-            f"and masks were given for modules it did not match: {sorted(set(checked) - targeted)}"
+            f"adapter {adapter_name!r}: `target_modules` matched modules with no mask: {sorted(targeted - modules)}, "
+            f"and masks were given for modules it did not match: {sorted(modules - targeted)}"
         )
-    set_masks(result, adapter_name, checked)
     return result
 
 
 def read_adapter_masks(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Read the masks stored in a saved adapter directory (or its ``adapter_model.safetensors``) for ``model``."""
-    in_features = {name: layer.in_features for name, layer in mask_layers(model).items()}
-    return adapter_files.read_masks(path, in_features)
+    """Read the masks saved in an adapter directory (or its ``adapter_model.safetensors``) for ``model``.
+
+    A ``stats`` adapter's masks are re-derived from ``model``'s original weights and checked against their digests.
+    """
+    layers = mask_layers(model)
+    file = Path(path) / adapter_files.SAFETENSORS_WEIGHTS_NAME if Path(path).is_dir() else Path(path)
+    if file.is_file() and adapter_files.weights_format(file) == "stats":
+        return {name: unpack_mask(packed, layers[name].in_features) for name, packed in _derive_stats(file, layers).items()}
+    return adapter_files.read_masks(path, {name: layer.in_features for name, layer in layers.items()})
+
+
+def _derive_stats(file: Path, layers: Mapping[str, PersonaMaskLayer]) -> dict[str, torch.Tensor]:
+    """The packed masks a ``stats`` file selects on ``layers``' original weights; the error names the layer."""
+    config = adapter_files.read_config(file.parent)
+    selections = adapter_files.read_selections(file, config.get("sparsity"))
+    derived = {}
+    for name, selection in selections.items():
+        if name not in layers:
+            raise KeyError(f"{file}: statistics for module {name!r}, which holds no persona mask layer")
+        try:
+            derived[name] = layers[name].derive(selection)
+        except StatsMismatchError as err:
+            raise StatsMismatchError(f"{file}: layer {name!r}: {err}; the base weights differ from those it was "
+                                     "extracted on (another dtype or checkpoint)") from None
+    return derived
 
 
 def hotswap_adapter(model: nn.Module, adapter_name: str, path: str | os.PathLike) -> None:
     """Replace ``adapter_name``'s masks with those saved at ``path``, in place, without recompiling.
 
-    The file must hold exactly one mask of the right shape per layer of the adapter; it is checked before any mask
-    is written.
+    The file must hold exactly one mask (or, for a ``stats`` adapter, one set of statistics) of the right shape per
+    layer of the adapter, in the adapter's own format; everything is checked, and re-derived, before any layer
+    changes.
     """
     layers = adapter_layers(model, adapter_name)
     file = Path(path) / adapter_files.SAFETENSORS_WEIGHTS_NAME if Path(path).is_dir() else Path(path)
-    adapter_files.check_mask_tensors(file, {n: (layer.out_features, layer.in_features) for n, layer in layers.items()})
-    set_masks(model, adapter_name, read_adapter_masks(path, model))
+    stats = next(iter(layers.values())).selection(adapter_name) is not None
+    if adapter_files.weights_format(file) != ("stats" if stats else "bits"):
+        raise PersonaAdapterError(f"{file} is not in the format of adapter {adapter_name!r} ({'stats' if stats else 'bits'})")
+    if not stats:
+        adapter_files.check_mask_tensors(file, {n: (layer.out_features, layer.in_features) for n, layer in layers.items()})
+        set_masks(model, adapter_name, read_adapter_masks(path, model))
+        return
+    tiebreak = next(iter(layers.values())).selection(adapter_name).tiebreak is not None
+    adapter_files.check_stats_tensors(file, {n: layer.in_features for n, layer in layers.items()}, tiebreak)
+    _derive_stats(file, layers)  # every layer checked before any changes
+    config = adapter_files.read_config(file.parent)
+    for name, selection in adapter_files.read_selections(file, config.get("sparsity")).items():
+        layers[name].set_selection(adapter_name, selection)

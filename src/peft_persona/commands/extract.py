@@ -47,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="truncate calibration texts to this many tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random control")
+    parser.add_argument(
+        "--save-format", default="bits", choices=("bits", "stats"),
+        help="bits (default): each mask, 1 bit per weight; stats: only the per-channel statistics that select it and "
+        "a SHA-256 per layer, re-derived from the base weights on load (wanda, contrastive, magnitude)",
+    )
     parser.add_argument("--save-stats", action="store_true", help="also save each persona's statistics (safetensors)")
     parser.add_argument("--out", required=True, type=Path, help="output directory: one sub-directory per persona")
     parser.set_defaults(func=run)
@@ -70,12 +75,14 @@ def run(args: argparse.Namespace) -> int:
     from ..extractor import PersonaExtractor
     from ..models import load_model
 
-    from ..tuner import set_strength
+    from ..tuner import PersonaMaskConfig, set_strength
     from ..tuner.layer import check_strength
 
     distributed.init_from_environment()  # torchrun / accelerate launch: join the process group
     personas = parse_personas(args.persona)
-    ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)  # fail before loading
+    options = ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)
+    PersonaMaskConfig(method=args.method, sparsity=args.sparsity, save_format=args.save_format,
+                      calibration=options.record())  # fail before loading
     check_strength(args.strength, "--strength")
     parse_layers(args.layers)  # fail before loading
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
@@ -92,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             for name, stats in personas.items():
                 stats.save(args.out / f"{name}.stats.safetensors")
-    options = ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)
-    peft_model = extractor.extract(personas, options=options)
+    peft_model = extractor.extract(personas, options=options, save_format=args.save_format)
     for name in personas:
         set_strength(peft_model, name, args.strength)
     if distributed.is_main_process():  # under torchrun every rank holds the same masks; one writes them

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         payload = [
             {
                 "name": s.name, "location": s.location, "file_size": s.file_size, "density": s.overall_density,
+                "save_format": s.save_format,
                 "layer_density": s.density, "config": s.config,
             }
             for s in summaries

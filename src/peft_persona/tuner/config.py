@@ -84,6 +84,18 @@ class PersonaMaskConfig(PeftConfig):
             )
         },
     )
+    save_format: str = field(
+        default="bits",
+        metadata={
+            "help": (
+                "How the masks are saved: 'bits' (default) stores every mask, 1 bit per weight; 'stats' stores only "
+                "what selects them, per layer a float32 channel vector (plus a tie-break vector for contrastive "
+                "masks) and the SHA-256 digest of the packed mask, and re-derives the masks from the base weights "
+                "when the adapter is loaded. Loading 'stats' into a base model whose weights differ (another dtype or "
+                "checkpoint) is an error. Only for wanda, contrastive and magnitude masks."
+            )
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={

@@ -28,9 +28,27 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..bits import byte_table, full_mask_packed, pack_mask, packed_shape, unpack_mask, unpack_to
+from ..errors import StatsMismatchError
+from ..selection import ChannelSelection, mask_digest
 from ..targets import is_conv1d, oriented_weight
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class MaskBits(BufferDict):
+    """A ``BufferDict`` whose entries keep their own persistence: the masks of ``stats`` adapters are derived from
+    their statistics and are not saved, while the masks of ``bits`` adapters are."""
+
+    def __setitem__(self, key: str, buffer: torch.Tensor) -> None:
+        self.register_buffer(key, buffer, persistent=key not in self._non_persistent_buffers_set)
+
+    def set_derived(self, key: str, buffer: torch.Tensor) -> None:
+        """Hold ``buffer`` under ``key`` without saving it."""
+        self.register_buffer(key, buffer, persistent=False)
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+        self._non_persistent_buffers_set.discard(key)
 
 
 class PersonaMaskLayer(BaseTunerLayer):
@@ -39,19 +57,31 @@ class PersonaMaskLayer(BaseTunerLayer):
     State:
       * ``persona_mask_bits[adapter]``: persistent ``uint8`` buffer ``(out, ceil(in / 8))``, the only tensor saved;
       * ``persona_strength[adapter]``: the adapter's strength in ``[0, 1]`` (a float, from its config);
+      * for an adapter saved in the ``stats`` format, its bits are derived and not saved; saved instead are
+        ``persona_mask_channel[adapter]`` and ``persona_mask_tiebreak[adapter]`` (``float32`` ``(in,)``) and
+        ``persona_mask_digest[adapter]`` (``uint8`` ``(32,)``), with ``persona_stats_sparsity[adapter]`` from its
+        config (see :class:`~peft_persona.selection.ChannelSelection`);
       * ``persona_dropped``: the original values of the weight entries the adapters in effect change, and
         ``persona_dropped_index``: their flat indices (``int32``); the only per-weight state besides the masks.
     """
 
     adapter_layer_names: tuple[str, ...] = ()  # nothing trainable
-    other_param_names: tuple[str, ...] = ("persona_mask_bits", "persona_strength")
+    other_param_names: tuple[str, ...] = (
+        "persona_mask_bits", "persona_strength",
+        "persona_mask_channel", "persona_mask_tiebreak", "persona_mask_digest", "persona_stats_sparsity",
+    )
     in_place: bool = True  # write W_eff into the base weight; False computes it apart in every forward
     keep_original: bool = False  # keep a dense copy of the original weight: faster switching, one more weight copy
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.persona_mask_bits = BufferDict({}, persistent=True)
+        self.persona_mask_bits = MaskBits({}, persistent=True)
         self.persona_strength: dict[str, float] = {}
+        self.persona_mask_channel = BufferDict({}, persistent=True)
+        self.persona_mask_tiebreak = BufferDict({}, persistent=True)
+        self.persona_mask_digest = BufferDict({}, persistent=True)
+        self.persona_stats_sparsity: dict[str, float] = {}
+        self._selection_source: dict[str, tuple] = {}  # the statistics each stats adapter's bits were derived from
         self.register_buffer("persona_dropped_index", None, persistent=False)
         self.register_buffer("persona_original", None, persistent=False)
         self.register_buffer("persona_dropped", None, persistent=False)
@@ -65,11 +95,24 @@ class PersonaMaskLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- adapters
     def update_layer(
-        self, adapter_name: str, mask: Optional[torch.Tensor] = None, strength: float = 1.0, **kwargs: Any
+        self,
+        adapter_name: str,
+        mask: Optional[torch.Tensor] = None,
+        strength: float = 1.0,
+        selection: Optional[ChannelSelection] = None,
+        packed: Optional[torch.Tensor] = None,
+        **kwargs: Any,
     ) -> None:
-        """Add ``adapter_name`` with ``mask`` (``bool``, ``(out, in)``; ``None`` keeps every weight) and ``strength``."""
+        """Add ``adapter_name`` with ``mask`` (``bool``, ``(out, in)``; ``None`` keeps every weight) and ``strength``.
+
+        With ``selection`` the adapter is a ``stats`` adapter: its mask is ``packed`` (already checked against the
+        digest) or else re-derived from the original weight, and :class:`StatsMismatchError` is raised, with nothing
+        changed, if it does not match the digest.
+        """
         device = oriented_weight(self.get_base_layer()).device
-        if device.type == "meta":
+        if selection is not None:
+            self._add_selection(adapter_name, selection, packed, device)
+        elif device.type == "meta":
             packed = torch.empty(packed_shape((self.out_features, self.in_features)), dtype=torch.uint8, device="meta")
         elif mask is None:
             packed = full_mask_packed((self.out_features, self.in_features), device=device)
@@ -87,6 +130,12 @@ class PersonaMaskLayer(BaseTunerLayer):
         self._known(adapter_name)
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge it before replacing its mask")
+        if adapter_name in self._selection_source:
+            raise TypeError(
+                f"adapter {adapter_name!r} is saved as selection statistics (save_format='stats'): its mask is "
+                "re-derived from them and cannot be set by hand; replace its statistics with `set_selection`, or "
+                "use an adapter in the 'bits' format"
+            )
         packed = pack_mask(self.check_mask(mask, adapter_name).to(self.persona_mask_bits[adapter_name].device))
         self.persona_mask_bits[adapter_name].copy_(packed)
         self.sync()
@@ -136,8 +185,80 @@ class PersonaMaskLayer(BaseTunerLayer):
         was_active = adapter_name in self.active_adapters
         self._transition(tuple(e for e in self._in_effect if e[0] != adapter_name))
         super().delete_adapter(adapter_name)
+        self._selection_source.pop(adapter_name, None)
         if was_active:
             self.sync()
+
+    # ---------------------------------------------------------------------------------------- stats format
+    def selection(self, adapter_name: str) -> Optional[ChannelSelection]:
+        """The statistics ``adapter_name``'s mask is derived from, or ``None`` for a ``bits`` adapter."""
+        if adapter_name not in self._selection_source:
+            return None
+        return ChannelSelection(
+            self.persona_stats_sparsity[adapter_name], self.persona_mask_channel[adapter_name],
+            self.persona_mask_tiebreak[adapter_name] if adapter_name in self.persona_mask_tiebreak else None,
+            self.persona_mask_digest[adapter_name],
+        )
+
+    def derive(self, selection: ChannelSelection) -> torch.Tensor:
+        """The packed mask ``selection`` selects on the original weight; :class:`StatsMismatchError` if its
+        SHA-256 differs from ``selection.digest``."""
+        weight = self.original_weight()
+        packed = pack_mask(selection.select(weight.T if self.fan_in_fan_out else weight))
+        if not torch.equal(mask_digest(packed), selection.digest.cpu()):
+            raise StatsMismatchError(
+                f"the mask re-derived from the layer's {tuple(weight.shape)} {weight.dtype} weight does not match "
+                "the saved digest"
+            )
+        return packed
+
+    def set_selection(self, adapter_name: str, selection: ChannelSelection) -> None:
+        """Replace a ``stats`` adapter's statistics and re-derive its mask (checked against the digest first)."""
+        self._known(adapter_name)
+        if adapter_name not in self._selection_source:
+            raise TypeError(f"adapter {adapter_name!r} is saved as bits; set its mask with `set_mask`")
+        packed = self.derive(selection)
+        self._add_selection(adapter_name, selection, packed, self.persona_mask_bits[adapter_name].device)
+        self.sync()
+
+    def _add_selection(
+        self, name: str, selection: ChannelSelection, packed: Optional[torch.Tensor], device: torch.device
+    ) -> None:
+        if packed is None:
+            packed = self.derive(selection) if device.type != "meta" else torch.empty(
+                packed_shape((self.out_features, self.in_features)), dtype=torch.uint8, device="meta")
+        self.persona_mask_bits.set_derived(name, packed.to(device))
+        self.persona_mask_channel[name] = selection.channel.to(device, torch.float32)
+        if selection.tiebreak is not None:
+            self.persona_mask_tiebreak[name] = selection.tiebreak.to(device, torch.float32)
+        self.persona_mask_digest[name] = selection.digest.to(device, torch.uint8)
+        self.persona_stats_sparsity[name] = float(selection.sparsity)
+        self._selection_source[name] = self._stats_snapshot(name)
+
+    def _stats_snapshot(self, name: str) -> tuple:
+        saved = (self.persona_mask_channel, self.persona_mask_tiebreak, self.persona_mask_digest)
+        return tuple(d[name].detach().clone() if name in d else None for d in saved)
+
+    def _rederive_changed(self) -> None:
+        """Re-derive the mask of every ``stats`` adapter whose statistics differ from those it was derived from;
+        on a digest mismatch, restore those statistics and raise."""
+        for name, source in self._selection_source.items():
+            now = self._stats_snapshot(name)
+            if any(t is not None and t.device.type == "meta" for t in now) or _same(now, source):
+                continue
+            try:
+                packed = self.derive(self.selection(name))
+            except StatsMismatchError as err:
+                for saved, value in zip((self.persona_mask_channel, self.persona_mask_tiebreak,
+                                         self.persona_mask_digest), source):
+                    if value is not None and value.device.type != "meta":
+                        saved[name].copy_(value)
+                raise StatsMismatchError(f"persona mask adapter {name!r}: {err}; its statistics were restored") from None
+            if self.persona_mask_bits[name].device.type == "meta":  # injected without weights (low_cpu_mem_usage)
+                self.persona_mask_bits.set_derived(name, packed.to(now[0].device))
+            else:
+                self.persona_mask_bits[name].copy_(packed)
+            self._selection_source[name] = now
 
     # ---------------------------------------------------------------------------------------- effective weight
     def effect(self) -> tuple:
@@ -153,7 +274,9 @@ class PersonaMaskLayer(BaseTunerLayer):
         )
 
     def sync(self) -> None:
-        """Bring the base weight to :meth:`effect`, rewriting only the entries whose value changes."""
+        """Bring the base weight to :meth:`effect`, rewriting only the entries whose value changes. A ``stats``
+        adapter whose statistics were written (by ``load_state_dict``) first has its mask re-derived."""
+        self._rederive_changed()
         target = self.effect()
         if target != self._in_effect:
             self._transition(target)
@@ -386,12 +509,14 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
         adapter_name: str,
         mask: Optional[torch.Tensor] = None,
         strength: float = 1.0,
+        selection: Optional[ChannelSelection] = None,
+        packed: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         PersonaMaskLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, mask, strength)
+        self.update_layer(adapter_name, mask, strength, selection=selection, packed=packed)
 
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any
@@ -420,6 +545,14 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
 
     def __repr__(self) -> str:
         return "persona_mask." + super().__repr__()
+
+
+def _same(now: tuple, before: tuple) -> bool:
+    """Whether two statistics snapshots hold equal tensors (``None`` where an adapter has no tie-break vector)."""
+    for a, b in zip(now, before):
+        if (a is None) != (b is None) or (a is not None and (b.device.type == "meta" or not torch.equal(a, b))):
+            return False
+    return True
 
 
 def _sync_after_load(layer: PersonaMaskLayer, incompatible_keys: Any) -> None:

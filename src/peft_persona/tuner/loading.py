@@ -17,11 +17,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
 from .. import adapter_files
-from ..errors import PersonaAdapterError
+from ..bits import pack_mask
+from ..errors import PersonaAdapterError, StatsMismatchError
+from ..selection import mask_digest
 from ..targets import clean_module_name, oriented_weight
 
 WEIGHTS_ATTRIBUTE = "_persona_weights_file"  # set on a config by from_pretrained; not a dataclass field, never saved
@@ -58,18 +61,107 @@ def locate_weights(path: str, subfolder: Optional[str] = None, **download: Any) 
         ) from None
 
 
-def targeted_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, int]]:
-    """Module name to weight ``(out_features, in_features)`` of every module ``config`` targets in ``model``."""
-    shapes: dict[str, tuple[int, int]] = {}
+def targeted_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
+    """Module name to module (the persona layer where one wraps it) of every 2-D weight ``config`` targets."""
+    found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         clean = clean_module_name(name)
-        if clean in shapes or name.endswith(".base_layer") or not check_target_module_exists(config, name):
+        if clean in found or name.endswith(".base_layer") or not check_target_module_exists(config, name):
             continue  # excluded modules are falsy too
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         weight = getattr(base, "weight", None)
         if weight is not None and weight.dim() == 2:
-            shapes[clean] = tuple(oriented_weight(base).shape)
-    return shapes
+            found[clean] = module
+    return found
+
+
+def targeted_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, int]]:
+    """Module name to weight ``(out_features, in_features)`` of every module ``config`` targets in ``model``."""
+    return {
+        name: tuple(oriented_weight(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m).shape)
+        for name, m in targeted_modules(model, config).items()
+    }
+
+
+def check_weights_file(model: nn.Module, config: Any, file: str) -> None:
+    """Check ``file``'s tensors against the layers ``config`` targets in ``model``, in the config's format."""
+    shapes = targeted_shapes(model, config)
+    found = adapter_files.weights_format(file)
+    if found != config.save_format:
+        raise PersonaAdapterError(
+            f"{file} holds a {found!r} adapter but its {adapter_files.CONFIG_NAME} says save_format={config.save_format!r}"
+        )
+    if found == "bits":
+        adapter_files.check_mask_tensors(file, shapes)
+    else:
+        adapter_files.check_stats_tensors(file, {n: s[1] for n, s in shapes.items()}, config.method == "contrastive")
+
+
+def derive_from_file(model: nn.Module, config: Any, file: str, adapter_name: str) -> dict[str, tuple]:
+    """Re-derive each layer's mask of a ``stats`` adapter from ``model``'s weights, before anything is injected.
+
+    Returns module name to ``(ChannelSelection, packed mask)``. Raises :class:`StatsMismatchError` naming the first
+    layer whose re-derived mask does not match its saved digest, with the likely cause and what to do.
+    """
+    from .layer import PersonaMaskLayer
+
+    selections = adapter_files.read_selections(file, config.sparsity)
+    derived = {}
+    for name, module in targeted_modules(model, config).items():
+        selection = selections[name]
+        if isinstance(module, PersonaMaskLayer):
+            weight = module.original_weight()
+            weight = weight.T if module.fan_in_fan_out else weight
+        else:
+            weight = oriented_weight(module)
+        packed = pack_mask(selection.select(weight))
+        if not torch.equal(mask_digest(packed), selection.digest):
+            raise StatsMismatchError(_mismatch_message(adapter_name, file, name, weight.dtype, config))
+        derived[name] = (selection, packed)
+    return derived
+
+
+def _mismatch_message(adapter_name: str, file: str, layer: str, dtype: torch.dtype, config: Any) -> str:
+    recorded = (config.calibration or {}).get("weight_dtype")
+    now = str(dtype).removeprefix("torch.")
+    head = (
+        f"persona mask adapter {adapter_name!r} ({file}, save_format='stats'): the mask re-derived for layer "
+        f"{layer!r} from this model's weights does not match the saved SHA-256 digest, so this is not the exact "
+        "base model the adapter was extracted on. "
+    )
+    if recorded and recorded != now:
+        cause = f"The adapter was extracted on {recorded} weights and this model's are {now}: load the base model " \
+                f"with torch_dtype=torch.{recorded}"
+    else:
+        source = config.base_model_name_or_path or "its base model"
+        cause = f"The weights differ from those it was extracted on (another checkpoint or revision of {source}): " \
+                f"load that exact checkpoint{f' in {recorded}' if recorded else ''}"
+    return head + cause + ", or use an adapter saved in the 'bits' format (`peft-persona extract --save-format bits`)."
+
+
+SELECTIONS_ATTRIBUTE = "_persona_selections"  # set on a config for the time of one injection; never saved
+
+
+def attach_selections(config: Any, derived: dict[str, tuple]) -> None:
+    """Give the next injection of ``config`` its ``stats`` layers' statistics and checked masks."""
+    object.__setattr__(config, SELECTIONS_ATTRIBUTE, derived)
+
+
+def take_selection(config: Any, adapter_name: str, module_name: str) -> tuple:
+    """The ``(ChannelSelection, packed mask)`` attached for ``module_name``; raise if a ``stats`` config has none."""
+    found = (getattr(config, SELECTIONS_ATTRIBUTE, None) or {}).get(clean_module_name(module_name))
+    if found is None:
+        raise PersonaAdapterError(
+            f"adapter {adapter_name!r} has save_format='stats' but no selection statistics for module "
+            f"{clean_module_name(module_name)!r}: stats adapters come from `PersonaExtractor.extract(..., "
+            "save_format='stats')` or from saved files; build adapters from explicit masks in the 'bits' format"
+        )
+    return found
+
+
+def detach_selections(config: Any) -> None:
+    if SELECTIONS_ATTRIBUTE in config.__dict__:
+        object.__delattr__(config, SELECTIONS_ATTRIBUTE)
 
 
 @dataclass

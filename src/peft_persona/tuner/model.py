@@ -64,13 +64,17 @@ class PersonaMaskModel(BaseTuner):
         fingerprint.check_base_model_fingerprint(config.base_model_fingerprint, model, adapter_name, config)
         weights = loading.weights_file(config)
         if weights is not None:
-            adapter_files.check_mask_tensors(weights, loading.targeted_shapes(model, config))
+            loading.check_weights_file(model, config, weights)
+            if config.save_format == "stats":  # re-derive and check every mask before the model is touched
+                loading.attach_selections(config, loading.derive_from_file(model, config, weights, adapter_name))
         before = loading.snapshot(model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
             loading.rollback(model, adapter_name, before)
             raise
+        finally:
+            loading.detach_selections(config)
         mixed.accept_adapter_names(model)  # for transformers' load_adapter, which keeps no tuner
         REPORT_FILTER.loading.adapter = adapter_name
 
@@ -103,8 +107,12 @@ class PersonaMaskModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         mask = None if peft_config.init_weights else _random_mask(target, f"{adapter_name}:{current_key}")
+        stats = {}
+        if peft_config.save_format == "stats":
+            mask = None
+            stats = dict(zip(("selection", "packed"), loading.take_selection(peft_config, adapter_name, current_key)))
         if isinstance(target, PersonaMaskLayer):
-            target.update_layer(adapter_name, mask, peft_config.strength)
+            target.update_layer(adapter_name, mask, peft_config.strength, **stats)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         reason = targets.why_not_maskable(base)
@@ -113,7 +121,7 @@ class PersonaMaskModel(BaseTuner):
                 f"module {current_key!r} is {reason}; persona masks wrap only dense torch.nn.Linear and "
                 "transformers Conv1D layers. Narrow `target_modules` so that it does not match this module."
             )
-        new_module = MaskedLinear(target, adapter_name, mask, peft_config.strength)
+        new_module = MaskedLinear(target, adapter_name, mask, peft_config.strength, **stats)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new_module, target)
@@ -150,7 +158,7 @@ class OtherAdaptersReportFilter(logging.Filter):
     that lists anything else (a mask of the adapter being loaded, an unexpected or mismatched key) is kept whole.
     """
 
-    _row = re.compile(rf"^\s*(.+?)\.{adapter_files.BITS_BUFFER}\.([^\s.|]+)\s*\|\s*MISSING\s*\|")
+    _row = re.compile(rf"^\s*(.+?)\.{adapter_files.PREFIX}(?:bits|channel|tiebreak|digest)\.([^\s.|]+)\s*\|\s*MISSING\s*\|")
 
     def __init__(self) -> None:
         super().__init__()
@@ -275,6 +283,7 @@ def combine_adapters(
     combined = {name: _combine([layer.get_mask(a) for a in adapters], how) for name, layer in layers.items()}
     config = copy.deepcopy(configs[adapters[0]])
     config.method, config.persona, config.opposite_persona, config.sparsity = "combined", new_adapter_name, None, None
+    config.save_format = "bits"  # a combination is not selected from statistics
     config.calibration = {"combined_from": adapters, "how": how}
     config.strength = strength
     configs[new_adapter_name] = config

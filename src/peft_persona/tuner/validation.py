@@ -25,6 +25,10 @@ LAYERS_PATTERN = re.compile(r"^[A-Za-z0-9_.]+$")
 _REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
 
 
+SAVE_FORMATS: tuple[str, ...] = ("bits", "stats")
+STATS_METHODS: tuple[str, ...] = ("wanda", "contrastive", "magnitude")
+
+
 def _fail(field: str, message: str) -> PersonaAdapterError:
     return PersonaAdapterError(f"PersonaMaskConfig: `{field}` {message}")
 
@@ -110,10 +114,32 @@ def _check_provenance(config: Any) -> None:
     config.strength = float(strength)
     if config.method is not None and config.method not in CONFIG_METHODS:
         raise _fail("method", f"is {config.method!r}; expected one of {CONFIG_METHODS}")
+    _check_save_format(config)
     if not isinstance(config.init_weights, bool):
         raise _fail("init_weights", f"must be true or false, got {config.init_weights!r}")
     if not isinstance(config.inference_mode, bool):
         raise _fail("inference_mode", f"must be true or false, got {config.inference_mode!r}")
+
+
+def _check_save_format(config: Any) -> None:
+    if config.save_format not in SAVE_FORMATS:
+        raise _fail("save_format", f"is {config.save_format!r}; expected one of {SAVE_FORMATS}")
+    if config.save_format != "stats":
+        return
+    if config.method == "obs":
+        raise _fail(
+            "save_format",
+            "'stats' cannot hold obs masks: their selection reads a Cholesky inverse of the Hessian, which is not "
+            "reproducible bit for bit; save obs masks in the 'bits' format",
+        )
+    if config.method not in STATS_METHODS:
+        raise _fail("save_format", f"'stats' needs method in {STATS_METHODS} (masks re-derivable from per-channel "
+                    f"statistics), got method {config.method!r}; use 'bits'")
+    if config.sparsity is None:
+        raise _fail("save_format", "'stats' needs `sparsity`, which sets how many weights each row keeps")
+    if (config.calibration or {}).get("reference_mode"):
+        raise _fail("save_format", "'stats' cannot hold reference-mode masks (torch.topk breaks ties arbitrarily); "
+                    "use 'bits'")
 
 
 def check_config(config: Any) -> None:
