@@ -162,6 +162,7 @@ def test_card_metadata_and_content(hub, pushed, tmp_path):
     text = card.text
     for needle in ("| `extravert` | `extravert` | extravert | introvert | contrastive | 0.50 | 1 | 14 |",
                    "`model.layers.1.self_attn.v_proj`", "builtin:extraversion#yes", "num_texts: 100",
+                   "**Format**: `bits`, the masks themselves",
                    "CC-BY-4.0", "Held-out Anthropic extraversion statements", "| introvert | persona_agreement | 0.23 |",
                    "Subnetworks\", ICLR 2026, arXiv:2602.07164", CITATION):
         assert needle in text, needle

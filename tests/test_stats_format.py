@@ -10,7 +10,9 @@ import textwrap
 import pytest
 import torch
 from conftest import logits, tiny_gpt2, tiny_llama, tiny_tokenizer, word_texts
-from huggingface_hub import HfApi
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download
 from hub_server import TOKENS
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -286,3 +288,5 @@ def test_hub_round_trip_in_a_fresh_process_without_importing_the_package(hub, hu
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=hub_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "peft True" in result.stdout and "transformers True" in result.stdout
+    card = Path(hf_hub_download("user/stats-pair", "README.md", endpoint=hub.endpoint, cache_dir=tmp_path / "c")).read_text()
+    assert card.count("**Format**: `stats`") == 2

@@ -93,7 +93,16 @@ def _adapter_row(a: StagedAdapter) -> dict[str, Any]:
         "modules_text": _modules_text(modules),
         "calibration_rows": calibration_rows(a.config.get("calibration")),
         "fingerprint_text": _fingerprint_text(a.config.get("base_model_fingerprint")),
+        "format_text": FORMAT_TEXT.get(a.config.get("save_format", "bits"), "—"),
     }
+
+
+FORMAT_TEXT = {
+    "bits": "`bits`, the masks themselves, 1 bit per masked weight",
+    "stats": "`stats`, per layer the selection statistics and a SHA-256 of the mask; the masks are re-derived from the "
+             "base weights on load, which must be the exact checkpoint in the recorded dtype (else loading fails and "
+             "names the layer)",
+}
 
 
 def _strength_text(strength: Any) -> str:
