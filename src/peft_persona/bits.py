@@ -66,3 +66,11 @@ _BYTE_BITS = byte_table(0, 1, torch.uint8)
 def full_mask_packed(shape: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
     """Packed bytes of an all-``True`` mask (keeps every weight), padding bits zero."""
     return pack_mask(torch.ones(shape, dtype=torch.bool, device=device))
+
+
+def count_kept(mask: torch.Tensor) -> int:
+    """Number of kept weights of a ``bool`` mask, or of a packed ``uint8`` one (its padding bits are zero)."""
+    if mask.dtype == torch.bool:
+        return int(mask.sum())
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return int(((mask.unsqueeze(-1) >> shifts) & 1).sum())

@@ -18,6 +18,10 @@ from peft import PeftModel
 from torch import nn
 
 from . import distributed, scoring, selection
+from .layerwise import (
+    DEFAULT_CACHE_BYTES, Checkpoint, HiddenCache, capture_block_inputs, empty_model, resident, resolve_checkpoint,
+)
+from .bits import count_kept, pack_mask
 from .calibrate import (
     Accumulator,
     ActivationRecorder,
@@ -30,10 +34,13 @@ from .calibrate import (
     group_by_memory,
 )
 from .data import BUILTIN_LICENSE, Text, load_texts
-from .fingerprint import base_model_fingerprint
+from .fingerprint import base_model_fingerprint, probe_modules
 from .models import ensure_pad_token
 from .options import ExtractionOptions, Method
-from .targets import in_features_of, modules_by_name, oriented_weight, parse_layers, select_targets, why_not_maskable
+from .targets import (
+    block_index, decoder_block_list, in_features_of, modules_by_name, oriented_weight, parse_layers, select_targets,
+    why_not_maskable,
+)
 from .masks import add_mask_adapter, add_selection_adapter
 from .selection import ChannelSelection
 from .tuner.config import PersonaMaskConfig
@@ -59,16 +66,19 @@ class ExtractionSummary:
     def of(
         cls, options: ExtractionOptions, names: list[str], stats: Mapping[str, Optional[PersonaStats]],
         masks: Mapping[str, Mapping[str, torch.Tensor]], times: Sequence[float],
+        sizes: Optional[Mapping[str, int]] = None,
     ) -> "ExtractionSummary":
-        """The summary of a run from its statistics, masks and the four time stamps around its three stages."""
+        """The summary of a run from its statistics, masks (``bool``, or packed with ``sizes``, the weights per
+        layer) and the four time stamps around its three stages."""
         first = masks[names[0]]
+        sizes = sizes or {n: m.numel() for n, m in first.items()}
         return cls(
             method=options.method,
             sparsity=options.sparsity,
             personas=names,
             n_texts={n: s.meta.get("n_texts", 0) for n, s in stats.items() if s is not None},
             n_tokens={n: s.meta.get("n_tokens", 0) for n, s in stats.items() if s is not None},
-            kept_fraction=sum(int(m.sum()) for m in first.values()) / sum(m.numel() for m in first.values()),
+            kept_fraction=sum(count_kept(m) for m in first.values()) / sum(sizes[n] for n in first),
             overlap=mask_overlap(first, masks[names[1]]) if len(names) == 2 else None,
             seconds={"calibration": times[1] - times[0], "masks": times[2] - times[1],
                      "adapters": times[3] - times[2], "total": times[3] - times[0]},
@@ -133,6 +143,54 @@ class PersonaExtractor:
             if reason is not None:
                 raise TypeError(f"target module {name!r} is {reason}")
         self.summary: Optional[ExtractionSummary] = None
+        self._layerwise: Optional[dict[str, Any]] = None  # set by from_pretrained(layerwise=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        layerwise: bool = True,
+        tokenizer: Any = None,
+        dtype: torch.dtype = torch.float32,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        spill_dir: Optional[str] = None,
+        **kwargs: Any,
+    ) -> "PersonaExtractor":
+        """An extractor for a checkpoint (Hub id or local directory); ``kwargs`` as for the constructor.
+
+        With ``layerwise`` (the default) the model is built on the meta device and calibrated one decoder block at a
+        time, each block's weights read from the checkpoint's safetensors shards and released after it; the cached
+        hidden states of all calibration tokens stay in memory up to ``cache_bytes`` and spill to ``spill_dir`` (a
+        temporary folder) beyond it. The masks are bit-identical to a whole-model run in ``dtype``. The returned
+        adapters hold masks but the model holds no weights: save them, and load them where you run the model. Without
+        ``layerwise`` the model is loaded whole (embedded names and GGUF files too, see :func:`models.load_model`).
+        ``tokenizer`` replaces the checkpoint's own.
+        """
+        if not layerwise:
+            from .models import load_model
+
+            model, own = load_model(name_or_path, dtype=dtype)
+            return cls(model, tokenizer or own, **kwargs)
+        if distributed.world()[1] > 1:
+            raise ValueError("layer-by-layer calibration runs in one process; launch it without torchrun")
+        from transformers import AutoTokenizer
+
+        directory = resolve_checkpoint(name_or_path, revision=revision, token=token)
+        checkpoint = Checkpoint(directory)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+        extractor = cls(empty_model(directory, dtype), tokenizer, **kwargs)
+        extractor._layerwise = dict(checkpoint=checkpoint, dtype=dtype, cache_bytes=cache_bytes, spill_dir=spill_dir)
+        return extractor
+
+    def _resident(self, modules: Sequence[str]) -> contextlib.AbstractContextManager:
+        """Inside, ``modules`` hold their weights (layer-by-layer mode reads them from the checkpoint)."""
+        if self._layerwise is None:
+            return contextlib.nullcontext()
+        plan = self._layerwise
+        return resident(self.base_model, modules, plan["checkpoint"], plan["dtype"])
 
     # ------------------------------------------------------------------------------------------- texts
     def _resolve_texts(self, name: str, texts: TextsLike) -> tuple[list[Text], dict[str, Any]]:
@@ -236,6 +294,8 @@ class PersonaExtractor:
         """Stream ``texts`` through the model and return the persona's per-layer :class:`PersonaStats`."""
         if isinstance(texts, PersonaStats):
             return texts
+        if self._layerwise is not None:
+            return self._layerwise_run({name: texts}, ExtractionOptions("wanda"), select=False)[0][name]
         encoded, meta = self._prepare(name, texts)
         layers = {n: LayerStats.zeros(in_features_of(m), oriented_weight(m).device) for n, m in self.modules.items()}
         self._record(encoded, layers, desc=f"calibrating {name}")
@@ -334,6 +394,96 @@ class PersonaExtractor:
             return channel, None if options.reference else own.feature_norm.float()
         raise ValueError(f"method {options.method!r} does not score from per-channel statistics")
 
+    # ------------------------------------------------------------------------------------------- layer by layer
+    def _layerwise_run(
+        self, personas: Mapping[str, TextsLike], options: ExtractionOptions, select: bool = True
+    ) -> tuple[dict[str, Optional[PersonaStats]], dict[str, dict[str, torch.Tensor]], float]:
+        """Statistics and (if ``select``) packed masks, one decoder block resident at a time; and the seconds spent
+        selecting."""
+        given = {n: t for n, t in personas.items() if isinstance(t, PersonaStats)}
+        to_run = {n: self._prepare(n, t) for n, t in personas.items() if options.calibrated and n not in given}
+        stats: dict[str, Optional[PersonaStats]] = {
+            n: given.get(n) or (PersonaStats(n, {}, to_run[n][1]) if n in to_run else None) for n in personas
+        }
+        blocks_name = decoder_block_list(self.base_model)
+        by_block: dict[int, list[str]] = {}
+        for layer in self.modules:
+            if not layer.startswith(blocks_name + "."):
+                raise ValueError(f"layer-by-layer extraction masks layers inside the decoder blocks only; {layer!r} is not")
+            by_block.setdefault(block_index(layer.removeprefix(blocks_name + ".")), []).append(layer)
+        cache = HiddenCache(self._layerwise["cache_bytes"], self._layerwise["spill_dir"])
+        masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in personas}
+        generator, selecting = torch.Generator().manual_seed(options.seed), 0.0
+        try:
+            calls = self._capture_inputs({n: e for n, (e, _) in to_run.items()}, cache, blocks_name)
+            for index in range(max(by_block) + 1):
+                layers = by_block.get(index, [])
+                with self._resident([f"{blocks_name}.{index}"]), self._base_forward_context():
+                    accumulators = self._run_block(index, layers, calls, cache, options, blocks_name, last=index == max(by_block))
+                    if options.method != "obs":
+                        for name, per_layer in accumulators.items():
+                            stats[name].layers.update(per_layer)
+                    start = time.perf_counter()
+                    if select:
+                        self._select_block(layers, stats, accumulators, options, generator, masks)
+                    selecting += time.perf_counter() - start
+        finally:
+            cache.close()
+        return stats, masks, selecting
+
+    def _capture_inputs(self, encoded: Mapping[str, list[list[int]]], cache: Any, blocks_name: str) -> dict:
+        """Run every batch up to the first decoder block; cache its hidden states, keep its other arguments."""
+        embeddings = next(n for n, m in self.base_model.named_modules() if m is self.base_model.get_input_embeddings())
+        decoder = getattr(self.base_model, "base_model", self.base_model)
+        first = self.base_model.get_submodule(f"{blocks_name}.0")
+        calls = {}
+        with self._resident([embeddings]), self._base_forward_context():
+            for name, ids in encoded.items():
+                batches = list(self._batches(ids))
+                for b, ((args, kwargs), (_, attention)) in enumerate(zip(capture_block_inputs(decoder, first, batches), batches)):
+                    positional = bool(args)
+                    cache.put((name, b), args[0] if positional else kwargs.pop("hidden_states"))
+                    calls[(name, b)] = (positional, args[1:], kwargs, BatchLayout.from_attention_mask(attention))
+        return calls
+
+    def _run_block(
+        self, index: int, layers: list[str], calls: Mapping, cache: Any, options: ExtractionOptions,
+        blocks_name: str, last: bool,
+    ) -> dict[str, dict[str, Accumulator]]:
+        """Forward every cached batch through block ``index``, recording its targeted layers' inputs per persona."""
+        block = self.base_model.get_submodule(f"{blocks_name}.{index}")
+        zeros = GramAccumulator.zeros if options.method == "obs" else LayerStats.zeros
+        result: dict[str, dict[str, Accumulator]] = {}
+        for name in dict.fromkeys(p for p, _ in calls):
+            result[name] = {layer: zeros(in_features_of(self.modules[layer]), "cpu") for layer in layers}
+            with ActivationRecorder({n: self.modules[n] for n in layers}, result[name]) as recorder:
+                for b in (b for p, b in calls if p == name):
+                    positional, rest, kwargs, layout = calls[(name, b)]
+                    recorder.set_layout(layout)
+                    hidden = cache.get((name, b))
+                    out = block(hidden, *rest, **kwargs) if positional else block(**kwargs, hidden_states=hidden)
+                    if not last:
+                        cache.put((name, b), out[0] if isinstance(out, tuple) else out)
+            for layer, accumulator in result[name].items():
+                check_finite(layer, accumulator.gram.diagonal() if options.method == "obs" else accumulator.sum_sq)
+        return result
+
+    def _select_block(
+        self, layers: list[str], stats: Mapping[str, Optional[PersonaStats]], accumulators: Mapping,
+        options: ExtractionOptions, generator: torch.Generator, masks: dict[str, dict[str, torch.Tensor]],
+    ) -> None:
+        """The packed masks of one resident block's layers, for every persona, in the order ``masks`` would pick."""
+        for layer in layers:
+            weight = oriented_weight(self.modules[layer])
+            k = scoring.kept_per_row(weight.shape[1], options.sparsity)
+            for persona in masks:
+                if options.method == "obs":
+                    diagonal = scoring.obs_hessian_inverse_diagonal(accumulators[persona][layer].gram)
+                    mask = selection.select_top_per_row(selection.order_keys(scoring.obs_scores(weight, diagonal)), k)
+                else:
+                    mask = self._select(layer, weight, k, persona, stats, options, generator)
+                masks[persona][layer] = pack_mask(mask)
+
     # ------------------------------------------------------------------------------------------- adapters
     def extract(
         self,
@@ -378,16 +528,21 @@ class PersonaExtractor:
             if clash:
                 raise ValueError(f"adapters named {clash} already exist on the model")
         times = [time.perf_counter()]
-        stats, obs_diagonals = self._statistics(personas, options)
-        times.append(time.perf_counter())
-        if options.method == "obs":
-            masks = self._obs_masks(obs_diagonals, options.sparsity)
+        if self._layerwise is not None:
+            stats, masks, selecting = self._layerwise_run(personas, options)
+            times += [time.perf_counter() - selecting, time.perf_counter()]
         else:
-            masks = self.masks(stats, options=options)
-        times.append(time.perf_counter())
+            stats, obs_diagonals = self._statistics(personas, options)
+            times.append(time.perf_counter())
+            if options.method == "obs":
+                masks = self._obs_masks(obs_diagonals, options.sparsity)
+            else:
+                masks = self.masks(stats, options=options)
+            times.append(time.perf_counter())
         self._add_adapters(names, masks, stats, options, save_format)
         times.append(time.perf_counter())
-        self.summary = ExtractionSummary.of(options, names, stats, masks, times)
+        sizes = {n: oriented_weight(m).numel() for n, m in self.modules.items()}
+        self.summary = ExtractionSummary.of(options, names, stats, masks, times, sizes)
         return self.peft_model
 
     def _statistics(
@@ -410,7 +565,9 @@ class PersonaExtractor:
         self, names: list[str], masks: Mapping[str, Mapping[str, torch.Tensor]],
         stats: Mapping[str, Optional[PersonaStats]], options: ExtractionOptions, save_format: str = "bits",
     ) -> None:
-        fingerprint = base_model_fingerprint(self.base_model, None if self.default_targets else sorted(self.modules))
+        covered = None if self.default_targets else sorted(self.modules)
+        with self._resident(probe_modules(self.base_model, covered)):
+            fingerprint = base_model_fingerprint(self.base_model, covered)
         dtypes = sorted({str(oriented_weight(m).dtype).removeprefix("torch.") for m in self.modules.values()})
         for name in names:
             record = dict(stats[name].meta) if stats[name] is not None else {}
@@ -454,9 +611,9 @@ class PersonaExtractor:
 
 
 def mask_overlap(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> float:
-    """Fraction of the weights kept by ``first`` that ``second`` keeps too."""
-    shared = sum(int((first[n] & second[n]).sum()) for n in first)
-    kept = sum(int(first[n].sum()) for n in first)
+    """Fraction of the weights kept by ``first`` that ``second`` keeps too (``bool`` or packed masks alike)."""
+    shared = sum(count_kept(first[n] & second[n]) for n in first)
+    kept = sum(count_kept(first[n]) for n in first)
     return shared / kept if kept else 0.0
 
 

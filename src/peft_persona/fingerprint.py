@@ -48,8 +48,7 @@ def base_model_fingerprint(model: nn.Module, modules: Optional[Iterable[str]] = 
     for name, module in sorted(layers.items()):
         out_f, in_f = oriented_weight(module).shape
         structure.update(f"{name}:{out_f}x{in_f}\n".encode())
-    names = sorted(layers)
-    picks = [names[round(i * (len(names) - 1) / max(PROBE_MODULES - 1, 1))] for i in range(min(PROBE_MODULES, len(names)))]
+    picks = _picks(sorted(layers))
     generator = torch.Generator().manual_seed(0)
     wrappers = {id(m.get_base_layer()): m for m in model.modules() if hasattr(m, "original_weight")}
     probe = [_probe(_original_weight(layers[name], wrappers), generator) for name in picks]
@@ -59,6 +58,15 @@ def base_model_fingerprint(model: nn.Module, modules: Optional[Iterable[str]] = 
         "structure_sha256": structure.hexdigest(),
         "weight_probe": probe,
     }
+
+
+def _picks(names: list[str]) -> list[str]:
+    return [names[round(i * (len(names) - 1) / max(PROBE_MODULES - 1, 1))] for i in range(min(PROBE_MODULES, len(names)))]
+
+
+def probe_modules(model: nn.Module, modules: Optional[Iterable[str]] = None) -> list[str]:
+    """The names of the layers whose weights :func:`base_model_fingerprint` samples (at most ``PROBE_MODULES``)."""
+    return _picks(sorted(fingerprinted_modules(model, modules)))
 
 
 def _original_weight(module: nn.Module, wrappers: Mapping[int, nn.Module]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .bits import pack_mask, unpack_mask
 from .errors import PersonaAdapterError, StatsMismatchError
 from .selection import ChannelSelection, mask_digest
 from .tuner import PersonaMaskConfig, PersonaMaskLayer, mask_layers, set_masks
+from .tuner.layer import check_packed
 from .tuner.loading import attach_selections, detach_selections
 from .tuner.model import adapter_layers
 
@@ -31,8 +32,9 @@ from .tuner.model import adapter_layers
 def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Check ``masks`` against ``model`` and return them keyed by clean module name.
 
-    Raises a ``KeyError``, ``TypeError`` or ``ValueError`` naming the offending module for a missing or
-    non-linear module, a non-``bool`` mask, or a shape that differs from the weight's ``(out, in)``.
+    A mask is ``bool`` ``(out, in)``, or already packed: ``uint8`` ``(out, ceil(in / 8))`` as on disk. Raises a
+    ``KeyError``, ``TypeError`` or ``ValueError`` naming the offending module for a missing or non-linear module, a
+    mask of another dtype, or a shape that does not fit the weight's ``(out, in)``.
     """
     if not masks:
         raise ValueError("no masks given: expected a dict of module name to torch.bool tensor")
@@ -47,10 +49,13 @@ def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[
         reason = why_not_maskable(base)
         if reason is not None:
             raise TypeError(f"mask for {name!r}: module is {reason}")
+        shape = tuple(oriented_weight(base).shape)
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.uint8:
+            checked[name] = check_packed(mask, shape, f"mask for {name!r}")
+            continue
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask for {name!r} must be a torch.bool tensor, got {got}")
-        shape = tuple(oriented_weight(base).shape)
+            raise TypeError(f"mask for {name!r} must be a torch.bool tensor (or packed uint8), got {got}")
         if tuple(mask.shape) != shape:
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight (out, in) is {shape}")
         checked[name] = mask
@@ -76,7 +81,7 @@ def add_mask_adapter(
     adapter_name: str = "default",
     config: Optional[PersonaMaskConfig] = None,
 ) -> nn.Module:
-    """Add an adapter built from explicit masks (module name to ``bool`` tensor ``(out, in)``).
+    """Add an adapter built from explicit masks (module name to ``bool`` tensor ``(out, in)``, or packed ``uint8``).
 
     ``model`` may be a plain transformers model (a ``PeftModel`` is returned), a ``PeftModel`` (the adapter is added
     to it and it is returned), or a transformers model that already holds adapters from ``load_adapter`` (the adapter
@@ -114,7 +119,7 @@ def add_selection_adapter(
     config.save_format = "stats"
     derived = {}
     for name, mask in checked.items():
-        packed = pack_mask(mask)
+        packed = mask if mask.dtype == torch.uint8 else pack_mask(mask)
         selection = selections[name]
         derived[name] = (ChannelSelection(selection.sparsity, selection.channel, selection.tiebreak, mask_digest(packed)), packed)
     attach_selections(config, derived)

@@ -23,6 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id, local path or embedded name (default: {DEFAULT_MODEL})")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantised to float32)")
     parser.add_argument(
+        "--layerwise", action="store_true",
+        help="calibrate one decoder block at a time, reading each block's weights from the checkpoint's safetensors "
+        "shards, for models larger than memory (masks bit-identical to a whole-model run; not for GGUF)",
+    )
+    parser.add_argument(
+        "--cache-gb", type=float, default=2.0,
+        help="with --layerwise: memory for the cached hidden states, in GiB; more spills to a temporary folder",
+    )
+    parser.add_argument(
         "--persona", action="append", required=True, metavar="NAME=SOURCE",
         help="persona name and its texts, e.g. extravert=builtin:extraversion#yes (repeat for each persona)",
     )
@@ -85,14 +94,18 @@ def run(args: argparse.Namespace) -> int:
                       calibration=options.record())  # fail before loading
     check_strength(args.strength, "--strength")
     parse_layers(args.layers)  # fail before loading
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     if modules is not None and (args.target != "all" or args.layers is not None):
         raise ValueError("--modules replaces --target and --layers; give one or the other")
+    if args.layerwise and args.gguf_file is not None:
+        raise ValueError("--layerwise reads safetensors checkpoints; a GGUF file is loaded whole (drop --layerwise)")
     targeting = {"target_modules": modules} if modules is not None else {"target": args.target, "layers": args.layers}
-    extractor = PersonaExtractor(
-        model, tokenizer, **targeting, max_length=args.max_length, batch_size=args.batch_size, show_progress=distributed.is_main_process()
-    )
+    common = dict(**targeting, max_length=args.max_length, batch_size=args.batch_size, show_progress=distributed.is_main_process())
+    if args.layerwise:
+        extractor = PersonaExtractor.from_pretrained(args.model, cache_bytes=int(args.cache_gb * 1024**3), **common)
+    else:
+        model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+        extractor = PersonaExtractor(model, tokenizer, **common)
     if args.save_stats and args.method in ("wanda", "contrastive"):
         personas = {name: extractor.calibrate(name, source) for name, source in personas.items()}
         if distributed.is_main_process():

@@ -109,7 +109,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         digest) or else re-derived from the original weight, and :class:`StatsMismatchError` is raised, with nothing
         changed, if it does not match the digest.
         """
-        device = oriented_weight(self.get_base_layer()).device
+        device = self._mask_device(mask is not None or packed is not None)
         if selection is not None:
             self._add_selection(adapter_name, selection, packed, device)
         elif device.type == "meta":
@@ -117,7 +117,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         elif mask is None:
             packed = full_mask_packed((self.out_features, self.in_features), device=device)
         else:
-            packed = pack_mask(self.check_mask(mask, adapter_name).to(device))
+            packed = _packed(self.check_mask(mask, adapter_name)).to(device)
         self.persona_mask_bits[adapter_name] = packed
         self.persona_strength[adapter_name] = check_strength(strength, adapter_name)
         self.set_adapter(self.active_adapters)
@@ -136,8 +136,12 @@ class PersonaMaskLayer(BaseTunerLayer):
                 "re-derived from them and cannot be set by hand; replace its statistics with `set_selection`, or "
                 "use an adapter in the 'bits' format"
             )
-        packed = pack_mask(self.check_mask(mask, adapter_name).to(self.persona_mask_bits[adapter_name].device))
-        self.persona_mask_bits[adapter_name].copy_(packed)
+        current = self.persona_mask_bits[adapter_name]
+        packed = _packed(self.check_mask(mask, adapter_name))
+        if current.device.type == "meta":  # the weight is not materialised (layer-by-layer extraction)
+            self.persona_mask_bits[adapter_name] = packed.to(self._mask_device(True))
+        else:
+            current.copy_(packed.to(current.device))
         self.sync()
 
     def set_strength(self, adapter_name: str, strength: float) -> None:
@@ -153,16 +157,24 @@ class PersonaMaskLayer(BaseTunerLayer):
         return unpack_mask(self.persona_mask_bits[adapter_name], self.in_features)
 
     def check_mask(self, mask: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``mask`` if it is a ``bool`` tensor of the weight's ``(out_features, in_features)`` shape; else raise."""
+        """``mask`` if it is a ``bool`` tensor of the weight's ``(out_features, in_features)`` shape, or already
+        packed (``uint8``, ``(out_features, ceil(in_features / 8))``, zero padding bits); else raise."""
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.uint8:
+            return check_packed(mask, (self.out_features, self.in_features), f"mask for adapter {adapter_name!r}")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask for adapter {adapter_name!r} must be a torch.bool tensor, got {got}")
+            raise TypeError(f"mask for adapter {adapter_name!r} must be a torch.bool tensor (or packed uint8), got {got}")
         if tuple(mask.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"mask for adapter {adapter_name!r} has shape {tuple(mask.shape)}, but the layer's weight is "
                 f"(out_features, in_features) = ({self.out_features}, {self.in_features})"
             )
         return mask
+
+    def _mask_device(self, given: bool) -> torch.device:
+        """Where masks live: on the weight's device; on the CPU for masks given to a layer whose weight is on meta."""
+        device = oriented_weight(self.get_base_layer()).device
+        return torch.device("cpu") if device.type == "meta" and given else device
 
     def _known(self, adapter_name: str) -> None:
         if adapter_name not in self.persona_mask_bits:
@@ -545,6 +557,20 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
 
     def __repr__(self) -> str:
         return "persona_mask." + super().__repr__()
+
+
+def _packed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.uint8 else pack_mask(mask)
+
+
+def check_packed(packed: torch.Tensor, shape: tuple[int, int], what: str) -> torch.Tensor:
+    """``packed`` if it is the ``uint8`` packing of a mask of ``shape`` with zero padding bits; else raise."""
+    want = packed_shape(shape)
+    if tuple(packed.shape) != want:
+        raise ValueError(f"{what} is packed uint8 of shape {tuple(packed.shape)}; a ({shape[0]}, {shape[1]}) weight needs {want}")
+    if shape[1] % 8 and packed.device.type != "meta" and bool((packed[:, -1] >> (shape[1] % 8)).any()):
+        raise ValueError(f"{what}: padding bits past column {shape[1]} must be zero")
+    return packed
 
 
 def _same(now: tuple, before: tuple) -> bool:

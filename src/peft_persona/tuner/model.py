@@ -125,6 +125,10 @@ class PersonaMaskModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new_module, target)
+        if targets.oriented_weight(base).device.type == "meta" and (mask is not None or stats):
+            # PEFT moved the new layer's buffers to the weight's device; masks given for an unmaterialised weight
+            # (layer-by-layer extraction) stay on the CPU
+            new_module.update_layer(adapter_name, mask, peft_config.strength, **stats)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for param in model.parameters():
