@@ -65,7 +65,7 @@ class Checkpoint:
         tensors = {}
         for file, keys in by_file.items():
             with safe_open(str(file), framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in keys})
+                tensors.update({key: handle.get_tensor(key).clone() for key in keys})  # own memory, not the mmap
         return tensors
 
 
