@@ -230,8 +230,13 @@ def test_hotswap_and_read_adapter_masks_rederive(saved):
     model = PeftModel.from_pretrained(tiny_llama(), saved["dir"] / "stats" / first, adapter_name=first)
     other = saved["dir"] / "stats" / rest[0]
     assert _equal_masks(pp.read_adapter_masks(other, model), saved["expected"][rest[0]][0])
+    tensors = {id(t) for layer in mask_layers(model).values() for t in layer.buffers()}
     pp.hotswap_adapter(model, first, other)
     assert _equal_masks(pp.get_masks(model, first), saved["expected"][rest[0]][0])
+    assert torch.equal(logits(model, saved["tokens"]), saved["expected"][rest[0]][1])
+    still = {id(t) for layer in mask_layers(model).values() for t in layer.buffers()}
+    assert {i for i in tensors if i in still} >= {id(t) for layer in mask_layers(model).values()
+                                                 for d in (layer.persona_mask_bits, layer.persona_mask_channel) for t in d.values()}
     with pytest.raises(PersonaAdapterError, match="not in the format"):
         pp.hotswap_adapter(model, first, saved["dir"] / "bits" / rest[0])
 

@@ -239,11 +239,12 @@ class PersonaMaskLayer(BaseTunerLayer):
         if packed is None:
             packed = self.derive(selection) if device.type != "meta" else torch.empty(
                 packed_shape((self.out_features, self.in_features)), dtype=torch.uint8, device="meta")
-        self.persona_mask_bits.set_derived(name, packed.to(device))
-        self.persona_mask_channel[name] = selection.channel.to(device, torch.float32)
-        if selection.tiebreak is not None:
-            self.persona_mask_tiebreak[name] = selection.tiebreak.to(device, torch.float32)
-        self.persona_mask_digest[name] = selection.digest.to(device, torch.uint8)
+        if not _copied_into(self.persona_mask_bits, name, packed):  # a hot swap keeps every tensor (no recompile)
+            self.persona_mask_bits.set_derived(name, packed.to(device))
+        for store, value in ((self.persona_mask_channel, selection.channel), (self.persona_mask_tiebreak, selection.tiebreak),
+                             (self.persona_mask_digest, selection.digest)):
+            if value is not None and not _copied_into(store, name, value):
+                store[name] = value.to(device, torch.uint8 if store is self.persona_mask_digest else torch.float32)
         self.persona_stats_sparsity[name] = float(selection.sparsity)
         self._selection_source[name] = self._stats_snapshot(name)
 
@@ -557,6 +558,15 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
 
     def __repr__(self) -> str:
         return "persona_mask." + super().__repr__()
+
+
+def _copied_into(store: BufferDict, name: str, value: torch.Tensor) -> bool:
+    """Copy ``value`` into ``store[name]`` in place if it exists with that shape on a real device; say if it did."""
+    current = store[name] if name in store else None
+    if current is None or current.device.type == "meta" or current.shape != value.shape:
+        return False
+    current.copy_(value)
+    return True
 
 
 def _packed(mask: torch.Tensor) -> torch.Tensor:
