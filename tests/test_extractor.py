@@ -363,3 +363,14 @@ def test_target_presets_and_layer_ranges(tmp_path):
     assert "targets" in card and "mlp" in card
     with pytest.raises(ValueError, match="either target_modules or target/layers"):
         PersonaExtractor(tiny_llama(), tiny_tokenizer(), target_modules=mlp, target="mlp")
+
+
+def test_masks_can_be_returned_packed(extractor):
+    stats = {n: extractor.calibrate(n, word_texts(s, 6)) for s, n in ((1, "a"), (2, "b"))}
+    plain = extractor.masks(stats, "contrastive", 0.5)
+    packed = extractor.masks(stats, "contrastive", 0.5, packed=True)
+    for name in stats:
+        assert all(packed[name][k].dtype == torch.uint8 for k in plain[name])
+        assert all(torch.equal(pp.bits.unpack_mask(packed[name][k], plain[name][k].shape[1]), plain[name][k]) for k in plain[name])
+        assert pp.bits.count_kept(packed[name]["model.layers.0.mlp.down_proj"]) == int(plain[name]["model.layers.0.mlp.down_proj"].sum())
+    assert pp.extractor.mask_overlap(packed["a"], packed["b"]) == pp.extractor.mask_overlap(plain["a"], plain["b"])

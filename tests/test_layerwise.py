@@ -150,3 +150,20 @@ def test_smollm2_layerwise_is_bit_identical(smollm2, tmp_path):
         want, have = pp.get_masks(whole, name), pp.get_masks(by_layer, name)
         assert len(want) == 210 and all(torch.equal(want[k], have[k]) for k in want), name
     whole.unload()
+
+
+def test_return_freed_memory_sets_the_threshold_and_never_fails(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+
+    monkeypatch.setattr(layerwise, "_glibc", lambda: FakeLibc())
+    layerwise.return_freed_memory()
+    assert calls == [("mallopt", layerwise.M_MMAP_THRESHOLD, 1 << 20), ("malloc_trim", 0)]
+    monkeypatch.setattr(layerwise, "_glibc", lambda: None)  # not glibc: nothing to do
+    layerwise.return_freed_memory()

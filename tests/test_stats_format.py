@@ -295,3 +295,16 @@ def test_hub_round_trip_in_a_fresh_process_without_importing_the_package(hub, hu
     assert "peft True" in result.stdout and "transformers True" in result.stdout
     card = Path(hf_hub_download("user/stats-pair", "README.md", endpoint=hub.endpoint, cache_dir=tmp_path / "c")).read_text()
     assert card.count("**Format**: `stats`") == 2
+
+
+def test_selection_in_row_blocks_equals_one_pass(monkeypatch):
+    from peft_persona import selection
+
+    weight = torch.randn(37, 24, generator=torch.Generator().manual_seed(4))
+    channel = torch.rand(24, generator=torch.Generator().manual_seed(5)).round(decimals=1)  # many ties
+    tiebreak = torch.rand(24, generator=torch.Generator().manual_seed(6))
+    whole = select_by_channels(weight, 9, channel, tiebreak)
+    monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 24 * 5)  # blocks of 5 rows, the last one shorter
+    assert torch.equal(select_by_channels(weight, 9, channel, tiebreak), whole)
+    assert torch.equal(select_by_channels(weight, 9, channel), pp.scoring.select_top_per_row(
+        pp.scoring.order_keys(pp.scoring.wanda_scores(weight, channel)), 9))

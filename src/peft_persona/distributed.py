@@ -61,17 +61,20 @@ def add_in_batch_order(totals: Sequence[torch.Tensor], local: Mapping[int, Seque
             total += part.view(total.shape).to(total.device, total.dtype)
 
 
-def share_masks(masks: dict[str, torch.Tensor], layers: Sequence[str], shapes: Mapping[str, tuple[int, int]]) -> None:
-    """Fill ``masks`` (layer to ``bool`` mask) on every rank from the rank that owns each layer (in place)."""
+def share_masks(
+    masks: dict[str, torch.Tensor], layers: Sequence[str], shapes: Mapping[str, tuple[int, int]], packed: bool = False
+) -> None:
+    """Fill ``masks`` (layer to mask: ``bool``, or packed ``uint8`` with ``packed``) on every rank from the rank that
+    owns each layer (in place)."""
     device = _device()
     for index, layer in enumerate(layers):
         out_features, in_features = shapes[layer]
         if owner(index) == world()[0]:
-            packed = pack_mask(masks[layer]).to(device)
+            bits = (masks[layer] if packed else pack_mask(masks[layer])).to(device)
         else:
-            packed = torch.empty(out_features, (in_features + 7) // 8, dtype=torch.uint8, device=device)
-        torch.distributed.broadcast(packed, src=owner(index))
-        masks[layer] = unpack_mask(packed.cpu(), in_features)
+            bits = torch.empty(out_features, (in_features + 7) // 8, dtype=torch.uint8, device=device)
+        torch.distributed.broadcast(bits, src=owner(index))
+        masks[layer] = bits.cpu() if packed else unpack_mask(bits.cpu(), in_features)
 
 
 def init_from_environment() -> bool:

@@ -20,6 +20,7 @@ from torch import nn
 from . import distributed, scoring, selection
 from .layerwise import (
     DEFAULT_CACHE_BYTES, Checkpoint, HiddenCache, capture_block_inputs, empty_model, resident, resolve_checkpoint,
+    return_freed_memory,
 )
 from .bits import count_kept, pack_mask
 from .calibrate import (
@@ -329,9 +330,13 @@ class PersonaExtractor:
         sparsity: Optional[float] = None,
         *,
         options: Optional[ExtractionOptions] = None,
+        packed: bool = False,
         **recipe: Any,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Masks per persona and layer from calibration statistics (no forward pass). See :meth:`extract`."""
+        """Masks per persona and layer from calibration statistics (no forward pass). See :meth:`extract`.
+
+        ``packed`` returns each mask packed (``uint8``, 1 bit per weight, as on disk) instead of ``bool``.
+        """
         options = resolve_options(options, method=method, sparsity=sparsity, **recipe)
         names = list(stats)
         check_personas(options, names)
@@ -345,8 +350,9 @@ class PersonaExtractor:
                 weight = oriented_weight(module)
                 k = scoring.kept_per_row(weight.shape[1], options.sparsity)
                 for persona in names:
-                    result[persona][layer] = self._select(layer, weight, k, persona, stats, options, generator).cpu()
-        self._share_masks(result, split=options.calibrated)
+                    mask = self._select(layer, weight, k, persona, stats, options, generator)
+                    result[persona][layer] = (pack_mask(mask) if packed else mask).cpu()
+        self._share_masks(result, split=options.calibrated, packed=packed)
         return result
 
     def _my_layers(self, split: bool = True) -> set[str]:
@@ -354,12 +360,12 @@ class PersonaExtractor:
         layers = list(self.modules)
         return {n for i, n in enumerate(layers) if not split or distributed.owner(i) == distributed.world()[0]}
 
-    def _share_masks(self, masks: dict[str, dict[str, torch.Tensor]], split: bool = True) -> None:
+    def _share_masks(self, masks: dict[str, dict[str, torch.Tensor]], split: bool = True, packed: bool = False) -> None:
         """Give every rank every layer's mask, from the rank that selected it (nothing to do in one process)."""
         if split and distributed.world()[1] > 1:
             shapes = {n: tuple(oriented_weight(m).shape) for n, m in self.modules.items()}
             for persona, persona_masks in masks.items():
-                distributed.share_masks(persona_masks, list(self.modules), shapes)
+                distributed.share_masks(persona_masks, list(self.modules), shapes, packed=packed)
                 masks[persona] = {n: persona_masks[n] for n in self.modules}
 
     def _select(
@@ -411,6 +417,7 @@ class PersonaExtractor:
             if not layer.startswith(blocks_name + "."):
                 raise ValueError(f"layer-by-layer extraction masks layers inside the decoder blocks only; {layer!r} is not")
             by_block.setdefault(block_index(layer.removeprefix(blocks_name + ".")), []).append(layer)
+        return_freed_memory()  # freed blocks go back to the OS instead of piling up in the heap
         cache = HiddenCache(self._layerwise["cache_bytes"], self._layerwise["spill_dir"])
         masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in personas}
         generator, selecting = torch.Generator().manual_seed(options.seed), 0.0
@@ -537,7 +544,7 @@ class PersonaExtractor:
             if options.method == "obs":
                 masks = self._obs_masks(obs_diagonals, options.sparsity)
             else:
-                masks = self.masks(stats, options=options)
+                masks = self.masks(stats, options=options, packed=True)  # 1 bit per weight until the adapters exist
             times.append(time.perf_counter())
         self._add_adapters(names, masks, stats, options, save_format)
         times.append(time.perf_counter())
@@ -605,8 +612,8 @@ class PersonaExtractor:
                 k = scoring.kept_per_row(weight.shape[1], sparsity)
                 for persona, per_layer in diag.items():
                     keys = scoring.order_keys(scoring.obs_scores(weight, per_layer[layer]))
-                    masks[persona][layer] = scoring.select_top_per_row(keys, k).cpu()
-        self._share_masks(masks)
+                    masks[persona][layer] = pack_mask(scoring.select_top_per_row(keys, k)).cpu()
+        self._share_masks(masks, packed=True)
         return masks
 
 

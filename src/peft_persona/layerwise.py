@@ -108,6 +108,36 @@ def resident(model: nn.Module, prefixes: Iterable[str], checkpoint: Checkpoint, 
     finally:
         for name in names:
             set_module_tensor_to_device(model, name, "meta")
+        return_freed_memory()
+
+
+def _glibc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> None:
+    """Make glibc hand freed blocks back to the OS (elsewhere, nothing happens).
+
+    glibc raises its mmap threshold as large blocks are freed, so the weights and score tensors of each decoder block
+    end up in its heap and stay resident after they are freed: peak memory then creeps up block after block (2 GB
+    instead of 1 GB on the 1.1B benchmark). This fixes the threshold at ``threshold`` bytes (process-wide: larger
+    allocations are mapped and unmapped on their own) and trims the heap now.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+        libc.malloc_trim(0)
 
 
 class _Captured(Exception):

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 DIGEST_BYTES = 32  # SHA-256
+CHUNK_ELEMENTS = 1 << 22  # entries per block of rows in select_by_channels (16 MiB of float32 scores)
 
 
 def kept_per_row(in_features: int, sparsity: float) -> int:
@@ -88,7 +89,18 @@ def channel_scores(weight: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
 def select_by_channels(
     weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Keep the ``k`` best of each row by ``|W| * channel``, ties by ``|W| * tiebreak``, then by lower column."""
+    """Keep the ``k`` best of each row by ``|W| * channel``, ties by ``|W| * tiebreak``, then by lower column.
+
+    Rows are independent, so a large weight is selected in blocks of rows of about ``CHUNK_ELEMENTS`` entries: the
+    result is the same, and the score and key temporaries stay a few times one block instead of the whole matrix.
+    """
+    rows = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    if weight.shape[0] <= rows:
+        return _select_rows(weight, k, channel, tiebreak)
+    return torch.cat([_select_rows(weight[i : i + rows], k, channel, tiebreak) for i in range(0, weight.shape[0], rows)])
+
+
+def _select_rows(weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: Optional[torch.Tensor]) -> torch.Tensor:
     primary = channel_scores(weight, channel)
     if tiebreak is None:
         return select_top_per_row(order_keys(primary), k)
