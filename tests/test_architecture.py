@@ -27,8 +27,8 @@ RANKS: dict[str, int] = {
     "metrics": 6, "metrics.persona_alignment.persona_alignment": 6, "metrics.persona_margin.persona_margin": 6,
     "metrics.mask_overlap.mask_overlap": 6,
     "eval": 7, "eval.items": 7, "eval.conditions": 7, "eval.scoring": 7, "eval.adapters": 7, "eval.harness": 7,
-    "eval.report": 7, "eval.plots": 7,
-    "commands": 8, "commands.extract": 8, "commands.eval": 8, "commands.push": 8, "commands.inspect": 8,
+    "eval.report": 7, "eval.plots": 7, "eval.records": 7, "eval.tune": 7, "eval.tune_report": 7,
+    "commands": 8, "commands.extract": 8, "commands.eval": 8, "commands.push": 8, "commands.inspect": 8, "commands.tune": 8, "commands.personas": 8,
     "cli": 9,
     "": 10,  # peft_persona/__init__.py: the public API
 }

@@ -90,7 +90,7 @@ def test_harness_reports_every_available_condition_against_its_control(tiny_run)
     assert block["vs_control"]["persona mask + persona prompt"]["control"] == "random mask + persona prompt"
     assert "random mask" not in block["vs_control"]
     references = block["vs_reference"]["persona mask"]
-    assert list(references) == ["base", "random mask", "base + persona prompt"]  # no magnitude/neutral adapters here
+    assert list(references) == ["base", "opposite mask", "random mask", "base + persona prompt"]  # the switch; no magnitude/neutral here
     assert references["random mask"] == {k: v for k, v in block["vs_control"]["persona mask"].items() if k != "control"}
     values = block["conditions"]["base"]["items"]
     assert len(values["margin"]) == 6 and 0 <= mask["accuracy"]["accuracy"] <= 1

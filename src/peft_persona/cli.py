@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 # Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on the parser.
-COMMANDS = ("extract", "eval", "push", "inspect")
+COMMANDS = ("extract", "eval", "tune", "push", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the words, for reports that record the command
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:

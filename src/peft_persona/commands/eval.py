@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-DATA_ENV = "PEFT_PERSONA_DATA"
-DEFAULT_PERSONAS = ("extraversion", "agreeableness", "desire-for-acquiring-power", "power", "wealth", "hallucination")
+from . import personas as persona_options
 
 
 def register(subparsers: Any) -> None:
@@ -28,11 +26,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparsity for --extract (default 0.5)")
     parser.add_argument("--method", default="contrastive", help="extraction method for --extract (default contrastive)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--data-root", default=os.environ.get(DATA_ENV),
-                        help=f"folder holding anthropic-evals/, paper-persona/ and machine-mindset/ (default: ${DATA_ENV})")
-    parser.add_argument("--personas", nargs="+", default=list(DEFAULT_PERSONAS), help="personas to evaluate")
     parser.add_argument("--conditions", nargs="+", default=None, help="condition names (default: all)")
-    parser.add_argument("--n-items", type=int, default=100, help="items per persona and format (default 100)")
+    parser.add_argument("--n-items", type=int, default=100, help="items per persona and format, balanced between the "
+                        "answers (default 100; 0: every test item)")
     parser.add_argument("--n-paper-items", type=int, default=None, help="items per paper split (default --n-items)")
     parser.add_argument("--seed", type=int, default=1, help="seed drawing evaluation items from the held-out rows")
     parser.add_argument("--nll-passages", type=int, default=16, help="neutral passages for general-ability NLL")
@@ -41,6 +37,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the statistics and rewrite report.md and plots from --out/results.json; no model")
+    persona_options.add_arguments(parser, presets_default=None)
     parser.set_defaults(func=run)
 
 
@@ -52,9 +49,6 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.conditions import CONDITIONS
     from ..models import load_model
 
-    unknown = [p for p in args.personas if p not in items.PERSONAS]
-    if unknown:
-        raise ValueError(f"unknown persona(s) {unknown}; known: {sorted(items.PERSONAS)}")
     names = {c.name for c in CONDITIONS}
     if args.conditions and set(args.conditions) - names:
         raise ValueError(f"unknown condition(s) {sorted(set(args.conditions) - names)}; known: {[c.name for c in CONDITIONS]}")
@@ -63,13 +57,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.report_only:
         return rewrite_report(out)
-    if args.data_root is None:
-        raise FileNotFoundError(f"no evaluation data: pass --data-root DIR or set {DATA_ENV}")
-    data_root = Path(args.data_root)
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"data root {data_root} does not exist (pass --data-root)")
+    personas, data_root = persona_options.resolve(args)
     out.mkdir(parents=True, exist_ok=True)
-    personas = [items.PERSONAS[p] for p in args.personas]
     started = time.time()
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     if args.extract:
@@ -89,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     nll = items.neutral_texts(data_root, "eval", args.nll_passages) if args.nll_passages else []
     sources = {"paper": args.n_paper_items} if args.n_paper_items else None
     with torch.inference_mode():
-        plan = harness.EvalPlan(personas, data_root, args.n_items, args.seed, conditions, args.batch_size, nll,
+        plan = harness.EvalPlan(personas, data_root, args.n_items or None, args.seed, conditions, args.batch_size, nll,
                                 n_items_by_source=sources, digests=digests, previous=previous)
         results = harness.run(
             model, tokenizer, plan,

@@ -92,7 +92,8 @@ def compare(fmt: str, values: dict[str, list], control: dict[str, list], seed: i
 
 
 MASK_REFERENCES = {
-    "persona mask": ("base", "random mask", "magnitude mask", "neutral Wanda mask", "base + persona prompt"),
+    "persona mask": ("base", "opposite mask", "random mask", "magnitude mask", "neutral Wanda mask",
+                     "base + persona prompt"),
     "persona mask + persona prompt": ("base + persona prompt", "random mask + persona prompt", "neutral Wanda mask"),
 }
 
@@ -194,14 +195,16 @@ def _per_block(layers: dict[str, dict[str, float]], key: str) -> dict[str, float
 class EvalPlan:
     """What an evaluation scores.
 
-    ``n_items_by_source`` overrides ``n_items`` per persona source (``"anthropic"``, ``"paper"``). With ``previous``
+    Items come from each persona's ``split`` (``"test"``, or ``"validation"`` when tuning); ``n_items=None`` takes
+    them all. ``n_items_by_source`` overrides ``n_items`` per persona source (``"anthropic"``, ``"paper"``,
+    ``"user"``). With ``previous``
     results, a condition is reused instead of rescored when its items, system prompt and adapter digest (from
     ``digests``; ``"base"`` for no adapter) are unchanged.
     """
 
     personas: Sequence[Persona]
-    data_root: Path
-    n_items: int = 100
+    data_root: Optional[Path]
+    n_items: Optional[int] = 100
     seed: int = 1
     conditions: Sequence[Condition] = CONDITIONS
     batch_size: int = 8
@@ -209,6 +212,7 @@ class EvalPlan:
     n_items_by_source: Optional[dict[str, int]] = None
     digests: Optional[dict[str, str]] = None
     previous: Optional[dict[str, Any]] = None
+    split: str = "test"
 
     def digest(self, adapter: Optional[str]) -> Optional[str]:
         return {**(self.digests or {}), "base": "base"}.get(adapter or "base")
@@ -254,7 +258,7 @@ def _score_block(
 ) -> dict[str, Any]:
     """One persona's items in one format under every condition, with the paired comparisons."""
     n = (plan.n_items_by_source or {}).get(persona.source, plan.n_items)
-    items = load_items(plan.data_root, persona, fmt, n, plan.seed)
+    items = load_items(plan.data_root, persona, fmt, n, plan.seed, plan.split)
     old = plan.old_block(persona, fmt, items)
     block: dict[str, Any] = {"item_ids": [i.id for i in items], "items_text": _fingerprint(items), "conditions": {},
                              "vs_control": {}}
@@ -265,6 +269,9 @@ def _score_block(
             results["skipped"].append(f"{where}: no adapter {adapter!r}")
             continue
         digest, system = plan.digest(adapter), condition.system_prompt(persona)
+        if condition.prompt is not None and system is None:
+            results["skipped"].append(f"{where}: persona {persona.name!r} has no {condition.prompt} prompt")
+            continue
         before = old.get("conditions", {}).get(condition.name)
         if before and digest and before.get("digest") == digest and before.get("system_prompt") == system:
             block["conditions"][condition.name] = before

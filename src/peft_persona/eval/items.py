@@ -1,15 +1,19 @@
-"""Evaluation items in three formats, the personas they measure, and the calibration/evaluation splits.
+"""The personas an evaluation measures, where their records come from, and the calibration/validation/test splits.
 
-Formats:
+Item formats (see :mod:`peft_persona.eval.records`):
 
 ``yes_no``      Anthropic persona question, rendered with the chat template; " Yes" against " No" as the answer.
-``paper_ab``    The paper's A/B test files: question and both answer texts as choices (A)/(B); "A" against "B".
-``statement``   Held-out statements as the assistant's reply to a fixed user turn; per-token log-likelihood of the
-                trait statements minus that of the opposite statements.
+``paper_ab``    A question and both answer texts as choices (A)/(B); "A" against "B".
+``ab``          Anthropic advanced-ai-risk A/B question as written; "A" against "B".
+``response``    A prompt and two responses, one per side; per-token log-likelihood of each.
+``statement``   Held-out statements (or one-sided responses) as the assistant's reply; per-token log-likelihood of the
+                trait texts minus that of the opposite texts.
 
-Anthropic files are split with :func:`peft_persona.data.anthropic_split` (100 calibration rows per answer, seed 0),
-so evaluation items never overlap the calibration texts; evaluation items are then drawn from the held-out rows with
-``seed``. The paper's test files are used as they are, less any question that also appears in its train file.
+Preset Anthropic personas split with seed 0: 100 calibration rows per answer (exactly
+:func:`peft_persona.data.anthropic_split`), then a quarter of the rest for validation and the remainder for test.
+Preset paper personas calibrate on their train file; their test file, less any question also in the train file, is
+split a quarter validation, the rest test. User personas (:func:`user_persona`) split as they are told. Evaluation
+items are drawn from a split with ``seed``, so calibration, validation and test never share a row.
 """
 
 from __future__ import annotations
@@ -17,40 +21,41 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from .. import data
+from .records import (
+    AB_SUFFIX, STATEMENT_PROMPT, Item, Record, ab_question, anthropic_statement, draw_items, paper_csv_row,
+    response_pair, single_text, split_records,
+)
 
-STATEMENT_PROMPT = "Say something about yourself in one sentence."
-AB_SUFFIX = "\n\nAnswer with A or B."
+__all__ = ["AB_SUFFIX", "STATEMENT_PROMPT", "Item", "Persona", "PERSONAS", "user_persona", "load_items"]
+
 CALIBRATION_PER_ANSWER = 100
 CALIBRATION_SEED = 0
-
-
-@dataclass(frozen=True)
-class Item:
-    """One scored item: a user turn and two candidate assistant continuations (or one statement)."""
-
-    id: str
-    format: str
-    user: str
-    choices: tuple[str, ...]
-    matching: int  # index into choices of the persona-matching continuation; for statements 1 = trait, 0 = opposite
+VALIDATION_FRACTION = 0.25
+FORMAT_ORDER = ("yes_no", "statement", "paper_ab", "ab", "response")
 
 
 @dataclass(frozen=True)
 class Persona:
-    """A persona to evaluate: its adapter names, prompts, and data files (relative to the data root)."""
+    """A persona to evaluate: its adapter names, system prompts (``None``: no prompt conditions) and data.
+
+    Presets (``source`` ``"anthropic"`` or ``"paper"``) name files relative to the data root. A user persona
+    (``source="user"``, from :func:`user_persona`) carries its split records in ``splits``.
+    """
 
     name: str
     opposite: str
-    source: str  # "anthropic" or "paper"
-    test_file: str
+    source: str
+    test_file: Optional[str]
     train_file: Optional[str]
-    prompt: str
-    opposite_prompt: str
+    prompt: Optional[str]
+    opposite_prompt: Optional[str]
     formats: tuple[str, ...] = field(default=("yes_no", "statement"))
+    splits: Optional[Mapping[str, Sequence[Record]]] = field(default=None, compare=False, repr=False)
 
 
 def _anthropic(name: str, opposite: str, prompt: str, opposite_prompt: str) -> Persona:
@@ -108,78 +113,202 @@ def paper_test_rows(data_root: Path, persona: Persona) -> tuple[list[dict], list
     return kept, [row["question"] for row in test if row["question"].strip() in train]
 
 
-def _balanced_sample(rows: list[dict], n: int, seed: int, key: str) -> list[dict]:
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row[key].strip(), []).append(row)
-    rng = random.Random(seed)
-    picked = []
-    for label in sorted(groups):
-        want = n // len(groups)
-        if len(groups[label]) < want:
-            raise ValueError(f"only {len(groups[label])} rows answer {label!r}; {want} requested")
-        picked += rng.sample(groups[label], want)
-    rng.shuffle(picked)
-    return picked
+def persona_splits(data_root: Optional[Path], persona: Persona) -> Mapping[str, Sequence[Record]]:
+    """The persona's records split into ``calibration``, ``validation`` and ``test``."""
+    if persona.splits is not None:
+        return persona.splits
+    if data_root is None:
+        raise FileNotFoundError(f"persona {persona.name!r} is a preset that reads {persona.test_file}: give a data root")
+    if persona.source == "anthropic":
+        rows = data.read_jsonl(Path(data_root) / persona.test_file)
+        records = _records(rows, anthropic_statement, persona.test_file)
+        return split_records(records, CALIBRATION_PER_ANSWER, VALIDATION_FRACTION, CALIBRATION_SEED)
+    rng = random.Random(CALIBRATION_SEED)
+    train = _records(data.read_csv(Path(data_root) / persona.train_file), lambda r: paper_csv_row(r, rng),
+                     persona.train_file)
+    kept, _ = paper_test_rows(data_root, persona)
+    parts = split_records(_records(kept, lambda r: paper_csv_row(r, rng), persona.test_file), 0,
+                          VALIDATION_FRACTION, CALIBRATION_SEED)
+    return {**parts, "calibration": train}
 
 
-def load_items(data_root: Path, persona: Persona, fmt: str, n: int, seed: int = 1) -> list[Item]:
-    """``n`` evaluation items of ``persona`` in format ``fmt`` (balanced between the two answers), drawn with ``seed``."""
+def _records(rows: Sequence[Mapping[str, Any]], build: Any, where: str) -> list[Record]:
+    """``build`` applied to every row; a row it cannot read raises a ``ValueError`` naming the file, row and field."""
+    records = []
+    for index, row in enumerate(rows):
+        try:
+            records.append(build(row))
+        except KeyError as err:
+            raise ValueError(f"{where}, row {index}: missing field {err}; the row has {sorted(row)}") from None
+        except (ValueError, AttributeError, TypeError) as err:
+            raise ValueError(f"{where}, row {index}: {err}") from None
+    return records
+
+
+def load_items(
+    data_root: Optional[Path], persona: Persona, fmt: str, n: Optional[int], seed: int = 1, split: str = "test"
+) -> list[Item]:
+    """``n`` items (all when ``None``) of ``persona`` in format ``fmt`` from ``split`` (``"validation"`` or
+    ``"test"``), balanced between the answers, drawn with ``seed``."""
     if fmt not in persona.formats:
         raise ValueError(f"persona {persona.name!r} has no format {fmt!r}; it has {list(persona.formats)}")
-    if n < 2:
-        raise ValueError(f"need at least 2 items, got n={n}")
-    if persona.source == "anthropic":
-        _, held_out = anthropic_rows(data_root, persona)
-        rows = _balanced_sample(held_out, n, seed, "answer_matching_behavior")
-        if fmt == "yes_no":
-            return [
-                Item(f"{persona.name}/{i}", fmt, r["question"], (" Yes", " No"),
-                     0 if r["answer_matching_behavior"].strip() == "Yes" else 1)
-                for i, r in enumerate(rows)
-            ]
-        return [
-            Item(f"{persona.name}/{i}", fmt, STATEMENT_PROMPT, (r["statement"],),
-                 1 if r["answer_matching_behavior"].strip() == "Yes" else 0)
-            for i, r in enumerate(rows)
-        ]
-    rows, _ = paper_test_rows(data_root, persona)
-    rows = _balanced_sample(rows, n, seed, "matching")
-    return [
-        Item(f"{persona.name}/{i}", fmt, f"{r['question'].strip()}\n\nChoices:\n (A) {r['A'].strip()}\n (B) {r['B'].strip()}"
-             + AB_SUFFIX, ("A", "B"), 0 if r["matching"].strip() == "A" else 1)
-        for i, r in enumerate(rows)
-    ]
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    prefix = persona.name if split == "test" else f"{persona.name}/{split}"
+    return draw_items(persona_splits(data_root, persona)[split], fmt, n, seed, prefix)
 
 
-def calibration_texts(data_root: Path, persona: Persona) -> tuple[list, list]:
+def calibration_texts(data_root: Optional[Path], persona: Persona) -> tuple[list, list]:
     """``(persona_texts, opposite_texts)`` for mask extraction; disjoint from every evaluation item."""
-    if persona.source == "anthropic":
-        calibration, _ = anthropic_rows(data_root, persona)
-        return data.anthropic_persona_texts(calibration, "yes"), data.anthropic_persona_texts(calibration, "no")
-    rows = data.read_csv(Path(data_root) / persona.train_file)
-    return data.paper_csv_texts(rows, "matching"), data.paper_csv_texts(rows, "not_matching")
+    records = persona_splits(data_root, persona)["calibration"]
+    return [r.persona for r in records if r.persona is not None], [r.opposite for r in records if r.opposite is not None]
+
+
+def read_rows(source: str) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one text per line) file."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"persona data {source!r}: no file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return data.read_jsonl(path)
+    if suffix == ".csv":
+        return data.read_csv(path)
+    if suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        return rows
+    if suffix == ".txt":
+        return [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise ValueError(f"persona data {source!r}: unsupported file type {suffix!r} (use .jsonl, .csv, .json or .txt)")
+
+
+def rows_to_records(rows: Sequence[Mapping[str, Any]], where: str, persona_index: int = 0, trait: bool = True,
+                    seed: int = 0) -> list[Record]:
+    """Records of rows in any supported format, told apart by their fields (see the module doc).
+
+    Alpaca rows with two outputs take output ``persona_index`` as the persona's; one-sided rows (texts, statements
+    without answers, Alpaca with one output) are the persona's side when ``trait`` and the opposite's otherwise.
+    """
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    first, rng = rows[0], random.Random(seed)
+    if "statement" in first and "answer_matching_behavior" in first:
+        return _records(rows, anthropic_statement, where)
+    if "question" in first and "answer_matching_behavior" in first:
+        return _records(rows, ab_question, where)
+    if "question" in first and "matching" in first:
+        return _records(rows, lambda r: paper_csv_row(r, rng), where)
+    if "instruction" in first and "output" in first:
+        return _records(rows, lambda r: _alpaca(r, persona_index, trait, rng), where)
+    for field_name in ("text", "statement"):
+        if field_name in first:
+            return _records(rows, lambda r: single_text(r[field_name], trait), where)
+    raise ValueError(
+        f"{where}: cannot tell the row format from its fields {sorted(first)}; expected Anthropic persona "
+        "(statement, answer_matching_behavior), A/B (question, answer_matching_behavior), paper CSV (question, "
+        "matching[, not_matching]), Alpaca/DPO (instruction, [input,] output) or text"
+    )
+
+
+def _alpaca(row: Mapping[str, Any], persona_index: int, trait: bool, rng: random.Random) -> Record:
+    prompt = "\n\n".join(p.strip() for p in (row["instruction"], row.get("input") or "") if p.strip())
+    output = row["output"]
+    if isinstance(output, list):
+        if len(output) != 2 or persona_index not in (0, 1):
+            raise ValueError(f"a DPO row needs two outputs and persona_index 0 or 1; got {len(output)} outputs")
+        return response_pair(prompt, output[persona_index], output[1 - persona_index], rng.random() < 0.5)
+    return single_text(data.chat(prompt, output), trait)
+
+
+def user_persona(
+    name: str,
+    source: Union[str, Sequence[Mapping[str, Any]]],
+    *,
+    opposite: Optional[str] = None,
+    opposite_source: Union[str, Sequence[Mapping[str, Any]], None] = None,
+    prompt: Optional[str] = None,
+    opposite_prompt: Optional[str] = None,
+    persona_index: int = 0,
+    calibration: Union[int, float] = 0.4,
+    validation: float = VALIDATION_FRACTION,
+    seed: int = CALIBRATION_SEED,
+    description: Optional[str] = None,
+) -> Persona:
+    """A persona from the user's own data: a file path or a list of rows (e.g. a ``datasets.Dataset`` read with
+    :func:`dataset_rows`), in any format :func:`rows_to_records` reads.
+
+    One-sided data (texts, Alpaca with one output) needs ``opposite_source`` for the other side. The records split
+    per label: ``calibration`` (a count per label, or a fraction), then ``validation`` of the rest, then test.
+    ``description`` says where the data came from, in reports (default: the path).
+    """
+    records = _source_records(source, persona_index, True, seed)
+    if opposite_source is not None:
+        records += _source_records(opposite_source, persona_index, False, seed)
+    labels = {r.label for r in records}
+    if labels <= {"persona"} or labels <= {"opposite"}:
+        raise ValueError(f"persona {name!r}: its data has one side only; give opposite_source for the other")
+    parts = split_records(records, calibration, validation, seed)
+    empty = [s for s, part in parts.items() if not part]
+    if empty:
+        raise ValueError(f"persona {name!r}: {len(records)} records leave the {empty} split(s) empty; "
+                         "give more data or change calibration/validation")
+    formats = tuple(f for f in FORMAT_ORDER if any(f in r.items for r in records))
+    where = description or (str(source) if isinstance(source, (str, Path)) else "<rows>")
+    return Persona(name, opposite or f"not-{name}", "user", where, None, prompt, opposite_prompt, formats, parts)
+
+
+def _source_records(source: Any, persona_index: int, trait: bool, seed: int) -> list[Record]:
+    if isinstance(source, (str, Path)):
+        return rows_to_records(read_rows(str(source)), str(source), persona_index, trait, seed)
+    return rows_to_records(list(source), "<rows>", persona_index, trait, seed)
+
+
+def dataset_rows(dataset_id: str, split: str, columns: Optional[Mapping[str, str]] = None) -> list[dict[str, Any]]:
+    """Rows of a Hugging Face dataset (a Hub id or a local folder), with ``columns`` renaming the dataset's columns
+    to the field names :func:`rows_to_records` reads (``{"statement": "text", ...}`` maps field to column)."""
+    import datasets
+
+    table = datasets.load_dataset(dataset_id, split=split)
+    columns = dict(columns or {})
+    missing = [c for c in columns.values() if c not in table.column_names]
+    if missing:
+        raise KeyError(f"dataset {dataset_id!r} split {split!r} has no column(s) {missing}; it has {table.column_names}")
+    keep = {field_name: column for field_name, column in columns.items()} or {c: c for c in table.column_names}
+    return [{field_name: row[column] for field_name, column in keep.items()} for row in table]
 
 
 NEUTRAL_CORPUS = (
     "Machine-Mindset en_energy_extraversion.json `instruction` fields (github.com/PKU-YuanGroup/Machine-Mindset, "
-    "commit 5ee14c144fc5, Apache-2.0): short neutral English task descriptions"
+    "commit 5ee14c144fc5, Apache-2.0): short neutral English task descriptions; the first 400 of each half ship "
+    "with the package (peft_persona/data/neutral_instructions.json)"
 )
 
 
-def neutral_texts(data_root: Path, part: str, n: int, per_passage: int = 8, seed: int = 0) -> list[str]:
-    """Neutral English passages: ``per_passage`` Machine-Mindset instructions joined by newlines.
-
-    The instructions are shuffled with ``seed`` and halved: ``part="calibration"`` draws from the first half (for the
-    neutral Wanda control), ``part="eval"`` from the second (for general-ability NLL), so the two never overlap.
-    """
-    if part not in ("calibration", "eval"):
-        raise ValueError(f"part must be 'calibration' or 'eval', got {part!r}")
+def _instructions(data_root: Optional[Path], part: str, seed: int) -> list[str]:
+    if data_root is None:
+        shipped = resources.files("peft_persona") / "data" / "neutral_instructions.json"
+        return json.loads(shipped.read_text(encoding="utf-8"))[part]
     with open(Path(data_root) / "machine-mindset" / "en_energy_extraversion.json", encoding="utf-8") as handle:
         instructions = sorted({row["instruction"].strip() for row in json.load(handle)})
     random.Random(seed).shuffle(instructions)
     half = len(instructions) // 2
-    pool = instructions[:half] if part == "calibration" else instructions[half:]
+    return instructions[:half] if part == "calibration" else instructions[half:]
+
+
+def neutral_texts(data_root: Optional[Path], part: str, n: int, per_passage: int = 8, seed: int = 0) -> list[str]:
+    """Neutral English passages: ``per_passage`` Machine-Mindset instructions joined by newlines.
+
+    The instructions are shuffled with ``seed`` and halved: ``part="calibration"`` draws from the first half (for the
+    neutral Wanda control), ``part="eval"`` from the second (for general-ability NLL), so the two never overlap.
+    With no ``data_root`` they come from the copy shipped with the package (the same passages, for seed 0).
+    """
+    if part not in ("calibration", "eval"):
+        raise ValueError(f"part must be 'calibration' or 'eval', got {part!r}")
+    if data_root is None and seed != 0:
+        raise ValueError("the shipped neutral instructions are the seed-0 halves; give a data root for another seed")
+    pool = _instructions(data_root, part, seed)
     if n * per_passage > len(pool):
         raise ValueError(f"{n} passages of {per_passage} need {n * per_passage} instructions; the {part} half has {len(pool)}")
     return ["\n".join(pool[i * per_passage : (i + 1) * per_passage]) for i in range(n)]

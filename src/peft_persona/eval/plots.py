@@ -84,3 +84,43 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         written.append(Path(out) / "mask_layers.png")
         mask_layers_plot(results, written[1])
     return written
+
+
+def pareto_plot(results: dict[str, Any], path: Path) -> None:
+    """Validation objective against NLL cost for every grid point, the Pareto front, the chosen point, the prompt
+    baseline (no weight change: cost 0) and the controls at the chosen point's settings."""
+    plt = _pyplot()
+    objective = results["plan"]["objective"]
+    points, chosen = results["points"], results["chosen"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for target, marker in (("mlp", "o"), ("attention", "^"), ("all", "s")):
+        mine = [p for p in points if p["target"] == target]
+        if mine:
+            scatter = ax.scatter([p["cost"] for p in mine], [p[objective] for p in mine], c=[p["strength"] for p in mine],
+                                 cmap="viridis", vmin=0, vmax=1, marker=marker, s=[20 + 60 * p["sparsity"] for p in mine],
+                                 label=f"grid, target {target}")
+    if points:
+        fig.colorbar(scatter, ax=ax, label="strength")
+    front = [p for p in points if _key(p) in set(results["pareto"])]
+    front.sort(key=lambda p: p["cost"])
+    ax.plot([p["cost"] for p in front], [p[objective] for p in front], color="black", lw=1, label="Pareto front")
+    ax.scatter([chosen["cost"]], [chosen[objective]], marker="*", s=220, color="red", label="chosen", zorder=5)
+    ax.axvline(results["plan"]["nll_budget"], color="grey", ls="--", lw=1, label="NLL budget")
+    ax.axhline(0, color="grey", lw=0.5)
+    reference = results["reference"]
+    if "persona prompt" in reference:
+        ax.scatter([0], [reference["persona prompt"]["margin"] - reference["base"]["margin"]], marker="P", s=90,
+                   color="tab:orange", label="persona prompt (shift)", zorder=4)
+    for name, value in results.get("controls", {}).items():
+        ax.scatter([value["cost"]], [value["shift"]], marker="x", s=60, label=f"{name} control (shift)", zorder=4)
+    ax.set_xlabel("NLL cost on neutral text (nats/token vs base)")
+    ax.set_ylabel(f"validation {objective} (nats/token)")
+    ax.set_title(f"{results['persona']['name']} / {results['format']}: tune grid", fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _key(point: dict[str, Any]) -> str:
+    return f"{point['target']}/sparsity={point['sparsity']:g}/strength={point['strength']:g}"

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 from .conditions import RANDOM, Condition
 from .items import (
-    AB_SUFFIX, CALIBRATION_PER_ANSWER, CALIBRATION_SEED, NEUTRAL_CORPUS, STATEMENT_PROMPT, Persona,
+    AB_SUFFIX, CALIBRATION_PER_ANSWER, CALIBRATION_SEED, NEUTRAL_CORPUS, STATEMENT_PROMPT, VALIDATION_FRACTION, Persona,
 )
 
 PAPER_TABLE = """| method | Power | Wealth | Hallucination |
@@ -25,6 +25,8 @@ FORMAT_TITLES = {
     "yes_no": "Anthropic Yes/No (\" Yes\" vs \" No\" at the answer position)",
     "paper_ab": "Paper A/B test (\"A\" vs \"B\" at the answer position)",
     "statement": "Held-out statement likelihood (per-token log-prob of trait minus opposite statements)",
+    "ab": "A/B question as written (\"A\" vs \"B\" at the answer position)",
+    "response": "Paired responses (per-token log-prob of the persona's response minus the opposite's)",
 }
 
 
@@ -36,7 +38,7 @@ def command_line(args: argparse.Namespace) -> str:
     if args.adapters:
         parts += ["--adapters", args.adapters] + (["--extract", "--sparsity", str(args.sparsity), "--method", args.method]
                                                   if args.extract else [])
-    parts += ["--data-root", str(args.data_root), "--personas", *args.personas]
+    parts += persona_arguments(args)
     if args.conditions:
         parts += ["--conditions", *args.conditions]
     parts += ["--n-items", str(args.n_items)]
@@ -47,6 +49,23 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--threads", str(args.threads)]
     parts += ["--out", args.out]
     return shlex.join(parts)
+
+
+USER_OPTIONS = ("data", "hf_dataset", "hf_split", "columns", "name", "opposite", "opposite_data", "persona_prompt",
+                "opposite_prompt", "persona_index", "calibration", "validation")
+
+
+def persona_arguments(args: argparse.Namespace) -> list[str]:
+    """The persona options of ``args`` as command-line words (presets, data root, the user's own data)."""
+    parts = ["--data-root", str(args.data_root)] if args.data_root else []
+    if args.personas:
+        parts += ["--personas", *args.personas]
+    if getattr(args, "data", None) or getattr(args, "hf_dataset", None):
+        for option in USER_OPTIONS:
+            value = getattr(args, option, None)
+            if value is not None and not (option == "hf_split" and not args.hf_dataset):
+                parts += [f"--{option.replace('_', '-')}", str(value)]
+    return parts
 
 
 def metadata(
@@ -64,7 +83,8 @@ def metadata(
         "n_items": args.n_items,
         "n_paper_items": args.n_paper_items or args.n_items,
         "item_seed": args.seed,
-        "calibration_split": f"anthropic_split(n_calibration={CALIBRATION_PER_ANSWER}, seed={CALIBRATION_SEED})",
+        "calibration_split": f"anthropic_split(n_calibration={CALIBRATION_PER_ANSWER}, seed={CALIBRATION_SEED}); "
+                             f"validation {VALIDATION_FRACTION:g} of the rest; user data: --calibration/--validation",
         "conditions": [{"name": c.name, "adapter": c.adapter, "prompt": c.prompt} for c in conditions],
         "personas": {p.name: {"opposite": p.opposite, "source": p.test_file, "prompt": p.prompt,
                               "opposite_prompt": p.opposite_prompt} for p in personas},
@@ -76,21 +96,21 @@ def metadata(
     }
 
 
-def _ci(block: Optional[dict], key: str = "mean", scale: float = 1.0, digits: int = 1) -> str:
+def ci_text(block: Optional[dict], key: str = "mean", scale: float = 1.0, digits: int = 1) -> str:
     if not block:
         return "-"
     value = block.get(key, block.get("accuracy", block.get("margin", block.get("diff"))))
     return f"{value * scale:.{digits}f} [{block['ci_low'] * scale:.{digits}f}, {block['ci_high'] * scale:.{digits}f}]"
 
 
-def _p(value: Optional[float]) -> str:
+def p_text(value: Optional[float]) -> str:
     if value is None:
         return "-"
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _vs(test: Optional[dict]) -> str:
-    return f"{_ci(test, 'diff', digits=3)} ({_p(test['p_value'])})" if test else "-"
+    return f"{ci_text(test, 'diff', digits=3)} ({p_text(test['p_value'])})" if test else "-"
 
 
 def format_table(fmt: str, block: dict[str, Any]) -> str:
@@ -102,22 +122,22 @@ def format_table(fmt: str, block: dict[str, Any]) -> str:
         for name, value in block["conditions"].items():
             test = block["vs_control"].get(name)
             rows.append(
-                f"| {name} | {_ci(value['margin'], 'diff', digits=3)} | {value['auc']:.3f} | "
-                f"{_ci(test['margin'], 'diff', digits=3) if test else '-'} | {_p(test['margin']['p_value']) if test else '-'} | "
+                f"| {name} | {ci_text(value['margin'], 'diff', digits=3)} | {value['auc']:.3f} | "
+                f"{ci_text(test['margin'], 'diff', digits=3) if test else '-'} | {p_text(test['margin']['p_value']) if test else '-'} | "
                 f"{test['control'] if test else '-'} |"
             )
         return "\n".join(rows)
-    share = "Yes share" if fmt == "yes_no" else "A share"
+    share = {"yes_no": "Yes share", "response": "first-choice share"}.get(fmt, "A share")
     rows.append(f"| condition | accuracy % [95% CI] | AUC | {share} | margin (nats/token) [95% CI] | Δ acc vs control (sign-test p) "
                 "| Δ margin vs control [95% CI] (p) | control |")
     rows.append("|---|---|---|---|---|---|---|---|")
     for name, value in block["conditions"].items():
         test = block["vs_control"].get(name)
-        vs_acc = f"{test['accuracy_diff'] * 100:+.1f} ({_p(test['accuracy_sign_test']['p_value'])})" if test else "-"
-        vs_margin = f"{_ci(test['margin'], 'diff', digits=3)} ({_p(test['margin']['p_value'])})" if test else "-"
+        vs_acc = f"{test['accuracy_diff'] * 100:+.1f} ({p_text(test['accuracy_sign_test']['p_value'])})" if test else "-"
+        vs_margin = f"{ci_text(test['margin'], 'diff', digits=3)} ({p_text(test['margin']['p_value'])})" if test else "-"
         rows.append(
-            f"| {name} | {_ci(value['accuracy'], 'accuracy', 100)} | {value['auc']:.3f} | {value['first_choice_share'] * 100:.0f}% | "
-            f"{_ci(value['margin'], 'margin', digits=3)} | {vs_acc} | {vs_margin} | {test['control'] if test else '-'} |"
+            f"| {name} | {ci_text(value['accuracy'], 'accuracy', 100)} | {value['auc']:.3f} | {value['first_choice_share'] * 100:.0f}% | "
+            f"{ci_text(value['margin'], 'margin', digits=3)} | {vs_acc} | {vs_margin} | {test['control'] if test else '-'} |"
         )
     return "\n".join(rows)
 
@@ -127,7 +147,7 @@ HEADLINE_CONDITIONS = ("base", "base + persona prompt", "persona mask", "persona
 
 
 def _margin(value: dict, fmt: str) -> str:
-    return _ci(value["margin"], "diff" if fmt == "statement" else "margin", digits=3)
+    return ci_text(value["margin"], "diff" if fmt == "statement" else "margin", digits=3)
 
 
 def headline_tables(results: dict[str, Any]) -> list[str]:
@@ -141,7 +161,7 @@ def headline_tables(results: dict[str, Any]) -> list[str]:
             c = block["conditions"]
             if fmt != "statement":
                 accuracy.append(f"| {persona} / {fmt} | " + " | ".join(
-                    _ci(c[n]["accuracy"], "accuracy", 100) if n in c else "-" for n in names) + " |")
+                    ci_text(c[n]["accuracy"], "accuracy", 100) if n in c else "-" for n in names) + " |")
             margin.append(f"| {persona} / {fmt} | " + " | ".join(_margin(c[n], fmt) if n in c else "-" for n in names) + " |")
     return ["Accuracy % [Wilson 95% CI]:", "", *accuracy, "", "Margin, nats/token [bootstrap 95% CI] (statements: trait "
             "minus opposite; choices: matching minus non-matching):", "", *margin, ""]
@@ -163,8 +183,8 @@ def headline(results: dict[str, Any]) -> list[str]:
                 word = "beats" if diff > 0 and p < 0.05 else "is worse than" if diff < 0 and p < 0.05 else "does not differ from"
                 extra = ""
                 if fmt != "statement":
-                    extra = f", accuracy {test['accuracy_diff'] * 100:+.1f} pts, sign test p {_p(test['accuracy_sign_test']['p_value'])}"
-                parts.append(f"{word} {ref} (margin Δ {diff:+.3f}, p {_p(p)}{extra})")
+                    extra = f", accuracy {test['accuracy_diff'] * 100:+.1f} pts, sign test p {p_text(test['accuracy_sign_test']['p_value'])}"
+                parts.append(f"{word} {ref} (margin Δ {diff:+.3f}, p {p_text(p)}{extra})")
             lines.append(f"- **{persona} / {fmt}**: the persona mask " + "; ".join(parts) + ".")
     return lines
 
@@ -175,9 +195,9 @@ def reference_table(fmt: str, block: dict[str, Any]) -> str:
             "|---|---|---|---|" + ("" if fmt == "statement" else "---|")]
     for name, tests in block.get("vs_reference", {}).items():
         for ref, test in tests.items():
-            row = f"| {name} | {ref} | {_ci(test['margin'], 'diff', digits=3)} | {_p(test['margin']['p_value'])} |"
+            row = f"| {name} | {ref} | {ci_text(test['margin'], 'diff', digits=3)} | {p_text(test['margin']['p_value'])} |"
             if fmt != "statement":
-                row += f" {test['accuracy_diff'] * 100:+.1f} ({_p(test['accuracy_sign_test']['p_value'])}) |"
+                row += f" {test['accuracy_diff'] * 100:+.1f} ({p_text(test['accuracy_sign_test']['p_value'])}) |"
             rows.append(row)
     return "\n".join(rows)
 
@@ -241,7 +261,7 @@ def _general_ability(general: Optional[dict[str, Any]]) -> list[str]:
     out = ["## General ability: per-token NLL on neutral text", "",
            "| adapter | NLL [95% CI] | Δ vs base [95% CI] (p) | tokens |", "|---|---|---|---|"]
     for name, value in general.items():
-        out.append(f"| {name} | {_ci(value['nll'], digits=3)} | {_vs(value.get('vs_base'))} | {value['n_tokens']} |")
+        out.append(f"| {name} | {ci_text(value['nll'], digits=3)} | {_vs(value.get('vs_base'))} | {value['n_tokens']} |")
     return out + [""]
 
 

@@ -1,0 +1,121 @@
+"""``peft-persona tune``: search sparsity x strength x target on a validation split, keep the best point under an NLL
+budget, test it on held-out items against the controls, and save its adapters with the scores in their card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import personas as persona_options
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "tune", help="find a sparsity, strength and target that move the persona within an NLL budget",
+        description="Grid over sparsity x strength x target preset, scored on the validation split by persona margin "
+        "and by NLL cost against the base; the best point under --nll-budget is tested once on held-out items "
+        "against the controls. Writes tune.json, report.md, pareto.png and adapters/ (the chosen pair) to --out; "
+        "rerun the same command to resume.",
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, local path or embedded model name")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF directory")
+    parser.add_argument("--out", required=True, help="output directory (resumed if it holds a state.json)")
+    parser.add_argument("--sparsities", type=_floats, default=(0.05, 0.1, 0.2, 0.35, 0.5),
+                        help="comma-separated sparsities (default 0.05,0.1,0.2,0.35,0.5)")
+    parser.add_argument("--strengths", type=_floats, default=(0.25, 0.5, 1.0),
+                        help="comma-separated strengths in [0, 1] (default 0.25,0.5,1)")
+    parser.add_argument("--targets", default="mlp,all", help="comma-separated target presets: mlp, attention, all "
+                        "(default mlp,all)")
+    parser.add_argument("--layers", default=None, help="decoder blocks to mask, e.g. 8-23 (default all)")
+    parser.add_argument("--method", default="contrastive", choices=("contrastive", "wanda"))
+    parser.add_argument("--format", default=None, help="item format scored on validation (default the persona's first)")
+    parser.add_argument("--objective", default="shift", choices=("shift", "switch"),
+                        help="shift: persona mask minus base; switch: persona mask minus opposite mask (default shift)")
+    parser.add_argument("--nll-budget", type=float, default=0.2, help="largest NLL cost in nats/token (default 0.2)")
+    parser.add_argument("--n-validation", type=int, default=40, help="validation items (default 40; 0: all)")
+    parser.add_argument("--n-test", type=int, default=100, help="held-out test items per format (default 100; 0: all)")
+    parser.add_argument("--nll-passages", type=int, default=16, help="neutral passages for the NLL cost (default 16)")
+    parser.add_argument("--max-calibration", type=int, default=100, help="calibration texts per side (default 100)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=1, help="seed drawing the validation and test items")
+    parser.add_argument("--repo-id", default=None, help="Hub repo id named in the saved card (default peft-persona/NAME)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    persona_options.add_arguments(parser, presets_default=None)
+    parser.set_defaults(func=run)
+
+
+def plan_from(args: argparse.Namespace) -> Any:
+    from ..eval.tune import TunePlan
+
+    personas, data_root = persona_options.resolve(args)
+    if len(personas) != 1:
+        raise ValueError(f"tune searches one persona at a time; the options name {[p.name for p in personas]}")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    unknown = [t for t in targets if t not in ("mlp", "attention", "all")]
+    if unknown:
+        raise ValueError(f"--targets: unknown preset(s) {unknown}; use mlp, attention or all")
+    return TunePlan(
+        personas[0], data_root, args.sparsities, args.strengths, targets, args.layers, args.method, args.format,
+        args.objective, args.nll_budget, args.n_validation or None, args.n_test or None, args.nll_passages,
+        args.max_calibration, args.batch_size, args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..eval import plots, tune_report
+    from ..eval.tune import tune
+    from ..models import load_model
+
+    plan = plan_from(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    started = time.time()
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    with torch.no_grad():  # not inference_mode: adapters made inside it could not track mask versions
+        model, results = tune(model, tokenizer, plan, out, progress=not args.no_progress)
+    command = shlex.join(["peft-persona", *getattr(args, "argv", sys.argv[1:])])
+    results["command"], results["model"] = command, args.model
+    results["runtime_s"] = time.time() - started
+    (out / "tune.json").write_text(json.dumps(results, indent=1))
+    try:
+        plots.pareto_plot(results, out / "pareto.png")
+    except ImportError as err:
+        print(f"peft-persona tune: no plot ({err}); pip install 'peft-persona[plots]'", file=sys.stderr)
+    (out / "report.md").write_text(tune_report.render(results, command))
+    save_chosen(model, results, out / "adapters", args.repo_id or f"peft-persona/{plan.persona.name}-mask")
+    chosen = results["chosen"]
+    print(f"chosen {chosen['target']} sparsity {chosen['sparsity']:g} strength {chosen['strength']:g}: shift "
+          f"{chosen['shift']:+.3f}, switch {chosen['switch']:+.3f}, NLL cost {chosen['cost']:+.3f}; wrote "
+          f"{out / 'report.md'} and {out / 'adapters'} in {results['runtime_s']:.0f}s")
+    return 0
+
+
+def save_chosen(model: Any, results: dict[str, Any], folder: Path, repo_id: str) -> None:
+    """The chosen persona and opposite adapters (strength in their configs) and a card carrying the tune scores,
+    replacing an earlier ``folder``."""
+    import shutil
+
+    from ..eval.tune_report import card_report
+    from ..hub import export_repo
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    persona = results["persona"]
+    export_repo(model, folder, repo_id, adapter_names=[persona["name"], persona["opposite"]],
+                eval_report=card_report(results))
