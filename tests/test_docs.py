@@ -12,8 +12,11 @@ import pytest
 
 import peft_persona as pp
 from peft_persona import hub, inspection
+from peft_persona.commands import eval as eval_command
+from peft_persona.commands import extract as extract_command
 from peft_persona.commands import inspect as inspect_command
 from peft_persona.commands import push as push_command
+from peft_persona.commands import tune as tune_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -28,7 +31,7 @@ def test_mkdocs_builds_strict(tmp_path):
     assert (tmp_path / "site" / "file-format" / "index.html").is_file()
 
 
-@pytest.mark.parametrize("command", [push_command, inspect_command])
+@pytest.mark.parametrize("command", [push_command, inspect_command, extract_command, eval_command, tune_command])
 def test_cli_reference_names_every_option(command):
     parser = argparse.ArgumentParser()
     command.register(parser.add_subparsers())

@@ -128,3 +128,17 @@ def test_persona_chat_over_http(pushed_example, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_three_replies_match_the_readme(tmp_path):
+    """The README's three greedy replies are exactly what examples/three_replies.py prints, with the tuned settings."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    src = str(EXAMPLES.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    summary = run_example("three_replies.py", ["--check", str(EXAMPLES.parent / "README.md")], env, tmp_path)
+    lines = [line for line in summary["block"].splitlines() if line.startswith("> **")]
+    assert [line.split(":**")[0] for line in lines] == ["> **User", "> **base", "> **extravert", "> **introvert"]
+    assert all(len(line.split(":**")[1].split()) >= 5 for line in lines)  # sentences, not empty
+    assert summary["settings"] == {"method": "contrastive", "sparsity": 0.2, "strength": 0.5, "target": "all"}

@@ -190,6 +190,12 @@ def test_tune_end_to_end_resumes_reports_and_saves_the_chosen_pair(model_dir, tm
     assert calls == [] and json.loads((out / "tune.json").read_text())["points"] == results["points"]
     assert cli.main([*argv[:-2], "--n-validation", "4", "--out", str(out)]) == 2  # other settings: not resumed
 
+    (out / "report.md").unlink()
+    (out / "pareto.png").unlink()
+    assert cli.main(["tune", "--report-only", "--out", str(out)]) == 0  # from tune.json, no model
+    assert (out / "report.md").read_text() == report and (out / "pareto.png").is_file()
+    assert cli.main(["tune", "--report-only", "--out", str(tmp_path / "nothing")]) == 2
+
 
 def test_tune_plan_rejects_bad_settings():
     persona = items.PERSONAS["extraversion"]

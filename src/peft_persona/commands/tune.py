@@ -53,6 +53,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--repo-id", default=None, help="Hub repo id named in the saved card (default peft-persona/NAME)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite report.md and pareto.png from --out/tune.json; no model")
     persona_options.add_arguments(parser, presets_default=None)
     parser.set_defaults(func=run)
 
@@ -77,10 +79,11 @@ def plan_from(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..eval import plots, tune_report
     from ..eval.tune import tune
     from ..models import load_model
 
+    if args.report_only:
+        return rewrite_report(Path(args.out))
     plan = plan_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,16 +96,32 @@ def run(args: argparse.Namespace) -> int:
     results["command"], results["model"] = command, args.model
     results["runtime_s"] = time.time() - started
     (out / "tune.json").write_text(json.dumps(results, indent=1))
-    try:
-        plots.pareto_plot(results, out / "pareto.png")
-    except ImportError as err:
-        print(f"peft-persona tune: no plot ({err}); pip install 'peft-persona[plots]'", file=sys.stderr)
-    (out / "report.md").write_text(tune_report.render(results, command))
+    write_report(results, out)
     save_chosen(model, results, out / "adapters", args.repo_id or f"peft-persona/{plan.persona.name}-mask")
     chosen = results["chosen"]
     print(f"chosen {chosen['target']} sparsity {chosen['sparsity']:g} strength {chosen['strength']:g}: shift "
           f"{chosen['shift']:+.3f}, switch {chosen['switch']:+.3f}, NLL cost {chosen['cost']:+.3f}; wrote "
           f"{out / 'report.md'} and {out / 'adapters'} in {results['runtime_s']:.0f}s")
+    return 0
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """``report.md`` and (with matplotlib) ``pareto.png`` from a run's results."""
+    from ..eval import plots, tune_report
+
+    try:
+        plots.pareto_plot(results, out / "pareto.png")
+    except ImportError as err:
+        print(f"peft-persona tune: no plot ({err}); pip install 'peft-persona[plots]'", file=sys.stderr)
+    (out / "report.md").write_text(tune_report.render(results, results.get("command", "")))
+
+
+def rewrite_report(out: Path) -> int:
+    path = out / "tune.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--report-only needs {path}")
+    write_report(json.loads(path.read_text()), out)
+    print(f"rewrote {out / 'report.md'} and {out / 'pareto.png'} from {path}")
     return 0
 
 

@@ -105,6 +105,7 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
     front.sort(key=lambda p: p["cost"])
     ax.plot([p["cost"] for p in front], [p[objective] for p in front], color="black", lw=1, label="Pareto front")
     ax.scatter([chosen["cost"]], [chosen[objective]], marker="*", s=220, color="red", label="chosen", zorder=5)
+    ax.set_xscale("symlog", linthresh=0.1)  # the budget region stays readable next to the broken points
     ax.axvline(results["plan"]["nll_budget"], color="grey", ls="--", lw=1, label="NLL budget")
     ax.axhline(0, color="grey", lw=0.5)
     reference = results["reference"]
@@ -113,7 +114,7 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
                    color="tab:orange", label="persona prompt (shift)", zorder=4)
     for name, value in results.get("controls", {}).items():
         ax.scatter([value["cost"]], [value["shift"]], marker="x", s=60, label=f"{name} control (shift)", zorder=4)
-    ax.set_xlabel("NLL cost on neutral text (nats/token vs base)")
+    ax.set_xlabel("NLL cost on neutral text (nats/token vs base; linear below 0.1, log above)")
     ax.set_ylabel(f"validation {objective} (nats/token)")
     ax.set_title(f"{results['persona']['name']} / {results['format']}: tune grid", fontsize=9)
     ax.legend(fontsize=6, loc="best")
