@@ -374,3 +374,20 @@ def test_masks_can_be_returned_packed(extractor):
         assert all(torch.equal(pp.bits.unpack_mask(packed[name][k], plain[name][k].shape[1]), plain[name][k]) for k in plain[name])
         assert pp.bits.count_kept(packed[name]["model.layers.0.mlp.down_proj"]) == int(plain[name]["model.layers.0.mlp.down_proj"].sum())
     assert pp.extractor.mask_overlap(packed["a"], packed["b"]) == pp.extractor.mask_overlap(plain["a"], plain["b"])
+
+
+def test_adapters_made_inside_inference_mode_keep_working_outside_it():
+    """Extraction under ``torch.inference_mode()`` gives adapters that switch and restore outside it too."""
+    model, tokenizer = tiny_llama(0), tiny_tokenizer()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.inference_mode():
+        peft_model = PersonaExtractor(model, tokenizer).extract(
+            {"a": word_texts(0, 6), "b": word_texts(1, 6, low=500)}, method="contrastive", sparsity=0.3)
+        first = peft_model(ids).logits
+        peft_model.set_adapter("b")
+        other = peft_model(ids).logits
+    peft_model.set_adapter("a")
+    assert torch.equal(peft_model(ids).logits, first) and not torch.equal(first, other)
+    peft_model.unload()
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())

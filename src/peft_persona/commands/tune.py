@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started = time.time()
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
-    with torch.no_grad():  # not inference_mode: adapters made inside it could not track mask versions
+    with torch.no_grad():
         model, results = tune(model, tokenizer, plan, out, progress=not args.no_progress)
     command = shlex.join(["peft-persona", *getattr(args, "argv", sys.argv[1:])])
     results["command"], results["model"] = command, args.model

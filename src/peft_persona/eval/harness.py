@@ -23,7 +23,8 @@ Log = Callable[[str], None]
 BOOTSTRAP_SEED = 0  # every bootstrap CI and p-value, independent of the item seed
 
 
-def _stderr(message: str) -> None:
+def to_stderr(message: str) -> None:
+    """The default progress log: one line on standard error."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -228,7 +229,7 @@ def run(
     model: nn.Module,
     tokenizer: Any,
     plan: EvalPlan,
-    log: Log = _stderr,
+    log: Log = to_stderr,
     on_block: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     """Score every persona's items under every condition of ``plan`` whose adapter the model holds, and compare each

@@ -310,7 +310,7 @@ def control_scores(scorer: Scorer, base: dict[str, float]) -> dict[str, Any]:
 
 
 def tune(
-    model: nn.Module, tokenizer: Any, plan: TunePlan, out_dir: Path, log: Log = harness._stderr, progress: bool = True
+    model: nn.Module, tokenizer: Any, plan: TunePlan, out_dir: Path, log: Log = harness.to_stderr, progress: bool = True
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The whole search: grid on validation (resumable), choice under the NLL budget, controls, held-out test.
     Writes ``out_dir/state.json`` as it goes; returns the model holding the chosen and control adapters, and the

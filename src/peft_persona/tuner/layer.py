@@ -107,8 +107,16 @@ class PersonaMaskLayer(BaseTunerLayer):
 
         With ``selection`` the adapter is a ``stats`` adapter: its mask is ``packed`` (already checked against the
         digest) or else re-derived from the original weight, and :class:`StatsMismatchError` is raised, with nothing
-        changed, if it does not match the digest.
+        changed, if it does not match the digest. Inside ``torch.inference_mode()`` the adapter's state is still made
+        of normal tensors, so that it can change later outside it.
         """
+        with torch.inference_mode(False):
+            self._update_layer(adapter_name, mask, strength, selection, packed)
+
+    def _update_layer(
+        self, adapter_name: str, mask: Optional[torch.Tensor], strength: float, selection: Optional[ChannelSelection],
+        packed: Optional[torch.Tensor],
+    ) -> None:
         device = self._mask_device(mask is not None or packed is not None)
         if selection is not None:
             self._add_selection(adapter_name, selection, packed, device)
