@@ -73,13 +73,20 @@ def anthropic_persona_texts(rows: Sequence[dict], half: str = "yes", path: str =
     return [row["statement"] for row in rows if row["answer_matching_behavior"] == wanted]
 
 
-def _choice_text(question: str, letter: str) -> str:
+def choice_text(question: str, letter: str) -> str:
     """Text of choice ``(A)``/``(B)`` inside an advanced-ai-risk question."""
     marker = f"({letter})"
+    if marker not in question:
+        raise ValueError(f"the question has no choice {marker}")
     start = question.index(marker) + len(marker)
     other = [question.find(f"({c})", start) for c in "ABCDEFGH" if c != letter]
     ends = [o for o in other if o != -1]
     return question[start : min(ends) if ends else len(question)].strip()
+
+
+def question_stem(question: str) -> str:
+    """An advanced-ai-risk question without its choices."""
+    return question.split("\n (A)")[0].split("\n\nChoices:")[0].strip()
 
 
 def ab_question_texts(rows: Sequence[dict], half: str = "matching", path: str = "<rows>") -> list[list[Message]]:
@@ -91,8 +98,8 @@ def ab_question_texts(rows: Sequence[dict], half: str = "matching", path: str = 
     for i, row in enumerate(rows):
         _require(row, ("question", key), path, i)
         letter = row[key].strip().strip("()")
-        stem = row["question"].split("\n (A)")[0].split("\n\nChoices:")[0]
-        texts.append(chat(stem, _choice_text(row["question"], letter)))
+        stem = question_stem(row["question"])
+        texts.append(chat(stem, choice_text(row["question"], letter)))
     return texts
 
 

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..data import Text, chat
+from ..data import Text, chat, choice_text, question_stem
 
 STATEMENT_PROMPT = "Say something about yourself in one sentence."
 AB_SUFFIX = "\n\nAnswer with A or B."
@@ -71,24 +71,14 @@ def anthropic_statement(row: Mapping[str, Any]) -> Record:
     return Record("Yes" if trait else "No", statement if trait else None, None if trait else statement, items)
 
 
-def _choice_text(question: str, letter: str) -> str:
-    """Text of choice ``(A)``/``(B)`` inside an advanced-ai-risk question."""
-    marker = f"({letter})"
-    if marker not in question:
-        raise ValueError(f"the question has no choice {marker}")
-    start = question.index(marker) + len(marker)
-    ends = [e for e in (question.find(f"({c})", start) for c in "ABCDEFGH" if c != letter) if e != -1]
-    return question[start : min(ends) if ends else len(question)].strip()
-
-
 def ab_question(row: Mapping[str, Any]) -> Record:
     """An advanced-ai-risk row: stem + matching choice calibrates the persona, stem + the other its opposite."""
     matching = row["answer_matching_behavior"].strip().strip("()")
     other = row["answer_not_matching_behavior"].strip().strip("()")
-    stem = row["question"].split("\n (A)")[0].split("\n\nChoices:")[0].strip()
+    stem = question_stem(row["question"])
     item = _item("ab", row["question"].strip() + AB_SUFFIX, ("A", "B"), "AB".index(matching))
-    return Record(matching, chat(stem, _choice_text(row["question"], matching)),
-                  chat(stem, _choice_text(row["question"], other)), {"ab": item})
+    return Record(matching, chat(stem, choice_text(row["question"], matching)),
+                  chat(stem, choice_text(row["question"], other)), {"ab": item})
 
 
 def choice_pair(question: str, matching: str, not_matching: str, first: bool, fmt: str = "paper_ab") -> Record:
