@@ -205,5 +205,11 @@ def test_tune_plan_rejects_bad_settings():
         tune.TunePlan(persona, objective="fame")
     with pytest.raises(ValueError, match="has no format 'paper_ab'"):
         tune.TunePlan(persona, fmt="paper_ab")
+    results = {"persona": {"name": "p", "opposite": "q"}, "plan": {"objective": "shift", "method": "contrastive",
+               "n_validation": 4, "nll_budget": 0.2, "nll_passages": 2}, "format": "yes_no", "runtime_s": 1.0,
+               "chosen": {"target": "mlp", "sparsity": 0.1, "strength": 1.0, "shift": -0.1, "switch": 0.0, "cost": 0.0},
+               "chosen_within_budget": True, "reference": {"base": {"margin": 0.0, "nll": 3.0}}, "points": [],
+               "pareto": [], "test": {"personas": {"p": {"formats": {}}}}}
+    assert "No grid point within the budget raised the validation shift" in tune_report.render(results)
     assert tune_report.grid_table({"pareto": [], "chosen": {"target": "mlp", "sparsity": 0.1, "strength": 1.0},
                                    "points": []})[0].startswith("| target")

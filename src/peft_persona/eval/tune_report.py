@@ -47,6 +47,9 @@ def render(results: dict[str, Any], command: str = "") -> str:
     budget = "within" if results["chosen_within_budget"] else "**no point was within** (the cheapest is shown)"
     out += [f"`{point_key(chosen)}`: shift {chosen['shift']:+.3f}, switch {chosen['switch']:+.3f}, NLL cost "
             f"{chosen['cost']:+.3f} nats/token ({budget} the budget).", ""]
+    if chosen[plan["objective"]] <= 0:
+        out += [f"No grid point within the budget raised the validation {plan['objective']} above zero: the chosen "
+                "point is the least harmful one, not a persona effect.", ""]
     out += ["Validation references: base margin "
             f"{reference['base']['margin']:+.3f}, base NLL {reference['base']['nll']:.3f}"
             + (f"; persona prompt margin {reference['persona prompt']['margin']:+.3f}" if "persona prompt" in reference else "")
