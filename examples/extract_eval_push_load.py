@@ -67,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument(
         "--sparsity", type=float, default=0.2, help="fraction of each row removed (default 0.2: a 135M model stays fluent)"
     )
+    parser.add_argument("--strength", type=float, default=0.5,
+                        help="persona strength saved with the masks (default 0.5: with sparsity 0.2, tune's choice)")
     parser.add_argument("--repo-id", default=None, help="Hub repo to push to (default: write the repo locally only)")
     parser.add_argument("--out", default="out/extraversion-repo", help="new folder for the repo's content")
     parser.add_argument("--private", action="store_true")
@@ -75,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     model, tokenizer = load_embedded(args.model)
     started = time.perf_counter()
-    peft_model = extract_pair(model, tokenizer, args.method, args.sparsity)
+    peft_model = extract_pair(model, tokenizer, args.method, args.sparsity, strength=args.strength)
     print(f"extracted extravert and introvert in {time.perf_counter() - started:.1f}s")
 
     report = evaluate(peft_model, tokenizer)

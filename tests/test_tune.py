@@ -148,6 +148,9 @@ def test_eval_runs_on_a_user_file_with_no_data_root(model_dir, tmp_path, monkeyp
     assert any("no opposite prompt" in s for s in results["skipped"])
     assert "--data " + str(user) in results["meta"]["command"] and "--data-root" not in results["meta"]["command"]
     assert "opposite mask" in block["vs_reference"]["persona mask"]
+    for name in ("kind", "unkind", "random", "magnitude", "neutral"):  # the defaults: sparsity 0.2, strength 0.5
+        assert read_config(tmp_path / "adapters" / name)["strength"] == 0.5
+    assert results["masks"]["density"]["magnitude"]["overall"] == pytest.approx(0.8, abs=0.01)
 
 
 def test_pareto_front_and_choice_under_the_budget():

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..adapter_files import adapter_dirs, digest
 from ..extractor import PersonaExtractor
+from ..tuner import set_strength
 from .items import Persona, calibration_texts, neutral_texts
 
 
@@ -38,10 +39,12 @@ def extract_adapters(
     seed: int = 0,
     max_calibration: int = 100,
     neutral_passages: int = 50,
+    strength: float = 1.0,
 ) -> None:
     """Extract and save, under ``out_dir``, each persona's and opposite's mask (``method`` on the calibration split,
     at most ``max_calibration`` texts per side, the first after a ``seed`` shuffle) and the three controls at the same
-    sparsity: ``random``, ``magnitude``, and ``neutral`` (Wanda on neutral instructions disjoint from the NLL texts)."""
+    sparsity: ``random``, ``magnitude``, and ``neutral`` (Wanda on neutral instructions disjoint from the NLL texts);
+    every adapter at ``strength``."""
     import random
 
     extractor = PersonaExtractor(model, tokenizer, max_length=256, batch_size=8)
@@ -55,4 +58,6 @@ def extract_adapters(
     extractor.extract({"magnitude": None}, method="magnitude", sparsity=sparsity)
     neutral = neutral_texts(data_root, "calibration", neutral_passages, per_passage=4)
     extractor.extract({"neutral": neutral}, method="wanda", sparsity=sparsity)
+    for name in extractor.peft_model.peft_config:
+        set_strength(extractor.peft_model, name, strength)
     extractor.peft_model.save_pretrained(str(out_dir))

@@ -36,8 +36,8 @@ def command_line(args: argparse.Namespace) -> str:
     if args.gguf_file:
         parts += ["--gguf-file", args.gguf_file]
     if args.adapters:
-        parts += ["--adapters", args.adapters] + (["--extract", "--sparsity", str(args.sparsity), "--method", args.method]
-                                                  if args.extract else [])
+        parts += ["--adapters", args.adapters] + (["--extract", "--sparsity", str(args.sparsity), "--strength",
+                                                   str(args.strength), "--method", args.method] if args.extract else [])
     parts += persona_arguments(args)
     if args.conditions:
         parts += ["--conditions", *args.conditions]
