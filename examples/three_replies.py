@@ -26,7 +26,7 @@ MARKERS = ("<!-- three-replies -->", "<!-- /three-replies -->")
 
 def replies(max_new_tokens: int = 40) -> dict[str, str]:
     """``{"base", "extravert", "introvert"}`` -> greedy reply to :data:`QUESTION`."""
-    from peft_persona import PersonaExtractor
+    from peft_persona import PersonaExtractor, set_strength
     from peft_persona.models import load_model
 
     torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def replies(max_new_tokens: int = 40) -> dict[str, str]:
     pair = {"extravert": "builtin:extraversion#yes", "introvert": "builtin:extraversion#no"}
     peft_model = extractor.extract(pair, method=SETTINGS["method"], sparsity=SETTINGS["sparsity"])
     for name in pair:
-        peft_model.base_model.set_strength(name, SETTINGS["strength"])
+        set_strength(peft_model, name, SETTINGS["strength"])
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
                                            add_generation_prompt=True)
     inputs = tokenizer(prompt, return_tensors="pt")

@@ -162,6 +162,27 @@ def builtin_path(name: str) -> Path:
     return Path(str(resources.files("peft_persona") / "data" / BUILTIN[name]))
 
 
+ROW_SUFFIXES = (".jsonl", ".csv", ".json", ".txt")
+
+
+def read_rows(path: Union[str, Path]) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one ``{"text": line}`` per non-empty line) file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".csv":
+        return read_csv(path)
+    if suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        return rows
+    if suffix == ".txt":
+        return [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise ValueError(f"{path}: unsupported file type {suffix!r} (use {', '.join(ROW_SUFFIXES)})")
+
+
 def load_texts(source: str) -> list[Text]:
     """Persona texts from a source string ``PATH[#SELECTOR]`` or ``builtin:NAME[#SELECTOR]`` (see module doc)."""
     location, _, half = source.partition("#")
@@ -170,16 +191,14 @@ def load_texts(source: str) -> list[Text]:
         raise FileNotFoundError(f"persona source {source!r}: no file at {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = read_jsonl(path)
+        rows = read_rows(path)
         if rows and "statement" in rows[0]:
             return anthropic_persona_texts(rows, half or "yes", str(path))
         return ab_question_texts(rows, half or "matching", str(path))
     if suffix == ".csv":
-        return paper_csv_texts(read_csv(path), half or "matching", str(path))
+        return paper_csv_texts(read_rows(path), half or "matching", str(path))
     if suffix == ".json":
-        with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
-        return alpaca_texts(rows, half, str(path))
+        return alpaca_texts(read_rows(path), half, str(path))
     raise ValueError(f"persona source {source!r}: unsupported file type {suffix!r} (use .jsonl, .csv or .json)")
 
 

@@ -164,26 +164,6 @@ def calibration_texts(data_root: Optional[Path], persona: Persona) -> tuple[list
     return [r.persona for r in records if r.persona is not None], [r.opposite for r in records if r.opposite is not None]
 
 
-def read_rows(source: str) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one text per line) file."""
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"persona data {source!r}: no file at {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return data.read_jsonl(path)
-    if suffix == ".csv":
-        return data.read_csv(path)
-    if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-        return rows
-    if suffix == ".txt":
-        return [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    raise ValueError(f"persona data {source!r}: unsupported file type {suffix!r} (use .jsonl, .csv, .json or .txt)")
-
-
 def rows_to_records(rows: Sequence[Mapping[str, Any]], where: str, persona_index: int = 0, trait: bool = True,
                     seed: int = 0) -> list[Record]:
     """Records of rows in any supported format, told apart by their fields (see the module doc).
@@ -261,7 +241,9 @@ def user_persona(
 
 def _source_records(source: Any, persona_index: int, trait: bool, seed: int) -> list[Record]:
     if isinstance(source, (str, Path)):
-        return rows_to_records(read_rows(str(source)), str(source), persona_index, trait, seed)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"persona data {str(source)!r}: no file at {source}")
+        return rows_to_records(data.read_rows(source), str(source), persona_index, trait, seed)
     return rows_to_records(list(source), "<rows>", persona_index, trait, seed)
 
 
@@ -275,7 +257,7 @@ def dataset_rows(dataset_id: str, split: str, columns: Optional[Mapping[str, str
     missing = [c for c in columns.values() if c not in table.column_names]
     if missing:
         raise KeyError(f"dataset {dataset_id!r} split {split!r} has no column(s) {missing}; it has {table.column_names}")
-    keep = {field_name: column for field_name, column in columns.items()} or {c: c for c in table.column_names}
+    keep = columns or {c: c for c in table.column_names}
     return [{field_name: row[column] for field_name, column in keep.items()} for row in table]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .tune import point_key
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -101,7 +103,7 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
                                  label=f"grid, target {target}")
     if points:
         fig.colorbar(scatter, ax=ax, label="strength")
-    front = [p for p in points if _key(p) in set(results["pareto"])]
+    front = [p for p in points if point_key(p) in set(results["pareto"])]
     front.sort(key=lambda p: p["cost"])
     ax.plot([p["cost"] for p in front], [p[objective] for p in front], color="black", lw=1, label="Pareto front")
     ax.scatter([chosen["cost"]], [chosen[objective]], marker="*", s=220, color="red", label="chosen", zorder=5)
@@ -122,6 +124,3 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def _key(point: dict[str, Any]) -> str:
-    return f"{point['target']}/sparsity={point['sparsity']:g}/strength={point['strength']:g}"

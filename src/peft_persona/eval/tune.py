@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -56,7 +56,6 @@ class TunePlan:
     max_calibration: int = 100
     batch_size: int = 8
     seed: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -325,7 +324,7 @@ def tune(
     model = final_adapters(model, tokenizer, plan, statistics.get(), chosen)
     scorer = Scorer(model, tokenizer, plan)
     results = {
-        "plan": {k: v for k, v in asdict(plan).items() if k not in ("persona", "data_root")},
+        "plan": {f.name: getattr(plan, f.name) for f in fields(plan) if f.name not in ("persona", "data_root")},
         "persona": {"name": plan.persona.name, "opposite": plan.persona.opposite, "source": plan.persona.source,
                     "prompt": plan.persona.prompt, "opposite_prompt": plan.persona.opposite_prompt},
         "format": plan.format,
