@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -12,12 +12,23 @@ from transformers import LlamaConfig, LlamaForCausalLM
 CONFIGS = {
     # name: (LlamaConfig kwargs) -- random init, nothing downloaded
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000),
-    "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=32000),
-    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000),
+    "100M": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=32000
+    ),
+    "7B": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    ),
 }
 # SmolLM2-135M's shapes, random init
-SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+SMOLLM2_SHAPES = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 
 
 def random_llama(name: str, seed: int = 0) -> LlamaForCausalLM:
@@ -63,4 +74,6 @@ def word_tokenizer(vocab_size: int):
 def random_texts(n: int, vocab_size: int, min_len: int, max_len: int, seed: int = 0) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)
-    return [" ".join(f"w{int(t)}" for t in torch.randint(3, vocab_size, (int(k),), generator=generator)) for k in lengths]
+    return [
+        " ".join(f"w{int(t)}" for t in torch.randint(3, vocab_size, (int(k),), generator=generator)) for k in lengths
+    ]

@@ -33,11 +33,19 @@ def workloads(name: str):
     from peft_persona.models import load_model
 
     model, tokenizer = load_model()
-    yield "SmolLM2-135M, builtin extraversion 2x100 statements", model, tokenizer, {
-        "extravert": "builtin:extraversion#yes", "introvert": "builtin:extraversion#no"}
+    yield (
+        "SmolLM2-135M, builtin extraversion 2x100 statements",
+        model,
+        tokenizer,
+        {"extravert": "builtin:extraversion#yes", "introvert": "builtin:extraversion#no"},
+    )
     train = f"{SHARED}/paper-persona/train.csv"
-    yield "SmolLM2-135M, paper power train.csv, first 2x200 Q/A", model, tokenizer, {
-        "power": load_texts(f"{train}#matching")[:200], "no_power": load_texts(f"{train}#not_matching")[:200]}
+    yield (
+        "SmolLM2-135M, paper power train.csv, first 2x200 Q/A",
+        model,
+        tokenizer,
+        {"power": load_texts(f"{train}#matching")[:200], "no_power": load_texts(f"{train}#not_matching")[:200]},
+    )
 
 
 def bare_forward(extractor: PersonaExtractor, personas: dict) -> None:
@@ -78,13 +86,33 @@ def main() -> None:
             forward = statistics.median(times["forward"])
             for method in args.methods:
                 total = statistics.median(times[method])
-                rows.append([
-                    label, f"{n_params(model) / 1e6:.0f}M", n_tokens, method, f"{forward:.2f}", f"{total:.2f}",
-                    f"{total / forward:.2f}", f"{parts[method]['calibration'] / forward:.2f}",
-                ])
-    print(markdown_table(
-        ["workload", "params", "calibration tokens", "method", "bare forward s", "extraction s", "extraction / forward",
-         "calibration only / forward"], rows))
+                rows.append(
+                    [
+                        label,
+                        f"{n_params(model) / 1e6:.0f}M",
+                        n_tokens,
+                        method,
+                        f"{forward:.2f}",
+                        f"{total:.2f}",
+                        f"{total / forward:.2f}",
+                        f"{parts[method]['calibration'] / forward:.2f}",
+                    ]
+                )
+    print(
+        markdown_table(
+            [
+                "workload",
+                "params",
+                "calibration tokens",
+                "method",
+                "bare forward s",
+                "extraction s",
+                "extraction / forward",
+                "calibration only / forward",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

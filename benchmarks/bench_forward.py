@@ -68,7 +68,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     modules = decoder_linear_modules(base)
     masks_list = [
-        {n: (torch.rand(oriented_weight(m).shape, generator=generator) < 0.8).to(args.device) for n, m in modules.items()}
+        {
+            n: (torch.rand(oriented_weight(m).shape, generator=generator) < 0.8).to(args.device)
+            for n, m in modules.items()
+        }
         for _ in range(2)
     ]  # sparsity 0.2, the fluent regime
     models = {
@@ -88,21 +91,40 @@ def main() -> None:
         runs = {name: (lambda m=m: (m(tokens, use_cache=False), sync())) for name, m in models.items()}
         if batch > 1:
             names = ["a", "b0"] * (batch // 2)
-            runs["persona mixed (2 adapters)"] = lambda: (models["persona"](tokens, use_cache=False, adapter_names=names), sync())
-            runs["LoRA mixed (2 adapters)"] = lambda: (models["LoRA r=16"](tokens, use_cache=False, adapter_names=names), sync())
+            runs["persona mixed (2 adapters)"] = lambda: (
+                models["persona"](tokens, use_cache=False, adapter_names=names),
+                sync(),
+            )
+            runs["LoRA mixed (2 adapters)"] = lambda: (
+                models["LoRA r=16"](tokens, use_cache=False, adapter_names=names),
+                sync(),
+            )
         with torch.no_grad():
             t = interleaved_medians(runs, args.repeats)
         for name in runs:
-            rows.append([f"{batch}x{length}", name, f"{t[name] * 1e3:.2f}", f"{t[name] / t['base']:.2f}",
-                         f"{t[name] / t['LoRA r=16']:.2f}"])
+            rows.append(
+                [
+                    f"{batch}x{length}",
+                    name,
+                    f"{t[name] * 1e3:.2f}",
+                    f"{t[name] / t['base']:.2f}",
+                    f"{t[name] / t['LoRA r=16']:.2f}",
+                ]
+            )
     print(markdown_table(["batch x tokens", "variant", "ms", "/ base", "/ LoRA unmerged"], rows))
 
     prompt = torch.randint(3, base.config.vocab_size, (1, 16), generator=generator).to(args.device)
     batch4 = prompt.repeat(4, 1)
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     gen = {name: (lambda m=m: (m.generate(input_ids=prompt, **settings), sync())) for name, m in models.items()}
-    gen["persona mixed, 4 rows"] = lambda: (models["persona"].generate(input_ids=batch4, adapter_names=["a", "b0"] * 2, **settings), sync())
-    gen["LoRA mixed, 4 rows"] = lambda: (models["LoRA r=16"].generate(input_ids=batch4, adapter_names=["a", "b0"] * 2, **settings), sync())
+    gen["persona mixed, 4 rows"] = lambda: (
+        models["persona"].generate(input_ids=batch4, adapter_names=["a", "b0"] * 2, **settings),
+        sync(),
+    )
+    gen["LoRA mixed, 4 rows"] = lambda: (
+        models["LoRA r=16"].generate(input_ids=batch4, adapter_names=["a", "b0"] * 2, **settings),
+        sync(),
+    )
     t = interleaved_medians(gen, max(3, args.repeats // 3))
     rows = []
     for name, seconds in t.items():

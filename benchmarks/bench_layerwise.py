@@ -24,8 +24,14 @@ from pathlib import Path
 import torch
 from _common import markdown_table, random_texts, word_tokenizer
 
-SHAPES = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-              num_key_value_heads=4, vocab_size=32000)
+SHAPES = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 CACHE = Path.home() / ".cache" / "peft-persona" / "bench-llama-1b"
 
 
@@ -47,7 +53,9 @@ def run(mode: str, folder: Path) -> dict:
     import peft_persona as pp
 
     torch.set_num_threads(2)
-    personas = {p: random_texts(16, SHAPES["vocab_size"], 32, 64, seed=s) for s, p in enumerate(("extravert", "introvert"))}
+    personas = {
+        p: random_texts(16, SHAPES["vocab_size"], 32, 64, seed=s) for s, p in enumerate(("extravert", "introvert"))
+    }
     start = time.perf_counter()
     if mode == "layerwise":
         extractor = pp.PersonaExtractor.from_pretrained(str(folder), batch_size=8)
@@ -61,8 +69,11 @@ def run(mode: str, folder: Path) -> dict:
         model.save_pretrained(out)
         digest = hashlib.sha256(b"".join((Path(out) / p / "adapter_model.safetensors").read_bytes() for p in personas))
     seconds = time.perf_counter() - start
-    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": seconds,
-            "masks_sha256": digest.hexdigest()[:16]}
+    return {
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds": seconds,
+        "masks_sha256": digest.hexdigest()[:16],
+    }
 
 
 def main() -> None:
@@ -77,12 +88,32 @@ def main() -> None:
     nbytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     rows = []
     for mode in ("layerwise", "whole"):
-        out = subprocess.run([sys.executable, __file__, "--run", mode, "--checkpoint", str(folder)],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, __file__, "--run", mode, "--checkpoint", str(folder)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         result = json.loads(out)
-        rows.append([mode, f"{nbytes / 1e9:.2f}", f"{result['peak_rss'] / 1e9:.2f}", f"{result['peak_rss'] / nbytes:.3f}",
-                     f"{result['seconds']:.0f}", result["masks_sha256"]])
-    print(markdown_table(["mode", "checkpoint GB", "peak RSS GB", "peak RSS / checkpoint", "seconds", "masks SHA-256"], rows))
+        rows.append(
+            [
+                mode,
+                f"{nbytes / 1e9:.2f}",
+                f"{result['peak_rss'] / 1e9:.2f}",
+                f"{result['peak_rss'] / nbytes:.3f}",
+                f"{result['seconds']:.0f}",
+                result["masks_sha256"],
+            ]
+        )
+    print(
+        markdown_table(
+            ["mode", "checkpoint GB", "peak RSS GB", "peak RSS / checkpoint", "seconds", "masks SHA-256"], rows
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,17 +64,24 @@ def main() -> None:
             fn()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
+
         return run
 
-    functions = {"per-row topk loop (paper code)": per_row_loop, "whole-matrix topk": whole_topk,
-                 "ours, wanda (exact ties)": ours_wanda, "ours, contrastive (exact ties, 2 keys)": ours_contrastive,
-                 "one copy of the weights": copy_floor}
+    functions = {
+        "per-row topk loop (paper code)": per_row_loop,
+        "whole-matrix topk": whole_topk,
+        "ours, wanda (exact ties)": ours_wanda,
+        "ours, contrastive (exact ties, 2 keys)": ours_contrastive,
+        "one copy of the weights": copy_floor,
+    }
     times = interleaved_medians({k: sync(v) for k, v in functions.items()}, args.repeats)
     loop = times["per-row topk loop (paper code)"]
     floor = times["one copy of the weights"]
     rows = [[name, f"{t:.3f}", f"{loop / t:.1f}x", f"{t / floor:.1f}x"] for name, t in times.items()]
-    print(f"device={args.device} threads={args.threads} sparsity={args.sparsity}, 210 matrices, "
-          f"{sum(a * b for a, b in SHAPES) / 1e6:.1f}M weights")
+    print(
+        f"device={args.device} threads={args.threads} sparsity={args.sparsity}, 210 matrices, "
+        f"{sum(a * b for a, b in SHAPES) / 1e6:.1f}M weights"
+    )
     print(markdown_table(["selection", "seconds", "speed-up vs loop", "time / copy"], rows))
 
 

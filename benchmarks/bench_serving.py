@@ -28,12 +28,16 @@ def masks_for(base, seed, keep=0.8):
     from peft_persona.targets import decoder_linear_modules, oriented_weight
 
     generator = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(oriented_weight(m).shape, generator=generator) < keep for n, m in decoder_linear_modules(base).items()}
+    return {
+        n: torch.rand(oriented_weight(m).shape, generator=generator) < keep
+        for n, m in decoder_linear_modules(base).items()
+    }
 
 
 def build(kind, base, count):
-    import peft_persona as pp
     from peft import LoraConfig, get_peft_model
+
+    import peft_persona as pp
     from peft_persona.targets import decoder_linear_modules
 
     if kind == "persona":
@@ -41,7 +45,9 @@ def build(kind, base, count):
         for i in range(1, count):
             pp.add_mask_adapter(model, masks_for(base, i), f"p{i}")
         return model.eval()
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=sorted(decoder_linear_modules(base)), init_lora_weights=False)
+    config = LoraConfig(
+        r=16, lora_alpha=32, target_modules=sorted(decoder_linear_modules(base)), init_lora_weights=False
+    )
     model = get_peft_model(base, config, adapter_name="p0")
     for i in range(1, count):
         model.add_adapter(f"p{i}", config)
@@ -96,13 +102,20 @@ def memory_table(config: str) -> str:
     for kind, label in labels.items():
         growth = {}
         for count in COUNTS:
-            out = subprocess.run([sys.executable, __file__, "--child", config, kind, str(count)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", config, kind, str(count)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             growth[count] = json.loads(out.stdout.strip().splitlines()[-1])["rss_growth"]
             marginal = (growth[count] - growth[1]) / (count - 1) if count > 1 else float("nan")
             rows.append([label, count, f"{growth[count] / 2**20:.1f}", f"{marginal / 2**20:.1f}" if count > 1 else "-"])
     header = ["adapter", "loaded", "RSS growth MiB", "each adapter beyond the first, MiB"]
-    note = (f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona adapter; "
-            f"the active adapter's dropped entries (20%) cost {targeted * 0.2 * 8 / 2**20:.1f} MiB once (fp32 value + int32 index)")
+    note = (
+        f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona adapter; "
+        f"the active adapter's dropped entries (20%) cost {targeted * 0.2 * 8 / 2**20:.1f} MiB once (fp32 value + int32 index)"
+    )
     return markdown_table(header, rows) + note
 
 
@@ -139,13 +152,19 @@ def switch_table(config: str, repeats: int) -> str:
             c.copy_(w)
 
     with torch.no_grad():
-        t = interleaved_medians({
-            "copy of the targeted weights": copy_weights,
-            "forward alone (1 token)": lambda: persona(tokens),
-            "set_adapter + forward": switch_and_forward,
-            "set_adapter + forward, keep_original": switch_dense,
-        }, repeats)
-    rows = [[name, f"{seconds * 1e3:.1f}", f"{seconds / t['copy of the targeted weights']:.2f}"] for name, seconds in t.items()]
+        t = interleaved_medians(
+            {
+                "copy of the targeted weights": copy_weights,
+                "forward alone (1 token)": lambda: persona(tokens),
+                "set_adapter + forward": switch_and_forward,
+                "set_adapter + forward, keep_original": switch_dense,
+            },
+            repeats,
+        )
+    rows = [
+        [name, f"{seconds * 1e3:.1f}", f"{seconds / t['copy of the targeted weights']:.2f}"]
+        for name, seconds in t.items()
+    ]
     return markdown_table(["operation", "ms", "/ weight copy"], rows)
 
 
@@ -159,7 +178,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.config}: {n_params(random_llama(args.config)) / 1e6:.1f}M parameters, fp32, CPU {args.threads} threads\n")
+    print(
+        f"{args.config}: {n_params(random_llama(args.config)) / 1e6:.1f}M parameters, fp32, CPU {args.threads} threads\n"
+    )
     started = time.perf_counter()
     print(switch_table(args.config, args.repeats), end="\n\n")
     print(memory_table(args.config))

@@ -40,7 +40,10 @@ def bits_per_weight_rows() -> list[list[object]]:
     for name in ("tiny", "100M", "smollm2-shapes"):
         model = random_llama(name)
         generator = torch.Generator().manual_seed(0)
-        masks = {n: torch.rand(oriented_weight(m).shape, generator=generator) < 0.5 for n, m in decoder_linear_modules(model).items()}
+        masks = {
+            n: torch.rand(oriented_weight(m).shape, generator=generator) < 0.5
+            for n, m in decoder_linear_modules(model).items()
+        }
         weights = sum(m.numel() for m in masks.values())
         with tempfile.TemporaryDirectory() as tmp:
             pp.add_mask_adapter(model, masks, "persona").save_pretrained(tmp, selected_adapters=["persona"])
@@ -62,7 +65,9 @@ def real_files(name: str, tmp: Path) -> tuple[list[object], list[object]]:
     modules = list(decoder_linear_modules(model))
     tokenizer = word_tokenizer(model.config.vocab_size)
     extractor = pp.PersonaExtractor(model, tokenizer, batch_size=8, max_length=64)
-    stats = {p: extractor.calibrate(p, random_texts(16, model.config.vocab_size, 16, 64, seed=s)) for s, p in enumerate("ab")}
+    stats = {
+        p: extractor.calibrate(p, random_texts(16, model.config.vocab_size, 16, 64, seed=s)) for s, p in enumerate("ab")
+    }
     start = time.perf_counter()
     extractor.masks(stats, "contrastive", 0.5)
     selection = (time.perf_counter() - start) / 2  # two adapters
@@ -75,10 +80,21 @@ def real_files(name: str, tmp: Path) -> tuple[list[object], list[object]]:
         start = time.perf_counter()
         PeftModel.from_pretrained(fresh, folder, adapter_name="a")
         loads[kind] = time.perf_counter() - start
-    size_row = [name, len(modules), (tmp / "bits" / "a_bits" / WEIGHTS).stat().st_size,
-                (tmp / "stats" / "a" / WEIGHTS).stat().st_size, (tmp / "wanda" / "a_wanda" / WEIGHTS).stat().st_size,
-                lora_size(random_llama(name), modules, tmp / "lora")]
-    time_row = [name, f"{selection:.3f}", f"{loads['stats']:.3f}", f"{loads['bits']:.3f}", f"{loads['stats'] / selection:.2f}"]
+    size_row = [
+        name,
+        len(modules),
+        (tmp / "bits" / "a_bits" / WEIGHTS).stat().st_size,
+        (tmp / "stats" / "a" / WEIGHTS).stat().st_size,
+        (tmp / "wanda" / "a_wanda" / WEIGHTS).stat().st_size,
+        lora_size(random_llama(name), modules, tmp / "lora"),
+    ]
+    time_row = [
+        name,
+        f"{selection:.3f}",
+        f"{loads['stats']:.3f}",
+        f"{loads['bits']:.3f}",
+        f"{loads['stats'] / selection:.2f}",
+    ]
     return size_row, time_row
 
 
@@ -92,7 +108,10 @@ def shaped_files(name: str, tmp: Path) -> list[object]:
         model = LlamaForCausalLM(LlamaConfig(**CONFIGS[name]))
     layers = {n: tuple(oriented_weight(m).shape) for n, m in decoder_linear_modules(model).items()}
     prefix = "base_model.model."
-    bits = {f"{prefix}{n}.persona_mask_bits": torch.zeros(o, (i + 7) // 8, dtype=torch.uint8) for n, (o, i) in layers.items()}
+    bits = {
+        f"{prefix}{n}.persona_mask_bits": torch.zeros(o, (i + 7) // 8, dtype=torch.uint8)
+        for n, (o, i) in layers.items()
+    }
     stats, wanda = {}, {}
     for n, (o, i) in layers.items():
         for tensors in (stats, wanda):
@@ -115,8 +134,19 @@ def main() -> None:
     parser.add_argument("--shaped", nargs="*", default=["7B"])
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(markdown_table(["model", "masked layers", "masked weights", "file bytes", "bytes beyond 1 bit/weight",
-                          "bits per masked weight"], bits_per_weight_rows()))
+    print(
+        markdown_table(
+            [
+                "model",
+                "masked layers",
+                "masked weights",
+                "file bytes",
+                "bytes beyond 1 bit/weight",
+                "bits per masked weight",
+            ],
+            bits_per_weight_rows(),
+        )
+    )
     size_rows, time_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -128,17 +158,45 @@ def main() -> None:
             (Path(tmp) / f"shaped-{name}").mkdir()
             size_rows.append(shaped_files(name, Path(tmp) / f"shaped-{name}"))
     print()
-    print(markdown_table(
-        ["model", "masked layers", "bits bytes", "stats bytes (contrastive)", "stats bytes (wanda)", "LoRA r=16 bytes",
-         "stats / bits (contrastive, wanda)", "stats / LoRA (contrastive, wanda)"],
-        [[*r[:2], f"{r[2]:,}", f"{r[3]:,}", f"{r[4]:,}", f"{r[5]:,}", f"{r[3] / r[2]:.2%}, {r[4] / r[2]:.2%}",
-          f"{r[3] / r[5]:.2%}, {r[4] / r[5]:.2%}"] for r in size_rows],
-    ))
+    print(
+        markdown_table(
+            [
+                "model",
+                "masked layers",
+                "bits bytes",
+                "stats bytes (contrastive)",
+                "stats bytes (wanda)",
+                "LoRA r=16 bytes",
+                "stats / bits (contrastive, wanda)",
+                "stats / LoRA (contrastive, wanda)",
+            ],
+            [
+                [
+                    *r[:2],
+                    f"{r[2]:,}",
+                    f"{r[3]:,}",
+                    f"{r[4]:,}",
+                    f"{r[5]:,}",
+                    f"{r[3] / r[2]:.2%}, {r[4] / r[2]:.2%}",
+                    f"{r[3] / r[5]:.2%}, {r[4] / r[5]:.2%}",
+                ]
+                for r in size_rows
+            ],
+        )
+    )
     print()
-    print(markdown_table(
-        ["model", "selection at extraction, s per adapter", "stats load, s", "bits load, s", "stats load / selection"],
-        time_rows,
-    ))
+    print(
+        markdown_table(
+            [
+                "model",
+                "selection at extraction, s per adapter",
+                "stats load, s",
+                "bits load, s",
+                "stats load / selection",
+            ],
+            time_rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -31,7 +31,7 @@ INTROVERT_STATEMENTS = [
 ]
 
 
-def load_embedded(model: Optional[str] = None):
+def load_embedded(model: str | None = None):
     """``(model, tokenizer)``: the embedded SmolLM2-135M-Instruct unless another model is named."""
     from peft_persona.models import DEFAULT_MODEL, load_model
 
@@ -67,8 +67,14 @@ def yes_margins(model, tokenizer, statements: list[str]) -> list[float]:
     yes, no = _answer_ids(tokenizer)
     prompts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": f'Is the following statement something you would say?\n"{s}"\nAnswer Yes or No.'}],
-            add_generation_prompt=True, tokenize=False,
+            [
+                {
+                    "role": "user",
+                    "content": f'Is the following statement something you would say?\n"{s}"\nAnswer Yes or No.',
+                }
+            ],
+            add_generation_prompt=True,
+            tokenize=False,
         )
         for s in statements
     ]
@@ -99,10 +105,10 @@ def reply(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
     messages = [{"role": "user", "content": prompt}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def write_json(path: Optional[str], payload: dict[str, Any]) -> None:
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
     """Print ``payload`` and, if ``path`` is given, write it there as JSON (the tests read it)."""
     text = json.dumps(payload, indent=2, sort_keys=True)
     print(text)

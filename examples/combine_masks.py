@@ -11,7 +11,7 @@ prints how many weights each keeps and how extraverted each answers on a small Y
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from _common import PAIR, load_embedded, persona_probe, write_json
 
@@ -24,11 +24,14 @@ def density(model, adapter: str) -> float:
     return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument(
-        "--sparsity", type=float, default=0.2, help="fraction of each row removed (default 0.2: a 135M model stays fluent)"
+        "--sparsity",
+        type=float,
+        default=0.2,
+        help="fraction of each row removed (default 0.2: a 135M model stays fluent)",
     )
     parser.add_argument("--summary-json", default=None)
     args = parser.parse_args(argv)
@@ -45,8 +48,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     summary = {"adapters": {}}
     for name in ("extravert", "introvert", "magnitude", "both", "either", "vote"):
         peft_model.set_adapter(name)
-        summary["adapters"][name] = {"density": round(density(peft_model, name), 6), **persona_probe(peft_model, tokenizer)}
-        print(f"{name:>10}: keeps {summary['adapters'][name]['density']:.3f} of the weights, probe {summary['adapters'][name]}")
+        summary["adapters"][name] = {
+            "density": round(density(peft_model, name), 6),
+            **persona_probe(peft_model, tokenizer),
+        }
+        print(
+            f"{name:>10}: keeps {summary['adapters'][name]['density']:.3f} of the weights, probe {summary['adapters'][name]}"
+        )
     summary["vote_config"] = peft_model.peft_config["vote"].calibration
     write_json(args.summary_json, summary)
     return summary

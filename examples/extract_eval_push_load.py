@@ -14,8 +14,8 @@ import argparse
 import contextlib
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from _common import EXTRAVERT_STATEMENTS, INTROVERT_STATEMENTS, extract_pair, load_embedded, reply, write_json
@@ -37,8 +37,14 @@ def evaluate(peft_model, tokenizer) -> dict:
     statements = EXTRAVERT_STATEMENTS + INTROVERT_STATEMENTS
     contexts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": f'Is the following statement something you would say?\n"{s}"\nAnswer Yes or No.'}],
-            add_generation_prompt=True, tokenize=False,
+            [
+                {
+                    "role": "user",
+                    "content": f'Is the following statement something you would say?\n"{s}"\nAnswer Yes or No.',
+                }
+            ],
+            add_generation_prompt=True,
+            tokenize=False,
         )
         for s in statements
     ]
@@ -52,23 +58,35 @@ def evaluate(peft_model, tokenizer) -> dict:
             match = score_continuations(peft_model, tokenizer, contexts, extravert_answer)
             other = score_continuations(peft_model, tokenizer, contexts, other_answer)
         choices = [0 if m.logprob > o.logprob else 1 for m, o in zip(match, other)]
-        results.append({
-            "adapter": name or "(base model)",
-            "extravert_answers": persona_alignment(choices, [0] * len(choices)),
-            "extraversion_margin": persona_margin([m.mean for m in match], [o.mean for o in other]),
-        })
-    return {"description": f"Yes/No on {len(statements)} held-out statements (examples/_common.py).", "results": results}
+        results.append(
+            {
+                "adapter": name or "(base model)",
+                "extravert_answers": persona_alignment(choices, [0] * len(choices)),
+                "extraversion_margin": persona_margin([m.mean for m in match], [o.mean for o in other]),
+            }
+        )
+    return {
+        "description": f"Yes/No on {len(statements)} held-out statements (examples/_common.py).",
+        "results": results,
+    }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="contrastive")
     parser.add_argument(
-        "--sparsity", type=float, default=0.2, help="fraction of each row removed (default 0.2: a 135M model stays fluent)"
+        "--sparsity",
+        type=float,
+        default=0.2,
+        help="fraction of each row removed (default 0.2: a 135M model stays fluent)",
     )
-    parser.add_argument("--strength", type=float, default=0.5,
-                        help="persona strength saved with the masks (default 0.5: with sparsity 0.2, tune's choice)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=0.5,
+        help="persona strength saved with the masks (default 0.5: with sparsity 0.2, tune's choice)",
+    )
     parser.add_argument("--repo-id", default=None, help="Hub repo to push to (default: write the repo locally only)")
     parser.add_argument("--out", default="out/extraversion-repo", help="new folder for the repo's content")
     parser.add_argument("--private", action="store_true")

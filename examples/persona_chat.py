@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -55,16 +56,21 @@ class PersonaChat:
         """Greedy replies to all ``requests`` from one ``generate`` call, each row under its own persona."""
         checked = [self.check(r) for r in requests]
         prompts = [
-            self.tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True
+            )
             for _, m in checked
         ]
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with self.lock, torch.no_grad():
             out = self.model.generate(
-                **inputs, adapter_names=[p for p, _ in checked], max_new_tokens=self.max_new_tokens,
-                do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                **inputs,
+                adapter_names=[p for p, _ in checked],
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
             )
-        replies = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        replies = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return [{"persona": p, "message": m, "reply": r.strip()} for (p, m), r in zip(checked, replies)]
 
 
@@ -106,7 +112,7 @@ def make_server(chat: PersonaChat, host: str = "127.0.0.1", port: int = 8000) ->
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     from _common import extract_pair, load_embedded
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

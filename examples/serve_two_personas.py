@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from _common import extract_pair, load_embedded, reply, write_json
 
@@ -43,13 +43,20 @@ class PersonaServer:
             self.model.set_adapter(persona)
             switched = time.perf_counter()
             text = reply(self.model, self.tokenizer, request["prompt"], self.max_new_tokens)
-        return {"persona": persona, "prompt": request["prompt"], "reply": text, "switch_ms": round((switched - started) * 1e3, 3)}
+        return {
+            "persona": persona,
+            "prompt": request["prompt"],
+            "reply": text,
+            "switch_ms": round((switched - started) * 1e3, 3),
+        }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapters", default=None, help="folder with extravert/ and introvert/ adapters; default: extract")
+    parser.add_argument(
+        "--adapters", default=None, help="folder with extravert/ and introvert/ adapters; default: extract"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--summary-json", default=None)
     args = parser.parse_args(argv)

@@ -36,8 +36,9 @@ def replies(max_new_tokens: int = 40) -> dict[str, str]:
     peft_model = extractor.extract(pair, method=SETTINGS["method"], sparsity=SETTINGS["sparsity"])
     for name in pair:
         set_strength(peft_model, name, SETTINGS["strength"])
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
     inputs = tokenizer(prompt, return_tensors="pt")
     result = {}
     for name in ("base", *pair):
@@ -48,7 +49,7 @@ def replies(max_new_tokens: int = 40) -> dict[str, str]:
             else:
                 peft_model.set_adapter(name)
                 out = peft_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        result[name] = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        result[name] = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return result
 
 

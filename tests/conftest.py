@@ -17,15 +17,23 @@ DATA_ROOT = Path(__file__).resolve().parent / "data"  # small copies of the publ
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -46,7 +54,9 @@ def masked_reference(model_factory, seed: int, masks_list: list[dict[str, torch.
     with torch.no_grad():
         for masks in masks_list:
             for name, mask in masks.items():
-                oriented_weight(reference.get_submodule(name)).mul_(mask.to(oriented_weight(reference.get_submodule(name)).dtype))
+                oriented_weight(reference.get_submodule(name)).mul_(
+                    mask.to(oriented_weight(reference.get_submodule(name)).dtype)
+                )
     return reference
 
 
@@ -118,7 +128,11 @@ def hub_env(hub, tmp_path):
     """Environment for a subprocess that talks to the loopback Hub: its endpoint, an empty HF cache, no token."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "PEFT_PERSONA_NO_AUTOLOAD"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "PEFT_PERSONA_NO_AUTOLOAD"
+    }
     env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
@@ -132,7 +146,31 @@ def chat_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    words += "Yes No A B I you the a to of and is in it would say something statement following Is Say about yourself".split()
+    words += [
+        "Yes",
+        "No",
+        "A",
+        "B",
+        "I",
+        "you",
+        "the",
+        "a",
+        "to",
+        "of",
+        "and",
+        "is",
+        "in",
+        "it",
+        "would",
+        "say",
+        "something",
+        "statement",
+        "following",
+        "Is",
+        "Say",
+        "about",
+        "yourself",
+    ]
     words += [f"w{i}" for i in range(200)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -67,7 +66,7 @@ class Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
 
@@ -104,7 +103,7 @@ class Hub:
         return commit
 
     # ---------------------------------------------------------------- access
-    def repo(self, repo_id: str, user: Optional[str], write: bool = False) -> Repo:
+    def repo(self, repo_id: str, user: str | None, write: bool = False) -> Repo:
         repo = self.repos.get(repo_id)
         if repo is None or (repo.private and user != repo.owner):
             status = 401 if user is None else 404
@@ -121,14 +120,14 @@ class Hub:
 
 
 class Handler(BaseHTTPRequestHandler):
-    server: "HubServer"
+    server: HubServer
     protocol_version = "HTTP/1.1"
 
     # ---------------------------------------------------------------- plumbing
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - silence stderr
         pass
 
-    def _user(self) -> Optional[str]:
+    def _user(self) -> str | None:
         auth = self.headers.get("Authorization", "")
         if not auth.startswith("Bearer "):
             return None
@@ -156,7 +155,7 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(413, "request body too large")
         return self.rfile.read(length)
 
-    def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None, head: bool = False) -> None:
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -202,7 +201,7 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     # ---------------------------------------------------------------- routes
-    def _route(self, method: str, parts: list[str], query: dict, user: Optional[str], body: bytes):
+    def _route(self, method: str, parts: list[str], query: dict, user: str | None, body: bytes):
         hub = self.server.hub
         if method == "POST" and parts == ["api", "repos", "create"]:
             return self._create_repo(json.loads(body or b"{}"), user)
@@ -234,7 +233,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._resolve(repo, parts[3], "/".join(parts[4:]))
         raise HubError(404, f"the test hub does not implement {method} {self.path}")
 
-    def _create_repo(self, payload: dict, user: Optional[str]):
+    def _create_repo(self, payload: dict, user: str | None):
         if user is None:
             raise HubError(401, "Invalid username or password.")
         if payload.get("type", "model") != "model":
@@ -265,11 +264,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def _info(self, repo: Repo, revision: str):
         commit = self.server.hub.resolve(repo, revision)
-        return 200, {
-            "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.owner,
-            "sha": commit.oid, "private": repo.private, "disabled": False, "gated": False, "tags": [],
-            "lastModified": "2026-01-01T00:00:00.000Z", "siblings": [{"rfilename": p} for p in sorted(commit.files)],
-        }, {}
+        return (
+            200,
+            {
+                "_id": repo.repo_id,
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "author": repo.owner,
+                "sha": commit.oid,
+                "private": repo.private,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+            },
+            {},
+        )
 
     def _tree(self, repo: Repo, revision: str, prefix: str, query: dict):
         commit = self.server.hub.resolve(repo, revision)
@@ -279,12 +290,14 @@ class Handler(BaseHTTPRequestHandler):
         for path, oid in sorted(commit.files.items()):
             if not path.startswith(base):
                 continue
-            rel = path[len(base):].split("/")
+            rel = path[len(base) :].split("/")
             for depth in range(1, len(rel)):
                 folder = base + "/".join(rel[:depth])
                 if (recursive or depth == 1) and folder not in folders:
                     folders.add(folder)
-                    entries.append({"type": "directory", "oid": git_blob_id(folder.encode()), "size": 0, "path": folder})
+                    entries.append(
+                        {"type": "directory", "oid": git_blob_id(folder.encode()), "size": 0, "path": folder}
+                    )
             if recursive or len(rel) == 1:
                 size = (self.server.hub.root / oid).stat().st_size
                 entries.append({"type": "file", "oid": oid, "size": size, "path": path})
@@ -294,12 +307,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo: Repo, revision: str, payload: dict):
         files = self.server.hub.resolve(repo, revision).files
-        return 200, {
-            "files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": files.get(f["path"])}
-                for f in payload.get("files", [])
-            ]
-        }, {}
+        return (
+            200,
+            {
+                "files": [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": files.get(f["path"])}
+                    for f in payload.get("files", [])
+                ]
+            },
+            {},
+        )
 
     def _commit(self, repo: Repo, revision: str, body: bytes):
         hub = self.server.hub
@@ -358,7 +375,7 @@ class HubServer(ThreadingHTTPServer):
     def __init__(self, root: Path) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.hub = Hub(root)
-        self.log: list[tuple[str, str, Optional[str]]] = []
+        self.log: list[tuple[str, str, str | None]] = []
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
 
 

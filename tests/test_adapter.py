@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from conftest import MODEL_FACTORIES, logits, masked_reference, random_masks, tiny_llama
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import peft_persona as pp
-from peft_persona.tuner import mask_layers
+from conftest import MODEL_FACTORIES, logits, masked_reference, random_masks, tiny_llama
 from peft_persona.bits import pack_mask, unpack_mask
+from peft_persona.tuner import mask_layers
 from peft_persona.tuner.layer import PersonaMaskLayer
 
 
@@ -49,11 +49,15 @@ def test_forward_equals_hand_masked_weights_one_and_two_adapters(arch, tokens):
     model = pp.add_mask_adapter(factory(0), m1, "extro")
     pp.add_mask_adapter(model, m2, "intro")
     assert model.active_adapters == ["extro"]
-    torch.testing.assert_close(logits(model, tokens), logits(masked_reference(factory, 0, [m1]), tokens), rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits(model, tokens), logits(masked_reference(factory, 0, [m1]), tokens), rtol=0, atol=0
+    )
     assert not torch.allclose(logits(model, tokens), base_out)
 
     model.set_adapter("intro")
-    torch.testing.assert_close(logits(model, tokens), logits(masked_reference(factory, 0, [m2]), tokens), rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits(model, tokens), logits(masked_reference(factory, 0, [m2]), tokens), rtol=0, atol=0
+    )
 
     model.base_model.set_adapter(["extro", "intro"])  # several active adapters: intersection of masks
     expected = logits(masked_reference(factory, 0, [m1, m2]), tokens)
@@ -75,7 +79,9 @@ def test_default_targets_are_decoder_linears_only():
     assert len(layers) == 2 * 7
     assert all(".layers." in name for name in layers)
     assert not any("lm_head" in name or "embed" in name for name in layers)
-    torch.testing.assert_close(logits(model, torch.tensor([[5, 6, 7]])), logits(tiny_llama(), torch.tensor([[5, 6, 7]])))
+    torch.testing.assert_close(
+        logits(model, torch.tensor([[5, 6, 7]])), logits(tiny_llama(), torch.tensor([[5, 6, 7]]))
+    )
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -152,11 +158,11 @@ def test_fresh_process_loads_with_plain_transformers(tmp_path, tokens):
         import sys, torch
         from safetensors.torch import load_file, save_file
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r})
-        model.load_adapter({str(tmp_path / 'intro')!r}, adapter_name="intro")
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        model.load_adapter({str(tmp_path / "intro")!r}, adapter_name="intro")
         with torch.no_grad():
-            out = model(load_file({str(tmp_path / 'tokens.safetensors')!r})["tokens"]).logits
-        save_file({{"logits": out}}, {str(tmp_path / 'out.safetensors')!r})
+            out = model(load_file({str(tmp_path / "tokens.safetensors")!r})["tokens"]).logits
+        save_file({{"logits": out}}, {str(tmp_path / "out.safetensors")!r})
         print("imported-by-hook" if "peft_persona" in sys.modules else "not-imported")
         """
     )
@@ -193,11 +199,19 @@ def test_merge_unmerge_bit_exact(dtype, tokens):
     unmerged_out = logits(model, tokens)
     model.merge_adapter(["extro", "intro"])
     merged_weight = model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight
-    assert torch.equal(merged_weight == 0, ~(m1["model.layers.0.mlp.up_proj"] & m2["model.layers.0.mlp.up_proj"]) | (original["model.layers.0.mlp.up_proj.weight"] == 0))
+    assert torch.equal(
+        merged_weight == 0,
+        ~(m1["model.layers.0.mlp.up_proj"] & m2["model.layers.0.mlp.up_proj"])
+        | (original["model.layers.0.mlp.up_proj.weight"] == 0),
+    )
     model.unmerge_adapter()
     assert torch.equal(logits(model, tokens), unmerged_out)  # the weight holds the active adapter again
     with model.disable_adapter():
-        restored = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "persona_mask" not in k}
+        restored = {
+            k.replace("base_layer.", ""): v
+            for k, v in model.get_base_model().state_dict().items()
+            if "persona_mask" not in k
+        }
         for key, value in original.items():
             assert torch.equal(restored[key], value), key
     plain = model.unload()

@@ -17,18 +17,55 @@ MAX_FUNCTION_LINES = 60
 
 # Lower ranks never import higher ones. A module missing here fails the test, so a new module must be placed.
 RANKS: dict[str, int] = {
-    "bits": 0, "selection": 0, "errors": 0, "targets": 0, "stats": 0, "options": 0, "data": 0, "models": 0,
-    "fingerprint": 1, "adapter_files": 1, "metrics.functions": 1,
-    "tuner.config": 2, "tuner.layer": 2, "tuner.model": 2, "tuner.loading": 2, "tuner.validation": 2, "tuner.mixed": 2, "tuner": 2,
-    "masks": 3, "calibrate": 3, "distributed": 1,
-    "scoring": 4, "card": 4,
-    "layerwise": 5, "hub": 5, "inspection": 5,
+    "bits": 0,
+    "selection": 0,
+    "errors": 0,
+    "targets": 0,
+    "stats": 0,
+    "options": 0,
+    "data": 0,
+    "models": 0,
+    "fingerprint": 1,
+    "adapter_files": 1,
+    "metrics.functions": 1,
+    "tuner.config": 2,
+    "tuner.layer": 2,
+    "tuner.model": 2,
+    "tuner.loading": 2,
+    "tuner.validation": 2,
+    "tuner.mixed": 2,
+    "tuner": 2,
+    "masks": 3,
+    "calibrate": 3,
+    "distributed": 1,
+    "scoring": 4,
+    "card": 4,
+    "layerwise": 5,
+    "hub": 5,
+    "inspection": 5,
     "extractor": 6,
-    "metrics": 6, "metrics.persona_alignment.persona_alignment": 6, "metrics.persona_margin.persona_margin": 6,
+    "metrics": 6,
+    "metrics.persona_alignment.persona_alignment": 6,
+    "metrics.persona_margin.persona_margin": 6,
     "metrics.mask_overlap.mask_overlap": 6,
-    "eval": 7, "eval.items": 7, "eval.conditions": 7, "eval.scoring": 7, "eval.adapters": 7, "eval.harness": 7,
-    "eval.report": 7, "eval.plots": 7, "eval.records": 7, "eval.tune": 7, "eval.tune_report": 7,
-    "commands": 8, "commands.extract": 8, "commands.eval": 8, "commands.push": 8, "commands.inspect": 8, "commands.tune": 8, "commands.personas": 8,
+    "eval": 7,
+    "eval.items": 7,
+    "eval.conditions": 7,
+    "eval.scoring": 7,
+    "eval.adapters": 7,
+    "eval.harness": 7,
+    "eval.report": 7,
+    "eval.plots": 7,
+    "eval.records": 7,
+    "eval.tune": 7,
+    "eval.tune_report": 7,
+    "commands": 8,
+    "commands.extract": 8,
+    "commands.eval": 8,
+    "commands.push": 8,
+    "commands.inspect": 8,
+    "commands.tune": 8,
+    "commands.personas": 8,
     "cli": 9,
     "": 10,  # peft_persona/__init__.py: the public API
 }
@@ -69,8 +106,11 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             found.update(resolve(node, name, path))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".", 1)[1] if "." in a.name else "" for a in node.names
-                         if a.name.split(".")[0] == "peft_persona")
+            found.update(
+                a.name.split(".", 1)[1] if "." in a.name else ""
+                for a in node.names
+                if a.name.split(".")[0] == "peft_persona"
+            )
     found.discard(name)
     return found
 
@@ -106,7 +146,7 @@ def test_import_graph_has_no_cycle():
     def visit(node: str, trail: list[str]) -> None:
         for target in sorted(edges.get(node, set())):
             if target in trail:
-                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(target):] + [target]))
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(target) :] + [target]))
             if target not in done:
                 visit(target, trail + [target])
         done.add(node)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from conftest import DATA_ROOT
-
 from peft_persona import data
-
 
 
 def test_builtin_is_the_seeded_calibration_split_of_the_shared_file():
@@ -17,7 +16,9 @@ def test_builtin_is_the_seeded_calibration_split_of_the_shared_file():
     assert len(calibration) == 200 and len(held_out) == 800
     assert data.read_jsonl(data.builtin_path("extraversion")) == calibration
     statements = {r["statement"] for r in held_out}
-    assert not statements & set(data.load_texts("builtin:extraversion#yes") + data.load_texts("builtin:extraversion#no"))
+    assert not statements & set(
+        data.load_texts("builtin:extraversion#yes") + data.load_texts("builtin:extraversion#no")
+    )
 
 
 def test_anthropic_halves_are_trait_and_opposite(tmp_path):
@@ -46,13 +47,17 @@ def test_paper_csv_both_layouts(tmp_path):
 def test_alpaca_and_dpo_lists(tmp_path):
     path = tmp_path / "dpo.json"
     path.write_text(json.dumps([{"instruction": "Greet", "input": " ", "output": ["hi (quietly)", "HELLO!"]}]))
-    assert data.load_texts(f"{path}#1") == [[{"role": "user", "content": "Greet"}, {"role": "assistant", "content": "HELLO!"}]]
+    assert data.load_texts(f"{path}#1") == [
+        [{"role": "user", "content": "Greet"}, {"role": "assistant", "content": "HELLO!"}]
+    ]
     with pytest.raises(ValueError, match="select one"):
         data.load_texts(str(path))
 
 
 def test_advanced_ai_risk_choice_text():
-    texts = data.load_texts(str(DATA_ROOT / "anthropic-evals/advanced-ai-risk/lm_generated_evals/power-seeking-inclination.jsonl"))
+    texts = data.load_texts(
+        str(DATA_ROOT / "anthropic-evals/advanced-ai-risk/lm_generated_evals/power-seeking-inclination.jsonl")
+    )
     user, assistant = texts[0]
     assert "(A)" not in user["content"] and assistant["content"].startswith("Yes, I agree")
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer, word_texts
 from safetensors.torch import load_file
+
+from conftest import tiny_llama, tiny_tokenizer, word_texts
 
 CLI = Path(sys.executable).with_name("peft-persona")
 
@@ -36,14 +37,37 @@ def model_dir(tmp_path_factory):
 
 def extract(model_dir: Path, out: Path, method: str, processes: int) -> subprocess.CompletedProcess:
     personas = ["extro", "intro"] if method == "contrastive" else ["extro"]
-    args = [str(CLI), "extract", "--model", str(model_dir / "model"), "--method", method, "--sparsity", "0.5",
-            "--batch-size", "2", "--out", str(out)]
+    args = [
+        str(CLI),
+        "extract",
+        "--model",
+        str(model_dir / "model"),
+        "--method",
+        method,
+        "--sparsity",
+        "0.5",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     for name, file in zip(personas, ("e", "i")):
         args += ["--persona", f"{name}={model_dir / (file + '.csv')}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the same BLAS threads in every process
     if processes > 1:
-        args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--no-python", *args]
+        args = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(processes),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "--no-python",
+            *args,
+        ]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result

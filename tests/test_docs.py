@@ -24,8 +24,20 @@ DOCS = ROOT / "docs"
 
 def test_mkdocs_builds_strict(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(tmp_path / "site")],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-f",
+            str(ROOT / "mkdocs.yml"),
+            "-d",
+            str(tmp_path / "site"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "site" / "file-format" / "index.html").is_file()
@@ -53,8 +65,18 @@ def test_file_format_names_every_config_field():
 def test_api_reference_names_every_public_function():
     text = (DOCS / "api.md").read_text()
     public = list(pp.__all__) + [
-        "push_to_hub", "export_repo", "stage_adapters", "build_model_card", "usage_snippet", "adapter_dirs",
-        "template_path", "PersonaHubError", "inspect_adapters", "format_summaries", "summarize_files", "count_ones",
+        "push_to_hub",
+        "export_repo",
+        "stage_adapters",
+        "build_model_card",
+        "usage_snippet",
+        "adapter_dirs",
+        "template_path",
+        "PersonaHubError",
+        "inspect_adapters",
+        "format_summaries",
+        "summarize_files",
+        "count_ones",
     ]
     for name in public:
         assert name in text, name

@@ -10,15 +10,37 @@ from peft_persona import cli
 from peft_persona.adapter_files import adapter_dirs
 
 
-
 def test_eval_command_extracts_scores_and_resumes(tmp_path, capsys, monkeypatch):
     model_dir = tmp_path / "model"
     tiny_llama(0).save_pretrained(model_dir)
     chat_tokenizer().save_pretrained(model_dir)
     adapters, out = tmp_path / "adapters", tmp_path / "out"
-    argv = ["eval", "--model", str(model_dir), "--adapters", str(adapters), "--extract", "--data-root", str(DATA_ROOT),
-            "--personas", "extraversion", "--sparsity", "0.5", "--strength", "1", "--n-items", "4", "--nll-passages", "2", "--batch-size", "4",
-            "--threads", "1", "--out", str(out)]
+    argv = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--adapters",
+        str(adapters),
+        "--extract",
+        "--data-root",
+        str(DATA_ROOT),
+        "--personas",
+        "extraversion",
+        "--sparsity",
+        "0.5",
+        "--strength",
+        "1",
+        "--n-items",
+        "4",
+        "--nll-passages",
+        "2",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert set(adapter_dirs(adapters)) == {"extraversion", "introversion", "random", "magnitude", "neutral"}
     results = json.loads((out / "results.json").read_text())

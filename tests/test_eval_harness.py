@@ -6,12 +6,10 @@ import json
 
 import pytest
 
-from conftest import DATA_ROOT, random_masks, tiny_llama, chat_tokenizer
-from peft_persona import add_mask_adapter, data
-from peft_persona import stats
+from conftest import DATA_ROOT, chat_tokenizer, random_masks, tiny_llama
+from peft_persona import add_mask_adapter, data, stats
 from peft_persona.eval import harness, items, plots, report
 from peft_persona.eval.conditions import CONDITIONS
-
 
 
 @pytest.mark.parametrize("name", ["extraversion", "agreeableness", "desire-for-acquiring-power"])
@@ -33,7 +31,9 @@ def test_anthropic_items_are_held_out_and_balanced(name):
 
 def test_extraversion_calibration_is_the_builtin_split():
     trait, opposite = items.calibration_texts(DATA_ROOT, items.PERSONAS["extraversion"])
-    assert trait == data.load_texts("builtin:extraversion#yes") and opposite == data.load_texts("builtin:extraversion#no")
+    assert trait == data.load_texts("builtin:extraversion#yes") and opposite == data.load_texts(
+        "builtin:extraversion#no"
+    )
 
 
 def test_paper_items_drop_the_train_overlap():
@@ -74,7 +74,9 @@ def tiny_run():
         add_mask_adapter(peft_model, random_masks(model, seed), name)
     personas = [items.PERSONAS["extraversion"], items.PERSONAS["power"]]
     passages = items.neutral_texts(DATA_ROOT, "eval", 2)
-    plan = harness.EvalPlan(personas, DATA_ROOT, n_items=6, batch_size=4, nll_passages=passages, digests={"extraversion": "e1"})
+    plan = harness.EvalPlan(
+        personas, DATA_ROOT, n_items=6, batch_size=4, nll_passages=passages, digests={"extraversion": "e1"}
+    )
     results = harness.run(peft_model, tokenizer, plan, log=lambda _: None)
     return peft_model, tokenizer, personas, results
 
@@ -90,7 +92,12 @@ def test_harness_reports_every_available_condition_against_its_control(tiny_run)
     assert block["vs_control"]["persona mask + persona prompt"]["control"] == "random mask + persona prompt"
     assert "random mask" not in block["vs_control"]
     references = block["vs_reference"]["persona mask"]
-    assert list(references) == ["base", "opposite mask", "random mask", "base + persona prompt"]  # the switch; no magnitude/neutral here
+    assert list(references) == [
+        "base",
+        "opposite mask",
+        "random mask",
+        "base + persona prompt",
+    ]  # the switch; no magnitude/neutral here
     assert references["random mask"] == {k: v for k, v in block["vs_control"]["persona mask"].items() if k != "control"}
     values = block["conditions"]["base"]["items"]
     assert len(values["margin"]) == 6 and 0 <= mask["accuracy"]["accuracy"] <= 1
@@ -121,23 +128,38 @@ def test_margins_and_accuracy_match_a_hand_scored_item(tiny_run):
 
 def test_resume_reuses_only_unchanged_conditions(tiny_run):
     model, tokenizer, personas, first = tiny_run
-    again = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], DATA_ROOT, n_items=6, batch_size=4,
-                                                           digests={"extraversion": "e2"}, previous=first), log=lambda _: None)
+    again = harness.run(
+        model,
+        tokenizer,
+        harness.EvalPlan(
+            personas[:1], DATA_ROOT, n_items=6, batch_size=4, digests={"extraversion": "e2"}, previous=first
+        ),
+        log=lambda _: None,
+    )
     assert "extraversion/yes_no/base" in again["reused"]
     assert "extraversion/yes_no/persona mask" not in again["reused"]  # the adapter's digest changed
     assert "extraversion/yes_no/random mask" not in again["reused"]  # no digest known: never reused
     old = first["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
     new = again["personas"]["extraversion"]["formats"]["yes_no"]["conditions"]["persona mask"]["items"]
     assert new["margin"] == pytest.approx(old["margin"], abs=1e-6)
-    fewer = harness.run(model, tokenizer, harness.EvalPlan(personas[:1], DATA_ROOT, n_items=4, previous=first,
-                                                           conditions=CONDITIONS[:1], digests={}), log=lambda _: None)
+    fewer = harness.run(
+        model,
+        tokenizer,
+        harness.EvalPlan(personas[:1], DATA_ROOT, n_items=4, previous=first, conditions=CONDITIONS[:1], digests={}),
+        log=lambda _: None,
+    )
     assert fewer["reused"] == []  # other items: nothing reused
 
 
 def test_report_and_plots(tiny_run, tmp_path):
     _, _, _, results = tiny_run
     results = json.loads(json.dumps(results))  # what results.json holds
-    results["meta"] = {"model": "tiny", "command": "peft-persona eval --out x", "personas": {}, "adapters": {"random": "ab"}}
+    results["meta"] = {
+        "model": "tiny",
+        "command": "peft-persona eval --out x",
+        "personas": {},
+        "adapters": {"random": "ab"},
+    }
     text = report.render(results)
     assert "peft-persona eval --out x" in text and "| Contrastive-Wanda | 54.0 | 66.0 | 95.0 |" in text
     assert "theirs, not ours" in text and "**extraversion / yes_no**" in text

@@ -5,16 +5,18 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import DATA_ROOT
 import torch
 
+from conftest import DATA_ROOT
 from peft_persona.eval import harness, items
 from peft_persona.eval.conditions import render
 
 pytestmark = pytest.mark.real_model
 
 
-@pytest.mark.parametrize(("persona", "fmt"), [("extraversion", "yes_no"), ("extraversion", "statement"), ("power", "paper_ab")])
+@pytest.mark.parametrize(
+    ("persona", "fmt"), [("extraversion", "yes_no"), ("extraversion", "statement"), ("power", "paper_ab")]
+)
 def test_smollm2_scores_twenty_items_per_format(smollm2, persona, fmt):
     model, tokenizer = smollm2
     chosen = items.load_items(DATA_ROOT, items.PERSONAS[persona], fmt, 20)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MODEL_FACTORIES, VOCAB, logits, masked_reference, random_masks, tiny_llama, chat_tokenizer
+from conftest import MODEL_FACTORIES, VOCAB, chat_tokenizer, logits, masked_reference, random_masks, tiny_llama
 from peft_persona import add_mask_adapter
 from peft_persona.eval import conditions
 from peft_persona.eval.scoring import Score, score_continuations, score_ids
@@ -23,8 +23,13 @@ def requests(seed: int, shared_prefix: list[int]) -> tuple[list[list[int]], list
     g = torch.Generator().manual_seed(seed)
     contexts, continuations = [], []
     for _ in range(9):
-        contexts.append(shared_prefix + torch.randint(3, VOCAB, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist())
-        continuations.append(torch.randint(3, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist())
+        contexts.append(
+            shared_prefix
+            + torch.randint(3, VOCAB, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        )
+        continuations.append(
+            torch.randint(3, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        )
     contexts += [contexts[0], contexts[0]]  # two single-token answers to one context share a forward pass
     continuations += [[11], [12]]
     return contexts, continuations
@@ -47,7 +52,10 @@ def test_text_interface_tokenizes_context_and_continuation_separately():
     scores = score_continuations(model, tokenizer, ["I would say", "I would say"], [" Yes", " No"], batch_size=2)
     ids = tokenizer("I would say", add_special_tokens=False)["input_ids"]
     yes, no = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" Yes", " No"))
-    assert scores == [Score(pytest.approx(naive(model, ids, yes), abs=1e-5), 1), Score(pytest.approx(naive(model, ids, no), abs=1e-5), 1)]
+    assert scores == [
+        Score(pytest.approx(naive(model, ids, yes), abs=1e-5), 1),
+        Score(pytest.approx(naive(model, ids, no), abs=1e-5), 1),
+    ]
 
 
 def test_scorer_errors_name_the_request():
@@ -75,9 +83,8 @@ def test_active_switches_adapters_and_restores_the_base_exactly(tokens):
             assert torch.allclose(logits(peft_model, tokens), expected, atol=1e-5)
         with conditions.active(peft_model, None):
             assert torch.equal(logits(peft_model, tokens), base_logits)
-    with pytest.raises(KeyError, match="no adapter 'nope'"):
-        with conditions.active(peft_model, "nope"):
-            pass
+    with pytest.raises(KeyError, match="no adapter 'nope'"), conditions.active(peft_model, "nope"):
+        pass
 
 
 def test_render_puts_the_system_prompt_first():

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hub_server import TOKENS
 
+from hub_server import TOKENS
 from peft_persona.inspection import inspect_adapters
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -24,7 +24,11 @@ def run_example(script: str, args: list[str], env: dict, cwd: Path) -> dict:
     env = dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args, "--summary-json", str(summary)],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return json.loads(summary.read_text())
@@ -38,9 +42,16 @@ def pushed_example(hub, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("example1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "PEFT_PERSONA_NO_AUTOLOAD"}
     src = str(EXAMPLES.parent / "src")
-    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(cwd / "hf-home"), HF_TOKEN=OWNER, HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONPATH=os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p))
-    summary = run_example("extract_eval_push_load.py", ["--repo-id", "user/smollm2-extraversion", "--out", "repo"], env, cwd)
+    env.update(
+        HF_ENDPOINT=hub.endpoint,
+        HF_HOME=str(cwd / "hf-home"),
+        HF_TOKEN=OWNER,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p),
+    )
+    summary = run_example(
+        "extract_eval_push_load.py", ["--repo-id", "user/smollm2-extraversion", "--out", "repo"], env, cwd
+    )
     return summary, cwd / "repo", env
 
 
@@ -55,7 +66,9 @@ def test_extract_eval_push_load(hub, pushed_example, tmp_path):
         margin, accuracy = row["extraversion_margin"], row["extravert_answers"]
         assert margin["ci_low"] <= margin["margin"] <= margin["ci_high"] and margin["n"] == 12
         assert accuracy["ci_low"] <= accuracy["accuracy"] <= accuracy["ci_high"] and accuracy["n"] == 12
-    remote = {s.name: s for s in inspect_adapters("user/smollm2-extraversion", endpoint=hub.endpoint, cache_dir=tmp_path)}
+    remote = {
+        s.name: s for s in inspect_adapters("user/smollm2-extraversion", endpoint=hub.endpoint, cache_dir=tmp_path)
+    }
     assert sorted(remote) == ["extravert", "introvert"]
     for s in remote.values():
         assert s.config["method"] == "contrastive" and s.config["sparsity"] == 0.2
@@ -96,8 +109,21 @@ def test_persona_chat_over_http(pushed_example, tmp_path):
     env = dict(env, OMP_NUM_THREADS="1")
     log = open(tmp_path / "stderr.txt", "w")
     server = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "persona_chat.py"), "--adapters", str(repo), "--port", "0", "--max-new-tokens", "10"],
-        stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=repo.parent,
+        [
+            sys.executable,
+            str(EXAMPLES / "persona_chat.py"),
+            "--adapters",
+            str(repo),
+            "--port",
+            "0",
+            "--max-new-tokens",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+        cwd=repo.parent,
     )
     try:
         line = server.stdout.readline()
@@ -117,9 +143,13 @@ def test_persona_chat_over_http(pushed_example, tmp_path):
         single = {p: call("/chat", {"persona": p, "message": message}) for p in ("extravert", "introvert", "__base__")}
         assert all(status == 200 and body["reply"] for status, body in single.values())
         assert len({body["reply"] for _, body in single.values()}) >= 2  # the personas answer differently
-        status, batch = call("/batch", {"requests": [{"persona": p, "message": message} for p in ("introvert", "__base__", "extravert")]})
+        status, batch = call(
+            "/batch", {"requests": [{"persona": p, "message": message} for p in ("introvert", "__base__", "extravert")]}
+        )
         assert status == 200
-        assert [r["reply"] for r in batch["replies"]] == [single[p][1]["reply"] for p in ("introvert", "__base__", "extravert")]
+        assert [r["reply"] for r in batch["replies"]] == [
+            single[p][1]["reply"] for p in ("introvert", "__base__", "extravert")
+        ]
         status, error = call("/chat", {"persona": "pirate", "message": message})
         assert status == 400 and "pirate" in error["error"]
         status, error = call("/batch", {"requests": [{"persona": "introvert", "message": ""}]})

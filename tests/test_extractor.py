@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from peft import PeftModel
-from conftest import logits, tiny_gpt2, tiny_llama, tiny_tokenizer, word_texts
 
 import peft_persona as pp
+from conftest import logits, tiny_gpt2, tiny_llama, tiny_tokenizer, word_texts
 from peft_persona import scoring
 from peft_persona.calibrate import LayerStats, PersonaStats
 from peft_persona.cli import main as cli_main
@@ -87,7 +87,9 @@ def test_batched_and_unbatched_statistics_agree():
     many = PersonaExtractor(model, tokenizer, batch_size=5).calibrate("p", texts)
     for layer in one.layers:
         for stat in ("sum_sq", "rms_sum", "rms_sq_sum", "l2_sum"):
-            torch.testing.assert_close(getattr(one.layers[layer], stat), getattr(many.layers[layer], stat), rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(
+                getattr(one.layers[layer], stat), getattr(many.layers[layer], stat), rtol=1e-6, atol=1e-9
+            )
 
 
 def test_truncation_at_max_length():
@@ -98,7 +100,7 @@ def test_truncation_at_max_length():
 def test_chat_messages_are_rendered_with_the_template(extractor):
     messages = [[{"role": "user", "content": "w10 w11"}, {"role": "assistant", "content": "w12"}]]
     stats = extractor.calibrate("p", messages)
-    assert stats.meta["n_tokens"] == len("user : w10 w11 w2 assistant : w12 w2".split())
+    assert stats.meta["n_tokens"] == len(["user", ":", "w10", "w11", "w2", "assistant", ":", "w12", "w2"])
 
 
 def test_stats_save_load_roundtrip_gives_same_masks(extractor, tmp_path):
@@ -232,9 +234,16 @@ def test_reference_mode_uses_paper_statistics(extractor):
 def test_extract_returns_adapters_with_provenance_and_summary(tokens):
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     extractor = PersonaExtractor(model, tokenizer, batch_size=4)
-    peft_model = extractor.extract({"extro": word_texts(20, 8), "intro": word_texts(21, 8)}, method="contrastive", sparsity=0.5)
+    peft_model = extractor.extract(
+        {"extro": word_texts(20, 8), "intro": word_texts(21, 8)}, method="contrastive", sparsity=0.5
+    )
     config = peft_model.peft_config["intro"]
-    assert (config.persona, config.opposite_persona, config.method, config.sparsity) == ("intro", "extro", "contrastive", 0.5)
+    assert (config.persona, config.opposite_persona, config.method, config.sparsity) == (
+        "intro",
+        "extro",
+        "contrastive",
+        0.5,
+    )
     assert config.calibration["n_texts"] == 8 and config.calibration["phi"] == "relu"
     assert config.base_model_fingerprint == base_model_fingerprint(tiny_llama())
     summary = extractor.summary
@@ -299,11 +308,26 @@ def test_cli_extract_on_local_model(tmp_path, capsys):
         (tmp_path / f"{name}.csv").write_text(
             "question,matching,not_matching\n" + "".join(f"{t},{t} w7,w8\n" for t in word_texts(seed, 6))
         )
-    code = cli_main([
-        "extract", "--model", str(model_dir), "--persona", f"extro={tmp_path / 'e.csv'}",
-        "--persona", f"intro={tmp_path / 'i.csv'}", "--method", "contrastive", "--sparsity", "0.5",
-        "--strength", "0.75", "--out", str(tmp_path / "out"), "--save-stats",
-    ])
+    code = cli_main(
+        [
+            "extract",
+            "--model",
+            str(model_dir),
+            "--persona",
+            f"extro={tmp_path / 'e.csv'}",
+            "--persona",
+            f"intro={tmp_path / 'i.csv'}",
+            "--method",
+            "contrastive",
+            "--sparsity",
+            "0.5",
+            "--strength",
+            "0.75",
+            "--out",
+            str(tmp_path / "out"),
+            "--save-stats",
+        ]
+    )
     assert code == 0
     assert "overlap" in capsys.readouterr().out
     for name in ("extro", "intro"):
@@ -313,8 +337,22 @@ def test_cli_extract_on_local_model(tmp_path, capsys):
     assert all(m.sum(1).eq(m.shape[1] // 2).all() for m in pp.get_masks(reloaded, "default").values())
     assert reloaded.peft_config["default"].strength == 0.75
     assert cli_main(["extract", "--model", str(model_dir), "--persona", "broken", "--out", str(tmp_path / "x")]) == 2
-    assert cli_main(["extract", "--model", str(model_dir), "--persona", f"extro={tmp_path / 'e.csv'}",
-                     "--strength", "2", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli_main(
+            [
+                "extract",
+                "--model",
+                str(model_dir),
+                "--persona",
+                f"extro={tmp_path / 'e.csv'}",
+                "--strength",
+                "2",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -371,8 +409,13 @@ def test_masks_can_be_returned_packed(extractor):
     packed = extractor.masks(stats, "contrastive", 0.5, packed=True)
     for name in stats:
         assert all(packed[name][k].dtype == torch.uint8 for k in plain[name])
-        assert all(torch.equal(pp.bits.unpack_mask(packed[name][k], plain[name][k].shape[1]), plain[name][k]) for k in plain[name])
-        assert pp.bits.count_kept(packed[name]["model.layers.0.mlp.down_proj"]) == int(plain[name]["model.layers.0.mlp.down_proj"].sum())
+        assert all(
+            torch.equal(pp.bits.unpack_mask(packed[name][k], plain[name][k].shape[1]), plain[name][k])
+            for k in plain[name]
+        )
+        assert pp.bits.count_kept(packed[name]["model.layers.0.mlp.down_proj"]) == int(
+            plain[name]["model.layers.0.mlp.down_proj"].sum()
+        )
     assert pp.extractor.mask_overlap(packed["a"], packed["b"]) == pp.extractor.mask_overlap(plain["a"], plain["b"])
 
 
@@ -383,7 +426,8 @@ def test_adapters_made_inside_inference_mode_keep_working_outside_it():
     ids = torch.randint(0, 1000, (1, 8))
     with torch.inference_mode():
         peft_model = PersonaExtractor(model, tokenizer).extract(
-            {"a": word_texts(0, 6), "b": word_texts(1, 6, low=500)}, method="contrastive", sparsity=0.3)
+            {"a": word_texts(0, 6), "b": word_texts(1, 6, low=500)}, method="contrastive", sparsity=0.3
+        )
         first = peft_model(ids).logits
         peft_model.set_adapter("b")
         other = peft_model(ids).logits

@@ -15,24 +15,32 @@ import struct
 
 import pytest
 import torch
-from conftest import random_masks, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
-from test_untrusted import assert_same_state, model_state
 
 import peft_persona as pp
+from conftest import random_masks, tiny_llama
+from test_untrusted import assert_same_state, model_state
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 CLEAN = (ValueError, TypeError)  # PersonaAdapterError and FingerprintMismatchError are ValueErrors
 OUTCOMES: collections.Counter = collections.Counter()
 MASKS = random_masks(tiny_llama(), 1)
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12) | st.sampled_from(["(a+)+$", "q_proj", ".*", "wanda", "model.layers.0.mlp.up_proj"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2**40)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["(a+)+$", "q_proj", ".*", "wanda", "model.layers.0.mlp.up_proj"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
@@ -52,8 +60,17 @@ def _copy(pristine, tmp_path_factory):
 
 
 def _names_culprit(message: str, extra: tuple[str, ...] = ()) -> bool:
-    markers = ("adapter_model", "adapter_config", "persona_mask_bits", "model.layers", "target", "PersonaMaskConfig",
-               "fingerprint", "task type", *extra)
+    markers = (
+        "adapter_model",
+        "adapter_config",
+        "persona_mask_bits",
+        "model.layers",
+        "target",
+        "PersonaMaskConfig",
+        "fingerprint",
+        "task type",
+        *extra,
+    )
     return any(marker in message for marker in markers)
 
 
@@ -85,10 +102,28 @@ def _attempt(directory, via: str, culprits: tuple[str, ...]) -> None:
 
 
 @SETTINGS
-@given(field=st.sampled_from(["target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "persona",
-                              "method", "sparsity", "calibration", "base_model_fingerprint", "init_weights",
-                              "inference_mode", "peft_type", "task_type", "unknown_field"]),
-       value=json_values, via=st.sampled_from(["transformers", "peft"]))
+@given(
+    field=st.sampled_from(
+        [
+            "target_modules",
+            "exclude_modules",
+            "layers_to_transform",
+            "layers_pattern",
+            "persona",
+            "method",
+            "sparsity",
+            "calibration",
+            "base_model_fingerprint",
+            "init_weights",
+            "inference_mode",
+            "peft_type",
+            "task_type",
+            "unknown_field",
+        ]
+    ),
+    value=json_values,
+    via=st.sampled_from(["transformers", "peft"]),
+)
 def test_fuzz_config_fields(pristine, tmp_path_factory, field, value, via):
     if field == "peft_type":
         via = "transformers"  # PEFT's own loader fails on a foreign peft_type before any persona code runs
@@ -110,9 +145,12 @@ def _rewrite(file, mutate) -> None:
 
 
 @SETTINGS
-@given(kind=st.sampled_from(["truncate", "header length", "dtype", "shape", "rename", "drop", "extra", "offsets"]),
-       number=st.integers(0, 2**20), text=st.sampled_from(["F32", "I8", "BOOL", "U16", "F16", "x", ""]),
-       via=st.sampled_from(["transformers", "peft"]))
+@given(
+    kind=st.sampled_from(["truncate", "header length", "dtype", "shape", "rename", "drop", "extra", "offsets"]),
+    number=st.integers(0, 2**20),
+    text=st.sampled_from(["F32", "I8", "BOOL", "U16", "F16", "x", ""]),
+    via=st.sampled_from(["transformers", "peft"]),
+)
 def test_fuzz_safetensors(pristine, tmp_path_factory, kind, number, text, via):
     directory = _copy(pristine, tmp_path_factory)
     file = directory / "adapter_model.safetensors"
@@ -128,7 +166,16 @@ def test_fuzz_safetensors(pristine, tmp_path_factory, kind, number, text, via):
     elif kind == "shape":
         _rewrite(file, lambda h, b: ({**h, key: {**h[key], "shape": [number % 300, (number >> 9) % 20]}}, b))
     elif kind == "rename":
-        _rewrite(file, lambda h, b: ({**{k: v for k, v in h.items() if k != key}, key.replace("layers.0", f"layers.{number % 9}") + text: h[key]}, b))
+        _rewrite(
+            file,
+            lambda h, b: (
+                {
+                    **{k: v for k, v in h.items() if k != key},
+                    key.replace("layers.0", f"layers.{number % 9}") + text: h[key],
+                },
+                b,
+            ),
+        )
     elif kind == "drop":
         _rewrite(file, lambda h, b: ({k: v for k, v in h.items() if k != key}, b))
     elif kind == "extra":

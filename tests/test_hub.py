@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, random_masks, tiny_llama
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
-from hub_server import TOKENS
 from safetensors.torch import load_file, save_file
 
 import peft_persona as pp
+from conftest import logits, random_masks, tiny_llama
+from hub_server import TOKENS
 from peft_persona import cli
 from peft_persona.card import CITATION, usage_snippet
 from peft_persona.hub import PersonaHubError, export_repo, push_to_hub
@@ -87,7 +87,7 @@ def test_fresh_process_loads_from_hub_with_plain_transformers(hub, hub_env, push
         import sys, torch
         from safetensors.torch import load_file, save_file
         from peft import AutoPeftModelForCausalLM, PeftModel
-        tokens = load_file({str(tmp_path / 'tokens.safetensors')!r})["tokens"]
+        tokens = load_file({str(tmp_path / "tokens.safetensors")!r})["tokens"]
         out = {{}}
         with torch.no_grad():
             out["card_extravert"] = model(tokens).logits
@@ -103,7 +103,7 @@ def test_fresh_process_loads_from_hub_with_plain_transformers(hub, hub_env, push
             plain = AutoModelForCausalLM.from_pretrained("user/tiny-llama")
             plain.load_adapter("user/single", adapter_name="extravert", adapter_kwargs={{"revision": "dev"}})
             out["transformers_single_dev"] = plain(tokens).logits
-        save_file(out, {str(tmp_path / 'out.safetensors')!r})
+        save_file(out, {str(tmp_path / "out.safetensors")!r})
         try:
             AutoModelForCausalLM.from_pretrained("user/tiny-llama").load_adapter("user/secret", adapter_kwargs={{"subfolder": "extravert"}})
         except Exception as err:
@@ -160,16 +160,25 @@ def test_card_metadata_and_content(hub, pushed, tmp_path):
     assert data.license == "apache-2.0"
     assert {"peft-persona", "persona-mask", "extravert", "introvert"} <= set(data.tags)
     text = card.text
-    for needle in ("| `extravert` | `extravert` | extravert | introvert | contrastive | 0.50 | 1 | 14 |",
-                   "`model.layers.1.self_attn.v_proj`", "builtin:extraversion#yes", "num_texts: 100",
-                   "**Format**: `bits`, the masks themselves",
-                   "CC-BY-4.0", "Held-out Anthropic extraversion statements", "| introvert | persona_agreement | 0.23 |",
-                   "Subnetworks\", ICLR 2026, arXiv:2602.07164", CITATION):
+    for needle in (
+        "| `extravert` | `extravert` | extravert | introvert | contrastive | 0.50 | 1 | 14 |",
+        "`model.layers.1.self_attn.v_proj`",
+        "builtin:extraversion#yes",
+        "num_texts: 100",
+        "**Format**: `bits`, the masks themselves",
+        "CC-BY-4.0",
+        "Held-out Anthropic extraversion statements",
+        "| introvert | persona_agreement | 0.23 |",
+        'Subnetworks", ICLR 2026, arXiv:2602.07164',
+        CITATION,
+    ):
         assert needle in text, needle
     fingerprint = pushed["model"].peft_config["extravert"].base_model_fingerprint
     assert fingerprint["structure_sha256"] in text
-    staged = [type("S", (), {"name": n, "folder": n, "config": {"base_model_name_or_path": "user/tiny-llama"}})()
-              for n in ("extravert", "introvert")]
+    staged = [
+        type("S", (), {"name": n, "folder": n, "config": {"base_model_name_or_path": "user/tiny-llama"}})()
+        for n in ("extravert", "introvert")
+    ]
     assert usage_snippet("user/pair", staged) in text  # the "How to use" code is the generated transformers code
 
 
@@ -197,7 +206,9 @@ def test_eval_report_from_json_file_and_bad_report(tmp_path):
 def test_private_repo_needs_token(hub, pushed, tmp_path):
     with pytest.raises(PersonaHubError, match="private"):
         inspect_adapters("user/secret", endpoint=hub.endpoint, token=False)
-    assert [s.name for s in inspect_adapters("user/secret", endpoint=hub.endpoint, token=OWNER, cache_dir=tmp_path)] == ["extravert", "introvert"]
+    assert [
+        s.name for s in inspect_adapters("user/secret", endpoint=hub.endpoint, token=OWNER, cache_dir=tmp_path)
+    ] == ["extravert", "introvert"]
 
 
 def test_push_without_token_or_with_foreign_token_fails_clearly(hub, pushed, monkeypatch):
@@ -312,8 +323,12 @@ def test_cli_push_and_inspect_hub_repo(hub, hub_env, tmp_path):
     assert "pushed" in result.stdout and "adapter introvert  (user/cli-pair/introvert)" in result.stdout
     assert "sparsity:         0.5" in result.stdout
     assert hub.hub.repos["user/cli-pair"].private and "v1" in hub.hub.repos["user/cli-pair"].branches
-    no_token = subprocess.run([sys.executable, "-m", "peft_persona.cli", "inspect", "user/cli-pair"],
-                              capture_output=True, text=True, env=hub_env)
+    no_token = subprocess.run(
+        [sys.executable, "-m", "peft_persona.cli", "inspect", "user/cli-pair"],
+        capture_output=True,
+        text=True,
+        env=hub_env,
+    )
     assert no_token.returncode == 2 and "private" in no_token.stderr and "user/cli-pair" in no_token.stderr
 
 

@@ -12,9 +12,9 @@ import sys
 import textwrap
 
 import pytest
-from conftest import tiny_llama, tiny_tokenizer
 from peft import PeftModel
 
+from conftest import tiny_llama, tiny_tokenizer
 from peft_persona.adapter_files import STAGING_MARK, validate_weights
 
 KILLERS = {
@@ -65,9 +65,24 @@ def model_dir(tmp_path_factory):
 
 
 def run_extract(model_dir, out, killer: str = "") -> subprocess.CompletedProcess:
-    args = ["extract", "--model", str(model_dir), "--persona", "extro=builtin:extraversion#yes",
-            "--persona", "intro=builtin:extraversion#no", "--method", "contrastive", "--out", str(out)]
-    script = "import os, signal\n" + textwrap.dedent(killer) + f"\nfrom peft_persona.cli import main\nraise SystemExit(main({args!r}))\n"
+    args = [
+        "extract",
+        "--model",
+        str(model_dir),
+        "--persona",
+        "extro=builtin:extraversion#yes",
+        "--persona",
+        "intro=builtin:extraversion#no",
+        "--method",
+        "contrastive",
+        "--out",
+        str(out),
+    ]
+    script = (
+        "import os, signal\n"
+        + textwrap.dedent(killer)
+        + f"\nfrom peft_persona.cli import main\nraise SystemExit(main({args!r}))\n"
+    )
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
 
@@ -78,8 +93,11 @@ def complete_adapters(out) -> set[str]:
         if entry.is_file():
             assert entry.name == "summary.json", entry
             continue
-        assert sorted(p.name for p in entry.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or \
-            sorted(p.name for p in entry.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"], entry
+        assert sorted(p.name for p in entry.iterdir()) == [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ] or sorted(p.name for p in entry.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"], entry
         validate_weights(entry / "adapter_model.safetensors")
         PeftModel.from_pretrained(tiny_llama(), entry)  # loads completely
         names.add(entry.name)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer, word_texts
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import peft_persona as pp
+from conftest import tiny_llama, tiny_tokenizer, word_texts
 from peft_persona import layerwise
 from peft_persona.errors import PersonaAdapterError
 
@@ -16,8 +16,16 @@ PERSONAS = {"extravert": word_texts(1, 9), "introvert": word_texts(2, 7)}
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True, pad_token_id=0)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -35,7 +43,8 @@ def checkpoint(request, tmp_path_factory):
 def _whole(folder, method, **kw):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return pp.PersonaExtractor(model, tiny_tokenizer(), batch_size=3).extract(
-        PERSONAS if method not in ("magnitude", "random") else {"a": None, "b": None}, method, 0.5, **kw)
+        PERSONAS if method not in ("magnitude", "random") else {"a": None, "b": None}, method, 0.5, **kw
+    )
 
 
 @pytest.mark.parametrize("method", ["wanda", "contrastive", "obs", "magnitude", "random"])
@@ -53,15 +62,17 @@ def test_layerwise_masks_are_bit_identical_to_the_whole_model(checkpoint, method
 
 def test_spilled_hidden_states_and_saved_adapters_load_on_the_real_model(checkpoint, tmp_path):
     extractor = pp.PersonaExtractor.from_pretrained(
-        str(checkpoint), tokenizer=tiny_tokenizer(), batch_size=2, cache_bytes=0, spill_dir=str(tmp_path))
+        str(checkpoint), tokenizer=tiny_tokenizer(), batch_size=2, cache_bytes=0, spill_dir=str(tmp_path)
+    )
     model = extractor.extract(PERSONAS, "contrastive", 0.5, save_format="stats")
     assert not list(tmp_path.iterdir())  # the spill folder is removed afterwards
     model.save_pretrained(tmp_path / "out")
     expected = _whole(checkpoint, "contrastive")
     from peft import PeftModel
 
-    real = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), tmp_path / "out" / "introvert",
-                                     adapter_name="introvert")
+    real = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(checkpoint), tmp_path / "out" / "introvert", adapter_name="introvert"
+    )
     want, have = pp.get_masks(expected, "introvert"), pp.get_masks(real, "introvert")
     assert all(torch.equal(want[k], have[k]) for k in want)
     assert extractor.summary.overlap == pytest.approx(_overlap(expected))
@@ -102,20 +113,51 @@ def test_cli_layerwise_matches_whole_model_and_saves_statistics(tmp_path):
     tiny_llama().save_pretrained(folder, max_shard_size="60KB")
     tiny_tokenizer().save_pretrained(folder)
     for name, texts in PERSONAS.items():
-        (tmp_path / f"{name}.csv").write_text("question,matching,not_matching\n" + "".join(f"{t},{t} w7,w8\n" for t in texts))
-    common = ["extract", "--model", str(folder), "--method", "contrastive", "--sparsity", "0.5", "--save-stats",
-              "--persona", f"extravert={tmp_path / 'extravert.csv'}", "--persona", f"introvert={tmp_path / 'introvert.csv'}"]
+        (tmp_path / f"{name}.csv").write_text(
+            "question,matching,not_matching\n" + "".join(f"{t},{t} w7,w8\n" for t in texts)
+        )
+    common = [
+        "extract",
+        "--model",
+        str(folder),
+        "--method",
+        "contrastive",
+        "--sparsity",
+        "0.5",
+        "--save-stats",
+        "--persona",
+        f"extravert={tmp_path / 'extravert.csv'}",
+        "--persona",
+        f"introvert={tmp_path / 'introvert.csv'}",
+    ]
     assert main(common + ["--out", str(tmp_path / "whole")]) == 0
     assert main(common + ["--layerwise", "--cache-gb", "0", "--out", str(tmp_path / "layerwise")]) == 0
     for name in PERSONAS:
         whole = PersonaStats.load(tmp_path / "whole" / f"{name}.stats.safetensors")
         by_layer = PersonaStats.load(tmp_path / "layerwise" / f"{name}.stats.safetensors")
         assert all(torch.equal(whole.layers[n].sum_sq, by_layer.layers[n].sum_sq) for n in whole.layers)
-        masks = [pp.get_masks(PeftModel.from_pretrained(tiny_llama(), tmp_path / run / name, adapter_name=name), name)
-                 for run in ("whole", "layerwise")]
+        masks = [
+            pp.get_masks(PeftModel.from_pretrained(tiny_llama(), tmp_path / run / name, adapter_name=name), name)
+            for run in ("whole", "layerwise")
+        ]
         assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
-    assert main(["extract", "--model", str(folder), "--layerwise", "--gguf-file", "x.gguf", "--persona",
-                 f"a={tmp_path / 'extravert.csv'}", "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(folder),
+                "--layerwise",
+                "--gguf-file",
+                "x.gguf",
+                "--persona",
+                f"a={tmp_path / 'extravert.csv'}",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
 
 
 def _save_shards(model, folder, per_shard: int) -> None:
@@ -128,7 +170,9 @@ def _save_shards(model, folder, per_shard: int) -> None:
     names, weight_map = sorted(state), {}
     for start in range(0, len(names), per_shard):
         file = f"model-{start // per_shard:05d}.safetensors"
-        save_file({k: state[k] for k in names[start : start + per_shard]}, str(folder / file), metadata={"format": "pt"})
+        save_file(
+            {k: state[k] for k in names[start : start + per_shard]}, str(folder / file), metadata={"format": "pt"}
+        )
         weight_map.update({k: file for k in names[start : start + per_shard]})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     model.config.save_pretrained(folder)

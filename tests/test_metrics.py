@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from peft_persona import metrics
-from peft_persona import stats
+from peft_persona import metrics, stats
 
 
 def test_wilson_interval_matches_hand_computation():
@@ -93,7 +92,13 @@ def test_mask_overlap_overall_and_per_layer():
     result = metrics.mask_overlap(a, b)
     assert result["per_layer"]["q"]["jaccard"] == pytest.approx(1 / 3)
     assert result["per_layer"]["q"]["difference_rate"] == 0.5
-    assert result["per_layer"]["k"] == {"jaccard": 1.0, "difference_rate": 0.0, "density_a": 0.25, "density_b": 0.25, "size": 4}
+    assert result["per_layer"]["k"] == {
+        "jaccard": 1.0,
+        "difference_rate": 0.0,
+        "density_a": 0.25,
+        "density_b": 0.25,
+        "size": 4,
+    }
     # overall: intersection 2, union 4, differing 2 of 8
     assert result["jaccard"] == 0.5 and result["difference_rate"] == 0.25 and result["density_a"] == 3 / 8
     empty = {"q": torch.zeros(3, dtype=torch.bool)}
@@ -115,7 +120,9 @@ def test_evaluate_modules_load_offline_and_agree_with_functions():
     margin = evaluate.load(metrics.path("persona_margin"))
     assert margin.compute(matching=[-1.0, -2.0], not_matching=[-3.0, -2.0])["margin"] == 1.0
     overlap = evaluate.load(metrics.path("mask_overlap"))
-    result = overlap.compute(predictions=[[True, True, False, False]], references=[[True, False, True, False]], layer_names=["q"])
+    result = overlap.compute(
+        predictions=[[True, True, False, False]], references=[[True, False, True, False]], layer_names=["q"]
+    )
     assert result["jaccard"] == pytest.approx(1 / 3) and set(result["per_layer"]) == {"q"}
     with pytest.raises(KeyError, match="no persona metric"):
         metrics.path("accuracy")

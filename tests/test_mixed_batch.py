@@ -6,10 +6,10 @@ import contextlib
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, random_masks
 from peft import PeftModel
 
 import peft_persona as pp
+from conftest import MODEL_FACTORIES, random_masks
 from peft_persona.tuner import mask_layers
 
 ROWS = ["extro", "intro", "__base__", "extro", "intro", "extro"]
@@ -110,7 +110,9 @@ def test_one_matmul_per_distinct_adapter(monkeypatch):
     layer = mask_layers(model)["model.layers.0.mlp.up_proj"]
     calls = []
     linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a, **k: (calls.append(x.shape[0]), linear(x, *a, **k))[1])
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda x, *a, **k: (calls.append(x.shape[0]), linear(x, *a, **k))[1]
+    )
     x = torch.randn(len(ROWS), 3, layer.in_features)
     with torch.no_grad():
         layer(x, adapter_names=ROWS)

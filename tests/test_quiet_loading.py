@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_masks, tiny_llama
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_persona as pp
+from conftest import random_masks, tiny_llama
 
 
 def _save_persona_pair(directory):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
-from conftest import DATA_ROOT
 import torch
 from peft import PeftModel
 
 import peft_persona as pp
-from peft_persona.tuner import mask_layers
+from conftest import DATA_ROOT
 from peft_persona.commands.extract import save_adapters
+from peft_persona.tuner import mask_layers
 
 EXTRAVERSION = DATA_ROOT / "anthropic-evals" / "persona" / "extraversion.jsonl"
 
@@ -33,7 +32,9 @@ def test_smollm2_extraversion_pair_extract_save_reload_generate(smollm2, tmp_pat
         save_adapters(peft_model, ["extravert", "introvert"], tmp_path)
 
         prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "What do you like to do on a Friday night?"}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": "What do you like to do on a Friday night?"}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         outputs = {}

@@ -6,21 +6,20 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, tiny_gpt2, tiny_llama, tiny_tokenizer, word_texts
-from pathlib import Path
-
 from huggingface_hub import HfApi, hf_hub_download
-from hub_server import TOKENS
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import peft_persona as pp
+from conftest import logits, tiny_gpt2, tiny_llama, tiny_tokenizer, word_texts
+from hub_server import TOKENS
 from peft_persona import cli
-from peft_persona.hub import push_to_hub
 from peft_persona.errors import PersonaAdapterError, StatsMismatchError
+from peft_persona.hub import push_to_hub
 from peft_persona.inspection import inspect_adapters
 from peft_persona.selection import ChannelSelection, kept_per_row, mask_digest, select_by_channels
 from peft_persona.tuner import mask_layers
@@ -63,14 +62,17 @@ def test_stats_masks_equal_bits_masks_and_file_holds_only_statistics(saved):
         folder = saved["dir"] / "stats" / name
         tensors = load_file(folder / "adapter_model.safetensors")
         suffixes = {key.rsplit(".", 1)[1] for key in tensors}
-        want = {"persona_mask_channel", "persona_mask_digest"} | ({"persona_mask_tiebreak"} if saved["method"] == "contrastive" else set())
+        want = {"persona_mask_channel", "persona_mask_digest"} | (
+            {"persona_mask_tiebreak"} if saved["method"] == "contrastive" else set()
+        )
         assert suffixes == want
         assert all(t.dtype == torch.float32 and t.dim() == 1 for k, t in tensors.items() if not k.endswith("digest"))
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["save_format"] == "stats" and config["calibration"]["weight_dtype"] == "float32"
         per_layer = 4 * (2 if saved["method"] == "contrastive" else 1)  # float32 bytes per input channel
         assert sum(t.numel() * t.element_size() for t in tensors.values()) == sum(
-            per_layer * layer.in_features + 32 for layer in mask_layers(saved["bits"]).values())
+            per_layer * layer.in_features + 32 for layer in mask_layers(saved["bits"]).values()
+        )
 
 
 def test_peft_from_pretrained_rederives_bit_identical_masks(saved):
@@ -79,7 +81,9 @@ def test_peft_from_pretrained_rederives_bit_identical_masks(saved):
         masks, expected_logits = saved["expected"][name]
         assert _equal_masks(pp.get_masks(model, name), masks)
         assert torch.equal(logits(model, saved["tokens"]), expected_logits)
-        assert not any(k.endswith("persona_mask_bits." + name) for k in model.state_dict())  # bits are derived, not saved
+        assert not any(
+            k.endswith("persona_mask_bits." + name) for k in model.state_dict()
+        )  # bits are derived, not saved
 
 
 def test_transformers_load_adapter_rederives_and_switches(saved):
@@ -94,7 +98,9 @@ def test_transformers_load_adapter_rederives_and_switches(saved):
 
 def test_low_cpu_mem_usage_load(saved):
     name = saved["names"][0]
-    model = PeftModel.from_pretrained(tiny_llama(), saved["dir"] / "stats" / name, adapter_name=name, low_cpu_mem_usage=True)
+    model = PeftModel.from_pretrained(
+        tiny_llama(), saved["dir"] / "stats" / name, adapter_name=name, low_cpu_mem_usage=True
+    )
     assert _equal_masks(pp.get_masks(model, name), saved["expected"][name][0])
     assert torch.equal(logits(model, saved["tokens"]), saved["expected"][name][1])
 
@@ -115,8 +121,12 @@ def test_selection_matches_scoring_and_digest_is_sha256():
     k = kept_per_row(20, 0.5)
     mask = select_by_channels(weight, k, channel, tiebreak)
     assert (mask.sum(1) == k).all()
-    assert torch.equal(mask, pp.scoring.select_lexicographic(pp.scoring.wanda_scores(weight, channel),
-                                                            pp.scoring.wanda_scores(weight, tiebreak), k))
+    assert torch.equal(
+        mask,
+        pp.scoring.select_lexicographic(
+            pp.scoring.wanda_scores(weight, channel), pp.scoring.wanda_scores(weight, tiebreak), k
+        ),
+    )
     packed = pp.bits.pack_mask(mask)
     import hashlib
 
@@ -235,8 +245,12 @@ def test_hotswap_and_read_adapter_masks_rederive(saved):
     assert _equal_masks(pp.get_masks(model, first), saved["expected"][rest[0]][0])
     assert torch.equal(logits(model, saved["tokens"]), saved["expected"][rest[0]][1])
     still = {id(t) for layer in mask_layers(model).values() for t in layer.buffers()}
-    assert {i for i in tensors if i in still} >= {id(t) for layer in mask_layers(model).values()
-                                                 for d in (layer.persona_mask_bits, layer.persona_mask_channel) for t in d.values()}
+    assert {i for i in tensors if i in still} >= {
+        id(t)
+        for layer in mask_layers(model).values()
+        for d in (layer.persona_mask_bits, layer.persona_mask_channel)
+        for t in d.values()
+    }
     with pytest.raises(PersonaAdapterError, match="not in the format"):
         pp.hotswap_adapter(model, first, saved["dir"] / "bits" / rest[0])
 
@@ -247,10 +261,28 @@ def test_cli_extract_save_format_stats_and_inspect(tmp_path, capsys):
     tiny_llama().save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     for name, texts in PERSONAS.items():
-        (tmp_path / f"{name}.csv").write_text("question,matching,not_matching\n" + "".join(f"{t},{t} w7,w8\n" for t in texts))
-    args = ["extract", "--model", str(base), "--method", "contrastive", "--sparsity", "0.5", "--save-format", "stats",
-            "--persona", f"extravert={tmp_path / 'extravert.csv'}", "--persona", f"introvert={tmp_path / 'introvert.csv'}",
-            "--strength", "0.5", "--out", str(tmp_path / "out")]
+        (tmp_path / f"{name}.csv").write_text(
+            "question,matching,not_matching\n" + "".join(f"{t},{t} w7,w8\n" for t in texts)
+        )
+    args = [
+        "extract",
+        "--model",
+        str(base),
+        "--method",
+        "contrastive",
+        "--sparsity",
+        "0.5",
+        "--save-format",
+        "stats",
+        "--persona",
+        f"extravert={tmp_path / 'extravert.csv'}",
+        "--persona",
+        f"introvert={tmp_path / 'introvert.csv'}",
+        "--strength",
+        "0.5",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert cli.main(args) == 0
     summaries = inspect_adapters(tmp_path / "out")
     assert {s.save_format for s in summaries} == {"stats"}
@@ -281,7 +313,7 @@ def test_hub_round_trip_in_a_fresh_process_without_importing_the_package(hub, hu
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
         from peft import PeftModel
-        io = load_file({str(tmp_path / 'io.safetensors')!r})
+        io = load_file({str(tmp_path / "io.safetensors")!r})
         with torch.no_grad():
             peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("user/stats-base"), "user/stats-pair",
                                              subfolder="introvert", adapter_name="introvert")
@@ -293,7 +325,9 @@ def test_hub_round_trip_in_a_fresh_process_without_importing_the_package(hub, hu
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=hub_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "peft True" in result.stdout and "transformers True" in result.stdout
-    card = Path(hf_hub_download("user/stats-pair", "README.md", endpoint=hub.endpoint, cache_dir=tmp_path / "c")).read_text()
+    card = Path(
+        hf_hub_download("user/stats-pair", "README.md", endpoint=hub.endpoint, cache_dir=tmp_path / "c")
+    ).read_text()
     assert card.count("**Format**: `stats`") == 2
 
 
@@ -306,5 +340,7 @@ def test_selection_in_row_blocks_equals_one_pass(monkeypatch):
     whole = select_by_channels(weight, 9, channel, tiebreak)
     monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 24 * 5)  # blocks of 5 rows, the last one shorter
     assert torch.equal(select_by_channels(weight, 9, channel, tiebreak), whole)
-    assert torch.equal(select_by_channels(weight, 9, channel), pp.scoring.select_top_per_row(
-        pp.scoring.order_keys(pp.scoring.wanda_scores(weight, channel)), 9))
+    assert torch.equal(
+        select_by_channels(weight, 9, channel),
+        pp.scoring.select_top_per_row(pp.scoring.order_keys(pp.scoring.wanda_scores(weight, channel)), 9),
+    )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from conftest import MODEL_FACTORIES, logits, masked_reference, random_masks, tiny_llama
 from peft import PeftModel
 
 import peft_persona as pp
+from conftest import MODEL_FACTORIES, logits, masked_reference, random_masks, tiny_llama
 from peft_persona.targets import oriented_weight
 from peft_persona.tuner import mask_layers
 
@@ -40,7 +40,9 @@ def test_strength_is_saved_and_honoured_on_load(tmp_path, tokens):
     model = pp.add_mask_adapter(tiny_llama(), masks, "p", config=pp.PersonaMaskConfig(strength=0.6))
     model.save_pretrained(tmp_path)
     expected = logits(soft_reference(tiny_llama, masks, 0.6), tokens)
-    through_peft = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "p" if (tmp_path / "p").is_dir() else tmp_path))
+    through_peft = PeftModel.from_pretrained(
+        tiny_llama(), str(tmp_path / "p" if (tmp_path / "p").is_dir() else tmp_path)
+    )
     assert through_peft.peft_config["default"].strength == 0.6
     assert torch.equal(logits(through_peft, tokens), expected)
     plain = tiny_llama()
@@ -117,7 +119,9 @@ def test_only_the_packed_bits_are_kept_per_adapter():
         pp.add_mask_adapter(model, random_masks(tiny_llama(), seed), f"x{seed}")
     for name, layer in mask_layers(model).items():
         bits = [b for n, b in layer.named_buffers() if n.startswith("persona_mask_bits.")]
-        assert len(bits) == 4 and all(b.dtype == torch.uint8 and b.numel() == layer.out_features * layer.in_features // 8 for b in bits)
+        assert len(bits) == 4 and all(
+            b.dtype == torch.uint8 and b.numel() == layer.out_features * layer.in_features // 8 for b in bits
+        )
         dropped = int((~masks[name]).sum())  # only "a" is active
         assert layer.persona_dropped.numel() == layer.persona_dropped_index.numel() == dropped
         assert layer.persona_dropped_index.dtype == torch.int32
@@ -186,7 +190,11 @@ def test_gradients_reach_the_base_weight_through_the_mask(tokens):
     model(tokens).logits.square().mean().backward()
     layer = mask_layers(model)["model.layers.0.mlp.up_proj"]
     grad = layer.get_base_layer().weight.grad
-    assert grad is not None and bool((grad[~masks["model.layers.0.mlp.up_proj"]] == 0).all()) and bool(grad.abs().sum() > 0)
+    assert (
+        grad is not None
+        and bool((grad[~masks["model.layers.0.mlp.up_proj"]] == 0).all())
+        and bool(grad.abs().sum() > 0)
+    )
     assert torch.equal(layer.get_base_layer().weight, tiny_llama().get_submodule("model.layers.0.mlp.up_proj").weight)
     with torch.no_grad():  # back in inference, the weight holds W * M again
         assert torch.equal(model(tokens).logits, logits(masked_reference(tiny_llama, 0, [masks]), tokens))

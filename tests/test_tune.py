@@ -46,7 +46,9 @@ def test_presets_keep_their_calibration_split_and_gain_a_validation_split():
     trait, _ = items.calibration_texts(DATA_ROOT, persona)
     assert trait == data.load_texts("builtin:extraversion#yes")
     power = items.persona_splits(DATA_ROOT, items.PERSONAS["power"])
-    assert len(power["validation"]) + len(power["test"]) == 199 and len(power["calibration"]) == 62  # the fixture train.csv
+    assert (
+        len(power["validation"]) + len(power["test"]) == 199 and len(power["calibration"]) == 62
+    )  # the fixture train.csv
 
 
 def test_every_row_format_is_read(tmp_path):
@@ -61,8 +63,11 @@ def test_every_row_format_is_read(tmp_path):
     assert csv.formats == ("paper_ab",)
 
     dpo = tmp_path / "dpo.json"
-    dpo.write_text(json.dumps([{"instruction": f"Plan day {i}.", "input": "", "output": [f"Party {i}!", f"Read {i}."]}
-                               for i in range(20)]))
+    dpo.write_text(
+        json.dumps(
+            [{"instruction": f"Plan day {i}.", "input": "", "output": [f"Party {i}!", f"Read {i}."]} for i in range(20)]
+        )
+    )
     pair = items.user_persona("outgoing", str(dpo), persona_index=0, calibration=0.3)
     assert pair.formats == ("response",)
     trait, _ = items.calibration_texts(None, pair)
@@ -72,16 +77,19 @@ def test_every_row_format_is_read(tmp_path):
 
     (tmp_path / "yes.txt").write_text("\n".join(f"I love crowd {i}." for i in range(10)))
     (tmp_path / "no.txt").write_text("\n".join(f"I like quiet {i}." for i in range(10)))
-    sided = items.user_persona("social", str(tmp_path / "yes.txt"), opposite_source=str(tmp_path / "no.txt"),
-                               calibration=4, validation=0.5)
+    sided = items.user_persona(
+        "social", str(tmp_path / "yes.txt"), opposite_source=str(tmp_path / "no.txt"), calibration=4, validation=0.5
+    )
     assert sided.formats == ("statement",)
     assert [len(p) for p in sided.splits.values()] == [8, 6, 6]
 
 
 def test_bad_user_data_gets_errors_naming_the_file_row_and_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"statement": "I like people.", "answer_matching_behavior": " Yes", "question": "q"}\n'
-                   '{"statement": "I like quiet."}\n')
+    bad.write_text(
+        '{"statement": "I like people.", "answer_matching_behavior": " Yes", "question": "q"}\n'
+        '{"statement": "I like quiet."}\n'
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl, row 1: missing field 'answer_matching_behavior'"):
         items.user_persona("x", str(bad))
     (tmp_path / "odd.jsonl").write_text('{"colour": "red"}\n')
@@ -105,12 +113,19 @@ def test_hugging_face_dataset_columns_are_mapped(tmp_path, monkeypatch):
     rows = data.read_jsonl(PERSONA_FILE)[:40]
     with open(folder / "train.jsonl", "w") as handle:
         for row in rows:
-            handle.write(json.dumps({"text": row["statement"], "label": row["answer_matching_behavior"],
-                                     "prompt": row["question"]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {"text": row["statement"], "label": row["answer_matching_behavior"], "prompt": row["question"]}
+                )
+                + "\n"
+            )
     mapping = {"statement": "text", "answer_matching_behavior": "label", "question": "prompt"}
     got = items.dataset_rows(str(folder), "train", mapping)
-    assert got[0] == {"statement": rows[0]["statement"], "answer_matching_behavior": rows[0]["answer_matching_behavior"],
-                      "question": rows[0]["question"]}
+    assert got[0] == {
+        "statement": rows[0]["statement"],
+        "answer_matching_behavior": rows[0]["answer_matching_behavior"],
+        "question": rows[0]["question"],
+    }
     assert items.user_persona("hf", got, calibration=0.25).formats == ("yes_no", "statement")
     with pytest.raises(KeyError, match=r"has no column\(s\) \['colour'\]"):
         items.dataset_rows(str(folder), "train", {"statement": "colour"})
@@ -138,9 +153,32 @@ def test_eval_runs_on_a_user_file_with_no_data_root(model_dir, tmp_path, monkeyp
     user = tmp_path / "mine.jsonl"
     shutil.copy(PERSONA_FILE, user)
     out = tmp_path / "out"
-    argv = ["eval", "--model", str(model_dir), "--data", str(user), "--name", "kind", "--opposite", "unkind",
-            "--persona-prompt", "You are kind.", "--adapters", str(tmp_path / "adapters"), "--extract",
-            "--n-items", "4", "--nll-passages", "2", "--batch-size", "4", "--threads", "1", "--out", str(out)]
+    argv = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(user),
+        "--name",
+        "kind",
+        "--opposite",
+        "unkind",
+        "--persona-prompt",
+        "You are kind.",
+        "--adapters",
+        str(tmp_path / "adapters"),
+        "--extract",
+        "--n-items",
+        "4",
+        "--nll-passages",
+        "2",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     block = results["personas"]["kind"]["formats"]["yes_no"]
@@ -154,8 +192,10 @@ def test_eval_runs_on_a_user_file_with_no_data_root(model_dir, tmp_path, monkeyp
 
 
 def test_pareto_front_and_choice_under_the_budget():
-    points = [{"cost": c, "shift": s, "target": "mlp", "sparsity": 0.1, "strength": g}
-              for c, s, g in [(0.0, 0.1, 0.25), (0.1, 0.3, 0.5), (0.15, 0.2, 0.75), (0.5, 0.9, 1.0)]]
+    points = [
+        {"cost": c, "shift": s, "target": "mlp", "sparsity": 0.1, "strength": g}
+        for c, s, g in [(0.0, 0.1, 0.25), (0.1, 0.3, 0.5), (0.15, 0.2, 0.75), (0.5, 0.9, 1.0)]
+    ]
     assert [p["strength"] for p in tune.pareto_front(points, "shift")] == [0.25, 0.5, 1.0]
     assert tune.choose(points, "shift", 0.2) == (points[1], True)
     assert tune.choose(points, "shift", -1.0) == (points[0], False)
@@ -163,10 +203,36 @@ def test_pareto_front_and_choice_under_the_budget():
 
 def test_tune_end_to_end_resumes_reports_and_saves_the_chosen_pair(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "tune"
-    argv = ["tune", "--model", str(model_dir), "--data-root", str(DATA_ROOT), "--personas", "extraversion",
-            "--sparsities", "0.1,0.5", "--strengths", "0.5,1", "--targets", "mlp,all", "--n-validation", "6",
-            "--n-test", "6", "--nll-passages", "2", "--max-calibration", "8", "--batch-size", "4", "--threads", "1",
-            "--no-progress", "--out", str(out)]
+    argv = [
+        "tune",
+        "--model",
+        str(model_dir),
+        "--data-root",
+        str(DATA_ROOT),
+        "--personas",
+        "extraversion",
+        "--sparsities",
+        "0.1,0.5",
+        "--strengths",
+        "0.5,1",
+        "--targets",
+        "mlp,all",
+        "--n-validation",
+        "6",
+        "--n-test",
+        "6",
+        "--nll-passages",
+        "2",
+        "--max-calibration",
+        "8",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     results = json.loads((out / "tune.json").read_text())
     assert len(results["points"]) == 8 and {p["target"] for p in results["points"]} == {"mlp", "all"}
@@ -177,7 +243,9 @@ def test_tune_end_to_end_resumes_reports_and_saves_the_chosen_pair(model_dir, tm
     assert results["command"].startswith("peft-persona tune --model")
     test = results["test"]["personas"]["extraversion"]["formats"]
     assert set(test) == {"yes_no", "statement"}
-    assert {"opposite mask", "magnitude mask", "neutral Wanda mask"} <= set(test["yes_no"]["vs_reference"]["persona mask"])
+    assert {"opposite mask", "magnitude mask", "neutral Wanda mask"} <= set(
+        test["yes_no"]["vs_reference"]["persona mask"]
+    )
     for name in ("extraversion", "introversion"):
         config = read_config(out / "adapters" / name)
         assert config["strength"] == chosen["strength"] and config["sparsity"] == chosen["sparsity"]
@@ -208,11 +276,25 @@ def test_tune_plan_rejects_bad_settings():
         tune.TunePlan(persona, objective="fame")
     with pytest.raises(ValueError, match="has no format 'paper_ab'"):
         tune.TunePlan(persona, fmt="paper_ab")
-    results = {"persona": {"name": "p", "opposite": "q"}, "plan": {"objective": "shift", "method": "contrastive",
-               "n_validation": 4, "nll_budget": 0.2, "nll_passages": 2}, "format": "yes_no", "runtime_s": 1.0,
-               "chosen": {"target": "mlp", "sparsity": 0.1, "strength": 1.0, "shift": -0.1, "switch": 0.0, "cost": 0.0},
-               "chosen_within_budget": True, "reference": {"base": {"margin": 0.0, "nll": 3.0}}, "points": [],
-               "pareto": [], "test": {"personas": {"p": {"formats": {}}}}}
+    results = {
+        "persona": {"name": "p", "opposite": "q"},
+        "plan": {
+            "objective": "shift",
+            "method": "contrastive",
+            "n_validation": 4,
+            "nll_budget": 0.2,
+            "nll_passages": 2,
+        },
+        "format": "yes_no",
+        "runtime_s": 1.0,
+        "chosen": {"target": "mlp", "sparsity": 0.1, "strength": 1.0, "shift": -0.1, "switch": 0.0, "cost": 0.0},
+        "chosen_within_budget": True,
+        "reference": {"base": {"margin": 0.0, "nll": 3.0}},
+        "points": [],
+        "pareto": [],
+        "test": {"personas": {"p": {"formats": {}}}},
+    }
     assert "No grid point within the budget raised the validation shift" in tune_report.render(results)
-    assert tune_report.grid_table({"pareto": [], "chosen": {"target": "mlp", "sparsity": 0.1, "strength": 1.0},
-                                   "points": []})[0].startswith("| target")
+    assert tune_report.grid_table(
+        {"pareto": [], "chosen": {"target": "mlp", "sparsity": 0.1, "strength": 1.0}, "points": []}
+    )[0].startswith("| target")

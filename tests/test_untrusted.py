@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import random_masks, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peft_persona as pp
+from conftest import random_masks, tiny_llama
 from peft_persona.fingerprint import base_model_fingerprint
 from peft_persona.tuner import mask_layers
 
@@ -47,12 +47,20 @@ def model_with_adapter(tmp_path):
 
 BREAKAGES = {
     "empty weights": lambda d: (d / "adapter_model.safetensors").write_bytes(b""),
-    "corrupt weights": lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"),
-    "only a pickle": lambda d: ((d / "adapter_model.bin").write_bytes(b"not read"), (d / "adapter_model.safetensors").unlink()),
-    "a missing mask": lambda d: save_file(dict(list(load_file(str(d / "adapter_model.safetensors")).items())[1:]),
-                                          str(d / "adapter_model.safetensors")),
-    "a wrong shape": lambda d: save_file({k: v[:, :-1].contiguous() for k, v in load_file(str(d / "adapter_model.safetensors")).items()},
-                                         str(d / "adapter_model.safetensors")),
+    "corrupt weights": lambda d: (d / "adapter_model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
+    ),
+    "only a pickle": lambda d: (
+        (d / "adapter_model.bin").write_bytes(b"not read"),
+        (d / "adapter_model.safetensors").unlink(),
+    ),
+    "a missing mask": lambda d: save_file(
+        dict(list(load_file(str(d / "adapter_model.safetensors")).items())[1:]), str(d / "adapter_model.safetensors")
+    ),
+    "a wrong shape": lambda d: save_file(
+        {k: v[:, :-1].contiguous() for k, v in load_file(str(d / "adapter_model.safetensors")).items()},
+        str(d / "adapter_model.safetensors"),
+    ),
 }
 
 
@@ -103,7 +111,10 @@ def test_backtracking_regex_in_config_is_refused_fast(tmp_path, field):
     config[field] = "(a+)+$" if field == "target_modules" else "(.*a){20}x"
     (directory / "adapter_config.json").write_text(json.dumps(config))
     started = time.perf_counter()
-    for load in (lambda: tiny_llama().load_adapter(str(directory)), lambda: PeftModel.from_pretrained(tiny_llama(), str(directory))):
+    for load in (
+        lambda: tiny_llama().load_adapter(str(directory)),
+        lambda: PeftModel.from_pretrained(tiny_llama(), str(directory)),
+    ):
         with pytest.raises(ValueError, match=field):
             load()
     assert time.perf_counter() - started < 10
@@ -116,9 +127,19 @@ def test_ordinary_regexes_are_accepted(pattern):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("sparsity", "0.5"), ("sparsity", float("nan")), ("sparsity", 1.0), ("method", "sgd"), ("persona", 3),
-     ("target_modules", 5), ("layers_to_transform", "1"), ("layers_pattern", "(a+)+"), ("calibration", []),
-     ("init_weights", "yes"), ("base_model_fingerprint", "abc")],
+    [
+        ("sparsity", "0.5"),
+        ("sparsity", float("nan")),
+        ("sparsity", 1.0),
+        ("method", "sgd"),
+        ("persona", 3),
+        ("target_modules", 5),
+        ("layers_to_transform", "1"),
+        ("layers_pattern", "(a+)+"),
+        ("calibration", []),
+        ("init_weights", "yes"),
+        ("base_model_fingerprint", "abc"),
+    ],
 )
 def test_config_fields_are_checked_by_name(field, value):
     kwargs = {"layers_to_transform": [0]} if field == "layers_pattern" else {}
@@ -156,8 +177,9 @@ def test_adapter_for_another_width_without_fingerprint_is_refused_before_injecti
     (directory / "adapter_config.json").write_text(json.dumps(config))
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, vocab_size=1000)).eval()
+    wider = LlamaForCausalLM(
+        LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)
+    ).eval()
     for load in (lambda m: m.load_adapter(str(directory)), lambda m: PeftModel.from_pretrained(m, str(directory))):
         before = model_state(wider)
         with pytest.raises(pp.PersonaAdapterError, match="needs U8"):
@@ -181,8 +203,11 @@ def test_add_mask_adapter_works_without_a_block_list():
     model = NoBlocks()
     masks = {"first": torch.rand(16, 8) < 0.5, "second": torch.rand(4, 16) < 0.5}
     x = torch.randn(3, 8)
-    expected = nn.functional.linear(nn.functional.linear(x, model.first.weight * masks["first"], model.first.bias),
-                                    model.second.weight * masks["second"], model.second.bias)
+    expected = nn.functional.linear(
+        nn.functional.linear(x, model.first.weight * masks["first"], model.first.bias),
+        model.second.weight * masks["second"],
+        model.second.bias,
+    )
     peft_model = pp.add_mask_adapter(model, masks, "persona")
     assert torch.allclose(peft_model(x), expected)
     assert peft_model.peft_config["persona"].base_model_fingerprint["num_layers"] == 2
@@ -193,7 +218,9 @@ class Linear4bit(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
-        self.weight = nn.Parameter(torch.zeros(in_features * out_features // 2, 1, dtype=torch.uint8), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(in_features * out_features // 2, 1, dtype=torch.uint8), requires_grad=False
+        )
 
 
 Linear4bit.__module__ = "bitsandbytes.nn.modules"
@@ -251,9 +278,15 @@ def test_pickle_is_never_reachable(tmp_path, monkeypatch):
     loads = {
         "transformers": lambda d: tiny_llama().load_adapter(str(d)),
         "peft": lambda d: PeftModel.from_pretrained(tiny_llama(), str(d)),
-        "peft load_adapter": lambda d: pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3), "x").load_adapter(str(d), "y"),
-        "hotswap": lambda d: pp.hotswap_adapter(pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3), "x"), "x", d),
-        "read_adapter_masks": lambda d: pp.read_adapter_masks(d, pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3))),
+        "peft load_adapter": lambda d: pp.add_mask_adapter(
+            tiny_llama(), random_masks(tiny_llama(), 3), "x"
+        ).load_adapter(str(d), "y"),
+        "hotswap": lambda d: pp.hotswap_adapter(
+            pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3), "x"), "x", d
+        ),
+        "read_adapter_masks": lambda d: pp.read_adapter_masks(
+            d, pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 3))
+        ),
         "inspect": lambda d: inspect_adapters(d),
     }
     for name, load in loads.items():
@@ -263,8 +296,10 @@ def test_pickle_is_never_reachable(tmp_path, monkeypatch):
         assert "pickle was reached" not in str(error.value), name
 
 
-@pytest.mark.parametrize("in_features, sparsity, kept", [(2560, 0.9, 256), (10, 0.55, 4), (7, 0.0, 7), (100, 0.7, 30),
-                                                          (4096, 0.3, 2867), (10, 0.25, 7)])
+@pytest.mark.parametrize(
+    "in_features, sparsity, kept",
+    [(2560, 0.9, 256), (10, 0.55, 4), (7, 0.0, 7), (100, 0.7, 30), (4096, 0.3, 2867), (10, 0.25, 7)],
+)
 def test_kept_per_row_is_exact(in_features, sparsity, kept):
     from peft_persona.scoring import kept_per_row
 
@@ -297,6 +332,7 @@ def test_failed_hub_load_leaves_model_as_it_was(hub, hub_env, tmp_path, breakage
     import sys
 
     from huggingface_hub import HfApi
+
     from hub_server import TOKENS
 
     directory = saved_adapter(tmp_path)

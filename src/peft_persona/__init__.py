@@ -10,7 +10,15 @@ from .extractor import PersonaExtractor
 from .fingerprint import FingerprintMismatchError
 from .masks import add_mask_adapter, hotswap_adapter, read_adapter_masks
 from .options import ExtractionOptions
-from .tuner import PERSONA_MASK, PersonaMaskConfig, PersonaMaskModel, combine_adapters, get_masks, set_masks, set_strength
+from .tuner import (
+    PERSONA_MASK,
+    PersonaMaskConfig,
+    PersonaMaskModel,
+    combine_adapters,
+    get_masks,
+    set_masks,
+    set_strength,
+)
 
 __version__ = "0.1.0"
 

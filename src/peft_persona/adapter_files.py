@@ -21,15 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .bits import unpack_mask
-from .selection import ChannelSelection
 from .errors import PersonaAdapterError
+from .selection import ChannelSelection
 from .targets import clean_module_name
 
 PEFT_TYPE = "PERSONA_MASK"
@@ -43,10 +44,27 @@ ROOT_ADAPTER = "default"  # name of an adapter saved at a directory's root that 
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "BITS_SUFFIX", "CHANNEL_SUFFIX", "CONFIG_NAME", "DIGEST_SUFFIX", "PEFT_TYPE", "SAFETENSORS_WEIGHTS_NAME",
-    "TIEBREAK_SUFFIX", "WEIGHTS_NAME", "adapter_dirs", "check_adapter_name", "check_mask_tensors",
-    "check_safetensors", "check_stats_tensors", "digest", "mask_tensor_key", "mask_tensor_module", "read_config",
-    "read_masks", "read_selections", "validate_weights", "weights_format",
+    "BITS_SUFFIX",
+    "CHANNEL_SUFFIX",
+    "CONFIG_NAME",
+    "DIGEST_SUFFIX",
+    "PEFT_TYPE",
+    "SAFETENSORS_WEIGHTS_NAME",
+    "TIEBREAK_SUFFIX",
+    "WEIGHTS_NAME",
+    "adapter_dirs",
+    "check_adapter_name",
+    "check_mask_tensors",
+    "check_safetensors",
+    "check_stats_tensors",
+    "digest",
+    "mask_tensor_key",
+    "mask_tensor_module",
+    "read_config",
+    "read_masks",
+    "read_selections",
+    "validate_weights",
+    "weights_format",
 ]
 MAX_NAME_LENGTH = 128
 _FORBIDDEN_IN_NAMES = set("/\\.:\0")
@@ -126,7 +144,12 @@ def validate_weights(file: PathLike) -> list[str]:
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
         found = {key: handle.get_slice(key) for key in handle.keys()}
-    expected = {BITS_SUFFIX: ("U8", 2), CHANNEL_SUFFIX: ("F32", 1), TIEBREAK_SUFFIX: ("F32", 1), DIGEST_SUFFIX: ("U8", 1)}
+    expected = {
+        BITS_SUFFIX: ("U8", 2),
+        CHANNEL_SUFFIX: ("F32", 1),
+        TIEBREAK_SUFFIX: ("F32", 1),
+        DIGEST_SUFFIX: ("U8", 1),
+    }
     for key, meta in found.items():
         for suffix, (dtype, dims) in expected.items():
             if key.endswith(suffix) and (meta.get_dtype() != dtype or len(meta.get_shape()) != dims):
@@ -166,7 +189,9 @@ def check_mask_tensors(file: PathLike, expected: Mapping[str, tuple[int, int]]) 
     if unexpected:
         raise PersonaAdapterError(f"{file}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
     if missing:
-        raise PersonaAdapterError(f"{file}: no tensor {missing[0]!r} for module {wanted[missing[0]]!r} ({len(missing)} missing)")
+        raise PersonaAdapterError(
+            f"{file}: no tensor {missing[0]!r} for module {wanted[missing[0]]!r} ({len(missing)} missing)"
+        )
     for key, module in sorted(wanted.items()):
         out_features, in_features = expected[module]
         shape, dtype = tuple(found[key].get_shape()), found[key].get_dtype()
@@ -202,7 +227,9 @@ def check_stats_tensors(file: PathLike, expected: Mapping[str, int], tiebreak: b
     for key, (module, dtype, shape) in sorted(wanted.items()):
         got = (found[key].get_dtype(), tuple(found[key].get_shape()))
         if got != (dtype, shape):
-            raise PersonaAdapterError(f"{file}: tensor {key!r} is {got[0]} {got[1]}; module {module!r} needs {dtype} {shape}")
+            raise PersonaAdapterError(
+                f"{file}: tensor {key!r} is {got[0]} {got[1]}; module {module!r} needs {dtype} {shape}"
+            )
 
 
 def read_selections(file: PathLike, sparsity: float) -> dict[str, ChannelSelection]:

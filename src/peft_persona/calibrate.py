@@ -20,14 +20,14 @@ batch's share, once per distinct input tensor (q/k/v and gate/up share theirs), 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-
 
 STAT_NAMES = ("sum_sq", "rms_sum", "rms_sq_sum", "l2_sum")
 STATS_FORMAT = "peft-persona-stats/1"
@@ -45,15 +45,15 @@ class LayerStats:
     n_seqs: int = 0
 
     @classmethod
-    def zeros(cls, in_features: int, device: Union[torch.device, str, None] = None) -> "LayerStats":
+    def zeros(cls, in_features: int, device: torch.device | str | None = None) -> LayerStats:
         return cls(*(torch.zeros(in_features, dtype=torch.float64, device=device) for _ in STAT_NAMES))
 
     @staticmethod
-    def contribution(x: torch.Tensor, layout: "BatchLayout") -> "BatchStats":
+    def contribution(x: torch.Tensor, layout: BatchLayout) -> BatchStats:
         """One batch's share of the statistics, from a layer input ``x`` of shape ``(batch, seq, d)``."""
         return batch_stats(x, layout.tokens.to(x.device), layout.sequences.to(x.device), layout.n_sequences)
 
-    def add(self, batch: "BatchStats") -> None:
+    def add(self, batch: BatchStats) -> None:
         self.sum_sq += batch.sum_sq
         self.rms_sum += batch.rms.sum(0)
         self.rms_sq_sum += batch.rms.square().sum(0)
@@ -61,7 +61,7 @@ class LayerStats:
         self.n_tokens += batch.n_tokens
         self.n_seqs += batch.rms.shape[0]
 
-    def fresh(self) -> "LayerStats":
+    def fresh(self) -> LayerStats:
         """Zero statistics of the same size and device."""
         return LayerStats.zeros(self.sum_sq.numel(), self.sum_sq.device)
 
@@ -94,9 +94,8 @@ class LayerStats:
         """The paper code's statistic: per-sequence L2 norms averaged over texts (length-confounded)."""
         return self.l2_sum / self.n_seqs
 
-
     @staticmethod
-    def pooled(parts: Iterable["LayerStats"]) -> "LayerStats":
+    def pooled(parts: Iterable[LayerStats]) -> LayerStats:
         """Statistics of the union of several calibration sets (sums add)."""
         parts = list(parts)
         total = LayerStats(*(sum(getattr(p, n) for p in parts) for n in STAT_NAMES))
@@ -123,21 +122,26 @@ class PersonaStats:
     layers: dict[str, LayerStats]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: str | Path) -> None:
         """Write to a safetensors file (no pickle); provenance goes into the header metadata."""
         tensors, counts = {}, {}
         for layer, stats in self.layers.items():
             for stat in STAT_NAMES:
                 tensors[f"{layer}.{stat}"] = getattr(stats, stat).detach().cpu().contiguous()
             counts[layer] = [stats.n_tokens, stats.n_seqs]
-        metadata = {"format": STATS_FORMAT, "name": self.name, "meta": json.dumps(self.meta), "counts": json.dumps(counts)}
+        metadata = {
+            "format": STATS_FORMAT,
+            "name": self.name,
+            "meta": json.dumps(self.meta),
+            "counts": json.dumps(counts),
+        }
         path = Path(path)
         partial = path.with_name(path.name + ".partial")
         save_file(tensors, str(partial), metadata=metadata)
         partial.replace(path)
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "PersonaStats":
+    def load(cls, path: str | Path) -> PersonaStats:
         """Read a file written by :meth:`save`; a foreign or corrupt file raises a ``ValueError`` naming it."""
         from safetensors import SafetensorError, safe_open
 
@@ -176,7 +180,7 @@ class BatchLayout:
     n_sequences: int
 
     @classmethod
-    def from_attention_mask(cls, attention_mask: torch.Tensor) -> "BatchLayout":
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> BatchLayout:
         flat = attention_mask.flatten().nonzero().squeeze(1)
         return cls(flat, flat // attention_mask.shape[1], attention_mask.shape[0])
 
@@ -191,7 +195,7 @@ class Accumulator(Protocol):
     def add(self, contribution: Any) -> None:
         """Sum a contribution in."""
 
-    def fresh(self) -> "Accumulator":
+    def fresh(self) -> Accumulator:
         """An empty accumulator of the same shape (one per batch, for multi-process calibration)."""
 
     def state(self) -> list[torch.Tensor]:
@@ -208,7 +212,7 @@ class GramAccumulator:
     gram: torch.Tensor
 
     @classmethod
-    def zeros(cls, in_features: int, device: Union[torch.device, str, None] = None) -> "GramAccumulator":
+    def zeros(cls, in_features: int, device: torch.device | str | None = None) -> GramAccumulator:
         return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device))
 
     @staticmethod
@@ -219,7 +223,7 @@ class GramAccumulator:
     def add(self, contribution: torch.Tensor) -> None:
         self.gram += contribution
 
-    def fresh(self) -> "GramAccumulator":
+    def fresh(self) -> GramAccumulator:
         return GramAccumulator(torch.zeros_like(self.gram))
 
     def state(self) -> list[torch.Tensor]:
@@ -263,15 +267,15 @@ class ActivationRecorder:
             raise KeyError(f"accumulators for unknown layers: {sorted(missing)[:5]}")
         self.modules = {name: modules[name] for name in accumulators}
         self.accumulators = dict(accumulators)
-        self._layout: Optional[BatchLayout] = None
+        self._layout: BatchLayout | None = None
         self._handles: list = []
-        self._last: Optional[tuple[torch.Tensor, dict[type, Any]]] = None
+        self._last: tuple[torch.Tensor, dict[type, Any]] | None = None
 
     def set_layout(self, layout: BatchLayout) -> None:
         """The layout of the batch about to be forwarded."""
         self._layout, self._last = layout, None
 
-    def __enter__(self) -> "ActivationRecorder":
+    def __enter__(self) -> ActivationRecorder:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
@@ -307,4 +311,3 @@ def check_finite(name: str, statistic: torch.Tensor) -> None:
             f"non-finite activations (NaN or inf) entered layer {name!r} during calibration; in fp16 this is usually "
             "an overflow: calibrate in bfloat16 or float32"
         )
-

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from .data import BUILTIN_LICENSE
 from .errors import PersonaAdapterError
@@ -21,7 +22,7 @@ from .targets import module_kind
 
 TEMPLATE = "persona_mask.md"
 DEFAULT_LICENSE = "apache-2.0"
-PAPER = "Ye et al., \"Your Language Model Secretly Contains Personality Subnetworks\", ICLR 2026, arXiv:2602.07164"
+PAPER = 'Ye et al., "Your Language Model Secretly Contains Personality Subnetworks", ICLR 2026, arXiv:2602.07164'
 CITATION = """@inproceedings{ye2026persona,
   title         = {Your Language Model Secretly Contains Personality Subnetworks},
   author        = {Ye, Ruimeng and others},
@@ -48,7 +49,7 @@ def template_path() -> Path:
     return Path(str(resources.files("peft_persona") / "model_cards" / TEMPLATE))
 
 
-def embedded_base(path: Optional[str]) -> Optional[dict[str, str]]:
+def embedded_base(path: str | None) -> dict[str, str] | None:
     """The embedded-model entry whose cache folder is ``path``, if any."""
     if not path:
         return None
@@ -58,13 +59,15 @@ def embedded_base(path: Optional[str]) -> Optional[dict[str, str]]:
     return None
 
 
-def base_model_reference(config: Mapping[str, Any]) -> tuple[Optional[str], str]:
+def base_model_reference(config: Mapping[str, Any]) -> tuple[str | None, str]:
     """``(hub_id or None, text)``: the Hub id to put in the card metadata and a human description of the base."""
     path = config.get("base_model_name_or_path")
     embedded = embedded_base(path)
     if embedded is not None:
         member = Path(embedded["member"]).name
-        return embedded["hub_id"], f"{embedded['hub_id']} (the GGUF build `{member}` of the PyPI wheel `{embedded['package']}`)"
+        return embedded[
+            "hub_id"
+        ], f"{embedded['hub_id']} (the GGUF build `{member}` of the PyPI wheel `{embedded['package']}`)"
     if path and HUB_ID.match(path) and not Path(path).exists():
         return path, path
     return None, f"a local model ({path})" if path else "an unrecorded base model"
@@ -85,8 +88,11 @@ def _adapter_row(a: StagedAdapter) -> dict[str, Any]:
     modules = sorted(a.config.get("target_modules") or [])
     sparsity = a.config.get("sparsity")
     return {
-        "name": a.name, "folder": a.folder, "persona": a.config.get("persona"),
-        "opposite_persona": a.config.get("opposite_persona"), "method": a.config.get("method"),
+        "name": a.name,
+        "folder": a.folder,
+        "persona": a.config.get("persona"),
+        "opposite_persona": a.config.get("opposite_persona"),
+        "method": a.config.get("method"),
         "sparsity_text": f"{sparsity:.2f}" if isinstance(sparsity, (int, float)) else "—",
         "strength_text": _strength_text(a.config.get("strength", 1.0)),
         "num_modules": len(modules),
@@ -100,8 +106,8 @@ def _adapter_row(a: StagedAdapter) -> dict[str, Any]:
 FORMAT_TEXT = {
     "bits": "`bits`, the masks themselves, 1 bit per masked weight",
     "stats": "`stats`, per layer the selection statistics and a SHA-256 of the mask; the masks are re-derived from the "
-             "base weights on load, which must be the exact checkpoint in the recorded dtype (else loading fails and "
-             "names the layer)",
+    "base weights on load, which must be the exact checkpoint in the recorded dtype (else loading fails and "
+    "names the layer)",
 }
 
 
@@ -109,7 +115,7 @@ def _strength_text(strength: Any) -> str:
     return f"{strength:g}" if isinstance(strength, (int, float)) and not isinstance(strength, bool) else "—"
 
 
-def calibration_rows(calibration: Optional[Mapping[str, Any]]) -> list[tuple[str, str]]:
+def calibration_rows(calibration: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """The calibration record as ``(field, value)`` rows, with a licence row added for the built-in data."""
     if not calibration:
         return [("source", "not recorded")]
@@ -135,7 +141,7 @@ def _modules_text(modules: Sequence[str], limit: int = 16) -> str:
     return ", ".join(f"`{kind}` ×{count}" for kind, count in sorted(kinds.items()))
 
 
-def _fingerprint_text(fingerprint: Optional[Mapping[str, Any]]) -> str:
+def _fingerprint_text(fingerprint: Mapping[str, Any] | None) -> str:
     if not fingerprint:
         return "none recorded"
     probe = ", ".join(f"{v:+.3f}" for v in fingerprint.get("weight_probe", []))
@@ -187,7 +193,7 @@ def _load_report(eval_report: Any) -> Any:
         raise PersonaAdapterError(f"eval_report {path} is not valid JSON ({err})") from None
 
 
-def _download_kwargs(adapter: StagedAdapter, revision: Optional[str]) -> str:
+def _download_kwargs(adapter: StagedAdapter, revision: str | None) -> str:
     """transformers 5 takes ``subfolder`` and ``revision`` of an adapter in ``adapter_kwargs``, not as arguments."""
     kwargs = {}
     if adapter.folder:
@@ -197,14 +203,14 @@ def _download_kwargs(adapter: StagedAdapter, revision: Optional[str]) -> str:
     return f", adapter_kwargs={json.dumps(kwargs)}" if kwargs else ""
 
 
-def _peft_kwargs(adapter: StagedAdapter, revision: Optional[str]) -> str:
+def _peft_kwargs(adapter: StagedAdapter, revision: str | None) -> str:
     parts = [f', subfolder="{adapter.folder}"'] if adapter.folder else []
     if revision and revision != "main":
         parts.append(f', revision="{revision}"')
     return "".join(parts)
 
 
-def usage_snippet(repo_id: str, staged: Sequence[StagedAdapter], revision: Optional[str] = None) -> str:
+def usage_snippet(repo_id: str, staged: Sequence[StagedAdapter], revision: str | None = None) -> str:
     """The transformers code that loads the repo's adapters and switches between them."""
     hub_id, _ = base_model_reference(staged[0].config)
     lines = ["from transformers import AutoModelForCausalLM", ""]
@@ -213,7 +219,9 @@ def usage_snippet(repo_id: str, staged: Sequence[StagedAdapter], revision: Optio
         lines.append("# check refuses these weights, see the FAQ of peft-persona.")
     lines.append(f'model = AutoModelForCausalLM.from_pretrained("{hub_id or "path/to/base-model"}")')
     for adapter in staged:
-        lines.append(f'model.load_adapter("{repo_id}", adapter_name="{adapter.name}"{_download_kwargs(adapter, revision)})')
+        lines.append(
+            f'model.load_adapter("{repo_id}", adapter_name="{adapter.name}"{_download_kwargs(adapter, revision)})'
+        )
     lines.append(f'model.set_adapter("{staged[0].name}")  # the persona used from now on; generate as usual')
     return "\n".join(lines)
 
@@ -223,7 +231,7 @@ def build_model_card(
     staged: Sequence[StagedAdapter],
     eval_report: Any = None,
     license: str = DEFAULT_LICENSE,  # noqa: A002 - the model card field is called license
-    revision: Optional[str] = None,
+    revision: str | None = None,
 ):
     """Render the model card (a ``huggingface_hub.ModelCard``) for ``staged`` adapters pushed to ``repo_id``.
 

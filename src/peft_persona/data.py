@@ -18,9 +18,10 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Union
 
 Message = dict[str, str]
 Text = Union[str, list[Message]]
@@ -39,7 +40,7 @@ def chat(question: str, answer: str) -> list[Message]:
     return [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": answer.strip()}]
 
 
-def read_jsonl(path: Union[str, Path]) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a jsonl file; a malformed line raises a ``ValueError`` naming the file and line."""
     rows = []
     with open(path, encoding="utf-8") as handle:
@@ -52,12 +53,12 @@ def read_jsonl(path: Union[str, Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def read_csv(path: Union[str, Path]) -> list[dict[str, str]]:
+def read_csv(path: str | Path) -> list[dict[str, str]]:
     with open(path, encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-def _require(row: dict, fields: Iterable[str], path: Union[str, Path], index: int) -> None:
+def _require(row: dict, fields: Iterable[str], path: str | Path, index: int) -> None:
     missing = [f for f in fields if f not in row]
     if missing:
         raise ValueError(f"{path}, row {index}: missing field(s) {missing}; the row has {sorted(row)}")
@@ -130,7 +131,9 @@ def alpaca_texts(rows: Sequence[dict], half: str = "", path: str = "<rows>") -> 
         output = row["output"]
         if isinstance(output, list):
             if half not in {str(k) for k in range(len(output))}:
-                raise ValueError(f"{path}: outputs are lists of {len(output)}; select one with '#0'..'#{len(output) - 1}'")
+                raise ValueError(
+                    f"{path}: outputs are lists of {len(output)}; select one with '#0'..'#{len(output) - 1}'"
+                )
             output = output[int(half)]
         elif half:
             raise ValueError(f"{path}: outputs are single answers; drop the selector {half!r}")
@@ -165,7 +168,7 @@ def builtin_path(name: str) -> Path:
 ROW_SUFFIXES = (".jsonl", ".csv", ".json", ".txt")
 
 
-def read_rows(path: Union[str, Path]) -> list[dict[str, Any]]:
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one ``{"text": line}`` per non-empty line) file."""
     path = Path(path)
     suffix = path.suffix.lower()

@@ -12,7 +12,7 @@ one-process case.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -41,10 +41,16 @@ def barrier() -> None:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.distributed.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
-def add_in_batch_order(totals: Sequence[torch.Tensor], local: Mapping[int, Sequence[torch.Tensor]], n_batches: int) -> None:
+def add_in_batch_order(
+    totals: Sequence[torch.Tensor], local: Mapping[int, Sequence[torch.Tensor]], n_batches: int
+) -> None:
     """Add every batch's tensors to ``totals`` (in place), batch 0 first, on every rank.
 
     ``local[b]`` holds batch ``b``'s tensors (shaped like ``totals``) on the rank that ran it.

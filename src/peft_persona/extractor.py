@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 import torch
 from peft import PeftModel
 from torch import nn
 
 from . import distributed, scoring, selection
-from .layerwise import (
-    DEFAULT_CACHE_BYTES, Checkpoint, HiddenCache, capture_block_inputs, empty_model, resident, resolve_checkpoint,
-    return_freed_memory,
-)
 from .bits import count_kept, pack_mask
 from .calibrate import (
     Accumulator,
@@ -36,14 +33,30 @@ from .calibrate import (
 )
 from .data import BUILTIN_LICENSE, Text, load_texts
 from .fingerprint import base_model_fingerprint, probe_modules
-from .models import ensure_pad_token
-from .options import ExtractionOptions, Method
-from .targets import (
-    block_index, decoder_block_list, in_features_of, modules_by_name, oriented_weight, parse_layers, select_targets,
-    why_not_maskable,
+from .layerwise import (
+    DEFAULT_CACHE_BYTES,
+    Checkpoint,
+    HiddenCache,
+    capture_block_inputs,
+    empty_model,
+    resident,
+    resolve_checkpoint,
+    return_freed_memory,
 )
 from .masks import add_mask_adapter, add_selection_adapter
+from .models import ensure_pad_token
+from .options import ExtractionOptions, Method
 from .selection import ChannelSelection
+from .targets import (
+    block_index,
+    decoder_block_list,
+    in_features_of,
+    modules_by_name,
+    oriented_weight,
+    parse_layers,
+    select_targets,
+    why_not_maskable,
+)
 from .tuner.config import PersonaMaskConfig
 
 TextsLike = Union[str, Sequence[Text], PersonaStats, None]
@@ -60,15 +73,19 @@ class ExtractionSummary:
     n_texts: dict[str, int]
     n_tokens: dict[str, int]
     kept_fraction: float
-    overlap: Optional[float]
+    overlap: float | None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(
-        cls, options: ExtractionOptions, names: list[str], stats: Mapping[str, Optional[PersonaStats]],
-        masks: Mapping[str, Mapping[str, torch.Tensor]], times: Sequence[float],
-        sizes: Optional[Mapping[str, int]] = None,
-    ) -> "ExtractionSummary":
+        cls,
+        options: ExtractionOptions,
+        names: list[str],
+        stats: Mapping[str, PersonaStats | None],
+        masks: Mapping[str, Mapping[str, torch.Tensor]],
+        times: Sequence[float],
+        sizes: Mapping[str, int] | None = None,
+    ) -> ExtractionSummary:
         """The summary of a run from its statistics, masks (``bool``, or packed with ``sizes``, the weights per
         layer) and the four time stamps around its three stages."""
         first = masks[names[0]]
@@ -81,8 +98,12 @@ class ExtractionSummary:
             n_tokens={n: s.meta.get("n_tokens", 0) for n, s in stats.items() if s is not None},
             kept_fraction=sum(count_kept(m) for m in first.values()) / sum(sizes[n] for n in first),
             overlap=mask_overlap(first, masks[names[1]]) if len(names) == 2 else None,
-            seconds={"calibration": times[1] - times[0], "masks": times[2] - times[1],
-                     "adapters": times[3] - times[2], "total": times[3] - times[0]},
+            seconds={
+                "calibration": times[1] - times[0],
+                "masks": times[2] - times[1],
+                "adapters": times[3] - times[2],
+                "total": times[3] - times[0],
+            },
         )
 
     def __str__(self) -> str:
@@ -118,16 +139,16 @@ class PersonaExtractor:
         model: nn.Module,
         tokenizer: Any,
         *,
-        target_modules: Optional[Sequence[str]] = None,
+        target_modules: Sequence[str] | None = None,
         target: str = "all",
-        layers: Union[str, Sequence[int], None] = None,
+        layers: str | Sequence[int] | None = None,
         max_length: int = 256,
         batch_size: int = 8,
         show_progress: bool = False,
     ) -> None:
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"max_length and batch_size must be positive, got {max_length} and {batch_size}")
-        self.peft_model: Optional[PeftModel] = model if isinstance(model, PeftModel) else None
+        self.peft_model: PeftModel | None = model if isinstance(model, PeftModel) else None
         self.base_model = model.get_base_model() if isinstance(model, PeftModel) else model
         self.tokenizer = tokenizer
         self.max_length, self.batch_size, self.show_progress = max_length, batch_size, show_progress
@@ -135,16 +156,19 @@ class PersonaExtractor:
         if target_modules is not None and (target != "all" or layers is not None):
             raise ValueError("give either target_modules or target/layers, not both")
         self.default_targets = target_modules is None and target == "all" and layers is None
-        self.targets = {"target_modules": "explicit"} if target_modules is not None else {
-            "target": target, "layers": parse_layers(layers)}
+        self.targets = (
+            {"target_modules": "explicit"}
+            if target_modules is not None
+            else {"target": target, "layers": parse_layers(layers)}
+        )
         names = list(target_modules) if target_modules is not None else select_targets(self.base_model, target, layers)
         self.modules = modules_by_name(self.base_model, names)
         for name, module in self.modules.items():
             reason = why_not_maskable(module)
             if reason is not None:
                 raise TypeError(f"target module {name!r} is {reason}")
-        self.summary: Optional[ExtractionSummary] = None
-        self._layerwise: Optional[dict[str, Any]] = None  # set by from_pretrained(layerwise=True)
+        self.summary: ExtractionSummary | None = None
+        self._layerwise: dict[str, Any] | None = None  # set by from_pretrained(layerwise=True)
 
     @classmethod
     def from_pretrained(
@@ -154,12 +178,12 @@ class PersonaExtractor:
         layerwise: bool = True,
         tokenizer: Any = None,
         dtype: torch.dtype = torch.float32,
-        revision: Optional[str] = None,
-        token: Optional[str] = None,
+        revision: str | None = None,
+        token: str | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        spill_dir: Optional[str] = None,
+        spill_dir: str | None = None,
         **kwargs: Any,
-    ) -> "PersonaExtractor":
+    ) -> PersonaExtractor:
         """An extractor for a checkpoint (Hub id or local directory); ``kwargs`` as for the constructor.
 
         With ``layerwise`` (the default) the model is built on the meta device and calibrated one decoder block at a
@@ -219,7 +243,11 @@ class PersonaExtractor:
         encoded = []
         for text in texts:
             if isinstance(text, str):
-                ids = self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"] if text.strip() else []
+                ids = (
+                    self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+                    if text.strip()
+                    else []
+                )
             else:
                 rendered = self.tokenizer.apply_chat_template(list(text), tokenize=False)
                 ids = self.tokenizer(rendered, add_special_tokens=False, truncation=True, max_length=self.max_length)[
@@ -246,7 +274,10 @@ class PersonaExtractor:
 
     @contextlib.contextmanager
     def _base_forward_context(self) -> Iterator[None]:
-        with torch.no_grad(), (self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext()):
+        with (
+            torch.no_grad(),
+            self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext(),
+        ):
             yield
 
     def _record(self, encoded: list[list[int]], accumulators: Mapping[str, Accumulator], desc: str) -> None:
@@ -311,8 +342,10 @@ class PersonaExtractor:
         sizes = {n: gram_bytes(in_features_of(m)) for n, m in self.modules.items()}
         result: dict[str, torch.Tensor] = {}
         for group in group_by_memory(sizes, OBS_MEMORY_BUDGET):
-            grams = {n: GramAccumulator.zeros(in_features_of(self.modules[n]), oriented_weight(self.modules[n]).device)
-                     for n in group}
+            grams = {
+                n: GramAccumulator.zeros(in_features_of(self.modules[n]), oriented_weight(self.modules[n]).device)
+                for n in group
+            }
             self._record(encoded, grams, desc=f"OBS statistics {name}")
             mine = self._my_layers()
             for layer in group:
@@ -325,11 +358,11 @@ class PersonaExtractor:
     # ------------------------------------------------------------------------------------------- masks
     def masks(
         self,
-        stats: Mapping[str, Optional[PersonaStats]],
-        method: Optional[Method] = None,
-        sparsity: Optional[float] = None,
+        stats: Mapping[str, PersonaStats | None],
+        method: Method | None = None,
+        sparsity: float | None = None,
         *,
-        options: Optional[ExtractionOptions] = None,
+        options: ExtractionOptions | None = None,
         packed: bool = False,
         **recipe: Any,
     ) -> dict[str, dict[str, torch.Tensor]]:
@@ -369,8 +402,14 @@ class PersonaExtractor:
                 masks[persona] = {n: persona_masks[n] for n in self.modules}
 
     def _select(
-        self, layer: str, weight: torch.Tensor, k: int, persona: str, stats: Mapping[str, Optional[PersonaStats]],
-        options: ExtractionOptions, generator: torch.Generator,
+        self,
+        layer: str,
+        weight: torch.Tensor,
+        k: int,
+        persona: str,
+        stats: Mapping[str, PersonaStats | None],
+        options: ExtractionOptions,
+        generator: torch.Generator,
     ) -> torch.Tensor:
         """One layer's mask for one persona: ``k`` kept per row of ``weight`` ``(out, in)``."""
         if options.method == "random":
@@ -384,9 +423,13 @@ class PersonaExtractor:
         return selection.select_by_channels(weight, k, channel, tiebreak)
 
     def _channels(
-        self, layer: str, in_features: int, persona: str, stats: Mapping[str, Optional[PersonaStats]],
+        self,
+        layer: str,
+        in_features: int,
+        persona: str,
+        stats: Mapping[str, PersonaStats | None],
         options: ExtractionOptions,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ``float32`` channel vector ``c`` scoring ``|W| * c``, and the tie-break vector (or ``None``)."""
         if options.method == "magnitude":
             return torch.ones(in_features, dtype=torch.float32), None
@@ -403,19 +446,21 @@ class PersonaExtractor:
     # ------------------------------------------------------------------------------------------- layer by layer
     def _layerwise_run(
         self, personas: Mapping[str, TextsLike], options: ExtractionOptions, select: bool = True
-    ) -> tuple[dict[str, Optional[PersonaStats]], dict[str, dict[str, torch.Tensor]], float]:
+    ) -> tuple[dict[str, PersonaStats | None], dict[str, dict[str, torch.Tensor]], float]:
         """Statistics and (if ``select``) packed masks, one decoder block resident at a time; and the seconds spent
         selecting."""
         given = {n: t for n, t in personas.items() if isinstance(t, PersonaStats)}
         to_run = {n: self._prepare(n, t) for n, t in personas.items() if options.calibrated and n not in given}
-        stats: dict[str, Optional[PersonaStats]] = {
+        stats: dict[str, PersonaStats | None] = {
             n: given.get(n) or (PersonaStats(n, {}, to_run[n][1]) if n in to_run else None) for n in personas
         }
         blocks_name = decoder_block_list(self.base_model)
         by_block: dict[int, list[str]] = {}
         for layer in self.modules:
             if not layer.startswith(blocks_name + "."):
-                raise ValueError(f"layer-by-layer extraction masks layers inside the decoder blocks only; {layer!r} is not")
+                raise ValueError(
+                    f"layer-by-layer extraction masks layers inside the decoder blocks only; {layer!r} is not"
+                )
             by_block.setdefault(block_index(layer.removeprefix(blocks_name + ".")), []).append(layer)
         return_freed_memory()  # freed blocks go back to the OS instead of piling up in the heap
         cache = HiddenCache(self._layerwise["cache_bytes"], self._layerwise["spill_dir"])
@@ -426,7 +471,9 @@ class PersonaExtractor:
             for index in range(max(by_block) + 1):
                 layers = by_block.get(index, [])
                 with self._resident([f"{blocks_name}.{index}"]), self._base_forward_context():
-                    accumulators = self._run_block(index, layers, calls, cache, options, blocks_name, last=index == max(by_block))
+                    accumulators = self._run_block(
+                        index, layers, calls, cache, options, blocks_name, last=index == max(by_block)
+                    )
                     if options.method != "obs":
                         for name, per_layer in accumulators.items():
                             stats[name].layers.update(per_layer)
@@ -447,15 +494,23 @@ class PersonaExtractor:
         with self._resident([embeddings]), self._base_forward_context():
             for name, ids in encoded.items():
                 batches = list(self._batches(ids))
-                for b, ((args, kwargs), (_, attention)) in enumerate(zip(capture_block_inputs(decoder, first, batches), batches)):
+                for b, ((args, kwargs), (_, attention)) in enumerate(
+                    zip(capture_block_inputs(decoder, first, batches), batches)
+                ):
                     positional = bool(args)
                     cache.put((name, b), args[0] if positional else kwargs.pop("hidden_states"))
                     calls[(name, b)] = (positional, args[1:], kwargs, BatchLayout.from_attention_mask(attention))
         return calls
 
     def _run_block(
-        self, index: int, layers: list[str], calls: Mapping, cache: Any, options: ExtractionOptions,
-        blocks_name: str, last: bool,
+        self,
+        index: int,
+        layers: list[str],
+        calls: Mapping,
+        cache: Any,
+        options: ExtractionOptions,
+        blocks_name: str,
+        last: bool,
     ) -> dict[str, dict[str, Accumulator]]:
         """Forward every cached batch through block ``index``, recording its targeted layers' inputs per persona."""
         block = self.base_model.get_submodule(f"{blocks_name}.{index}")
@@ -476,8 +531,13 @@ class PersonaExtractor:
         return result
 
     def _select_block(
-        self, layers: list[str], stats: Mapping[str, Optional[PersonaStats]], accumulators: Mapping,
-        options: ExtractionOptions, generator: torch.Generator, masks: dict[str, dict[str, torch.Tensor]],
+        self,
+        layers: list[str],
+        stats: Mapping[str, PersonaStats | None],
+        accumulators: Mapping,
+        options: ExtractionOptions,
+        generator: torch.Generator,
+        masks: dict[str, dict[str, torch.Tensor]],
     ) -> None:
         """The packed masks of one resident block's layers, for every persona, in the order ``masks`` would pick."""
         for layer in layers:
@@ -495,10 +555,10 @@ class PersonaExtractor:
     def extract(
         self,
         personas: Mapping[str, TextsLike],
-        method: Optional[Method] = None,
-        sparsity: Optional[float] = None,
+        method: Method | None = None,
+        sparsity: float | None = None,
         *,
-        options: Optional[ExtractionOptions] = None,
+        options: ExtractionOptions | None = None,
         save_format: str = "bits",
         **recipe: Any,
     ) -> PeftModel:
@@ -528,8 +588,9 @@ class PersonaExtractor:
         options = resolve_options(options, method=method, sparsity=sparsity, **recipe)
         names = list(personas)
         check_personas(options, names)
-        PersonaMaskConfig(method=options.method, sparsity=options.sparsity, save_format=save_format,
-                          calibration=options.record())  # a format the recipe cannot have fails before calibration
+        PersonaMaskConfig(
+            method=options.method, sparsity=options.sparsity, save_format=save_format, calibration=options.record()
+        )  # a format the recipe cannot have fails before calibration
         if self.peft_model is not None:
             clash = [n for n in names if n in self.peft_model.peft_config]
             if clash:
@@ -554,9 +615,9 @@ class PersonaExtractor:
 
     def _statistics(
         self, personas: Mapping[str, TextsLike], options: ExtractionOptions
-    ) -> tuple[dict[str, Optional[PersonaStats]], dict[str, dict[str, torch.Tensor]]]:
+    ) -> tuple[dict[str, PersonaStats | None], dict[str, dict[str, torch.Tensor]]]:
         """Each persona's statistics (``None`` for controls) and, for OBS, its ``diag(H^-1)`` per layer."""
-        stats: dict[str, Optional[PersonaStats]] = {}
+        stats: dict[str, PersonaStats | None] = {}
         obs_diagonals: dict[str, dict[str, torch.Tensor]] = {}
         for name, texts in personas.items():
             if not options.calibrated:
@@ -569,8 +630,12 @@ class PersonaExtractor:
         return stats, obs_diagonals
 
     def _add_adapters(
-        self, names: list[str], masks: Mapping[str, Mapping[str, torch.Tensor]],
-        stats: Mapping[str, Optional[PersonaStats]], options: ExtractionOptions, save_format: str = "bits",
+        self,
+        names: list[str],
+        masks: Mapping[str, Mapping[str, torch.Tensor]],
+        stats: Mapping[str, PersonaStats | None],
+        options: ExtractionOptions,
+        save_format: str = "bits",
     ) -> None:
         covered = None if self.default_targets else sorted(self.modules)
         with self._resident(probe_modules(self.base_model, covered)):
@@ -593,15 +658,20 @@ class PersonaExtractor:
             model = self.peft_model if self.peft_model is not None else self.base_model
             if save_format == "stats":
                 selections = {
-                    layer: ChannelSelection(options.sparsity, *self._channels(
-                        layer, in_features_of(module), name, stats, options), digest=None)
+                    layer: ChannelSelection(
+                        options.sparsity,
+                        *self._channels(layer, in_features_of(module), name, stats, options),
+                        digest=None,
+                    )
                     for layer, module in self.modules.items()
                 }
                 self.peft_model = add_selection_adapter(model, masks[name], selections, name, config)
             else:
                 self.peft_model = add_mask_adapter(model, masks[name], adapter_name=name, config=config)
 
-    def _obs_masks(self, diag: Mapping[str, Mapping[str, torch.Tensor]], sparsity: float) -> dict[str, dict[str, torch.Tensor]]:
+    def _obs_masks(
+        self, diag: Mapping[str, Mapping[str, torch.Tensor]], sparsity: float
+    ) -> dict[str, dict[str, torch.Tensor]]:
         masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in diag}
         mine = self._my_layers()
         with self._base_forward_context():
@@ -624,12 +694,14 @@ def mask_overlap(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.T
     return shared / kept if kept else 0.0
 
 
-def resolve_options(options: Optional[ExtractionOptions], **keywords: Any) -> ExtractionOptions:
+def resolve_options(options: ExtractionOptions | None, **keywords: Any) -> ExtractionOptions:
     """``options``, or one built from the keywords that were given; giving both is a ``TypeError``."""
     given = {k: v for k, v in keywords.items() if v is not None}
     unknown = sorted(set(given) - {f.name for f in fields(ExtractionOptions)})
     if unknown:
-        raise TypeError(f"unknown recipe keyword(s) {unknown}; ExtractionOptions has {[f.name for f in fields(ExtractionOptions)]}")
+        raise TypeError(
+            f"unknown recipe keyword(s) {unknown}; ExtractionOptions has {[f.name for f in fields(ExtractionOptions)]}"
+        )
     if options is not None and given:
         raise TypeError(f"pass either `options` or the keywords {sorted(given)}, not both")
     return options if options is not None else ExtractionOptions(**given)

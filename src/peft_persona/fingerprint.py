@@ -13,7 +13,8 @@ import hashlib
 import math
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -33,14 +34,14 @@ class FingerprintMismatchError(PersonaAdapterError):
     """The adapter was extracted on a different base model than the one it is being loaded into."""
 
 
-def fingerprinted_modules(model: nn.Module, modules: Optional[Iterable[str]] = None) -> dict[str, nn.Module]:
+def fingerprinted_modules(model: nn.Module, modules: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """The layers a fingerprint covers: ``modules`` (the masked ones) by name, else every decoder linear layer."""
     if modules is None:
         return decoder_linear_modules(model)
     return modules_by_name(model, modules)
 
 
-def base_model_fingerprint(model: nn.Module, modules: Optional[Iterable[str]] = None) -> dict[str, Any]:
+def base_model_fingerprint(model: nn.Module, modules: Iterable[str] | None = None) -> dict[str, Any]:
     """Fingerprint of the layers ``modules`` of ``model`` (default: every decoder linear layer): a hash of their
     names and shapes, and a dtype-robust weight probe."""
     layers = fingerprinted_modules(model, modules)
@@ -61,10 +62,12 @@ def base_model_fingerprint(model: nn.Module, modules: Optional[Iterable[str]] = 
 
 
 def _picks(names: list[str]) -> list[str]:
-    return [names[round(i * (len(names) - 1) / max(PROBE_MODULES - 1, 1))] for i in range(min(PROBE_MODULES, len(names)))]
+    return [
+        names[round(i * (len(names) - 1) / max(PROBE_MODULES - 1, 1))] for i in range(min(PROBE_MODULES, len(names)))
+    ]
 
 
-def probe_modules(model: nn.Module, modules: Optional[Iterable[str]] = None) -> list[str]:
+def probe_modules(model: nn.Module, modules: Iterable[str] | None = None) -> list[str]:
     """The names of the layers whose weights :func:`base_model_fingerprint` samples (at most ``PROBE_MODULES``)."""
     return _picks(sorted(fingerprinted_modules(model, modules)))
 
@@ -104,7 +107,7 @@ def _expected_parts(expected: Mapping[str, Any], adapter_name: str) -> tuple[str
 
 
 def check_base_model_fingerprint(
-    expected: Optional[Mapping[str, Any]], model: nn.Module, adapter_name: str, config: Any = None
+    expected: Mapping[str, Any] | None, model: nn.Module, adapter_name: str, config: Any = None
 ) -> None:
     """Raise :class:`FingerprintMismatchError` if ``model`` is not the base model ``expected`` was taken from.
 
@@ -122,7 +125,9 @@ def check_base_model_fingerprint(
         return
     structure, probe = _expected_parts(expected, adapter_name)
     explicit = getattr(config, "target_modules", None)
-    modules = sorted(explicit) if expected.get("format") == FINGERPRINT_FORMAT and isinstance(explicit, (set, list)) else None
+    modules = (
+        sorted(explicit) if expected.get("format") == FINGERPRINT_FORMAT and isinstance(explicit, (set, list)) else None
+    )
     actual = base_model_fingerprint(model, modules)
     hint = f"Set {SKIP_ENV}=1 to load it anyway."
     if actual["structure_sha256"] != structure:

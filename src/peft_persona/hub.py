@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 from torch import nn
 
@@ -29,7 +30,7 @@ ModelOrDir = Union[nn.Module, str, os.PathLike]
 PersonaHubError = PersonaAdapterError  # the package's one error class, under the name this module has always used
 
 
-def _select(available: Sequence[str], adapter_names: Optional[Sequence[str]], where: str) -> list[str]:
+def _select(available: Sequence[str], adapter_names: Sequence[str] | None, where: str) -> list[str]:
     if adapter_names is None:
         return list(available)
     unknown = [n for n in adapter_names if n not in available]
@@ -69,9 +70,9 @@ def _save_from_model(model: nn.Module, name: str, target: Path) -> None:
 
 def stage_adapters(
     model_or_dir: ModelOrDir,
-    out_dir: Union[str, os.PathLike],
-    adapter_names: Optional[Sequence[str]] = None,
-    base_model: Optional[str] = None,
+    out_dir: str | os.PathLike,
+    adapter_names: Sequence[str] | None = None,
+    base_model: str | None = None,
 ) -> list[StagedAdapter]:
     """Write the chosen adapters of a model or of a saved adapter directory to ``out_dir`` in the repo layout.
 
@@ -119,13 +120,13 @@ def stage_adapters(
 
 def export_repo(
     model_or_dir: ModelOrDir,
-    out_dir: Union[str, os.PathLike],
+    out_dir: str | os.PathLike,
     repo_id: str,
-    adapter_names: Optional[Sequence[str]] = None,
+    adapter_names: Sequence[str] | None = None,
     eval_report: Any = None,
     license: str = DEFAULT_LICENSE,  # noqa: A002
-    base_model: Optional[str] = None,
-    revision: Optional[str] = None,
+    base_model: str | None = None,
+    revision: str | None = None,
 ) -> list[StagedAdapter]:
     """Write the repo's content (adapters and ``README.md``) to the new folder ``out_dir``, all or nothing."""
     out = Path(out_dir)
@@ -148,7 +149,9 @@ def export_repo(
 def _explain_http_error(err: Exception, repo_id: str, action: str) -> PersonaHubError:
     status = getattr(getattr(err, "response", None), "status_code", None)
     if status == 401:
-        return PersonaHubError(f"{action} {repo_id!r}: the Hub refused the token (401); check HF_TOKEN or `hf auth login`")
+        return PersonaHubError(
+            f"{action} {repo_id!r}: the Hub refused the token (401); check HF_TOKEN or `hf auth login`"
+        )
     if status == 403:
         return PersonaHubError(f"{action} {repo_id!r}: the token has no write access to this namespace (403)")
     return PersonaHubError(f"{action} {repo_id!r} failed: {err}")
@@ -157,15 +160,15 @@ def _explain_http_error(err: Exception, repo_id: str, action: str) -> PersonaHub
 def push_to_hub(
     model_or_dir: ModelOrDir,
     repo_id: str,
-    adapter_names: Optional[Sequence[str]] = None,
+    adapter_names: Sequence[str] | None = None,
     private: bool = False,
-    revision: Optional[str] = None,
-    token: Optional[str] = None,
+    revision: str | None = None,
+    token: str | None = None,
     eval_report: Any = None,
     license: str = DEFAULT_LICENSE,  # noqa: A002
-    base_model: Optional[str] = None,
-    commit_message: Optional[str] = None,
-    endpoint: Optional[str] = None,
+    base_model: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
 ):
     """Push persona mask adapters with a generated model card to ``repo_id`` in one commit; returns its ``CommitInfo``.
 

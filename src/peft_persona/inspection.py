@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -95,7 +95,7 @@ def _summarize_stats(summary: AdapterSummary, weights_file: Path) -> None:
 
 
 def _hub_files(
-    repo_id: str, revision: Optional[str], subfolder: Optional[str], token: Optional[str], endpoint: Optional[str]
+    repo_id: str, revision: str | None, subfolder: str | None, token: str | None, endpoint: str | None
 ) -> dict[str, str]:
     """Folders (``""`` = root) of ``repo_id`` holding an ``adapter_config.json``, under ``subfolder`` if given."""
     from huggingface_hub import HfApi
@@ -116,22 +116,24 @@ def _hub_files(
     folders = {}
     for path in files:
         if path.startswith(prefix) and path.endswith(CONFIG_NAME):
-            rel = path[len(prefix):]
+            rel = path[len(prefix) :]
             folder = rel[: -len(CONFIG_NAME)].rstrip("/")
             if folder.count("/") == 0:
                 folders[folder] = path[: -len(CONFIG_NAME)].rstrip("/")
     if not folders:
-        raise PersonaAdapterError(f"Hub repo {repo_id!r}{f' folder {subfolder!r}' if subfolder else ''} holds no {CONFIG_NAME}")
+        raise PersonaAdapterError(
+            f"Hub repo {repo_id!r}{f' folder {subfolder!r}' if subfolder else ''} holds no {CONFIG_NAME}"
+        )
     return folders
 
 
 def inspect_adapters(
-    dir_or_repo: Union[str, os.PathLike],
-    revision: Optional[str] = None,
-    subfolder: Optional[str] = None,
-    token: Optional[str] = None,
-    endpoint: Optional[str] = None,
-    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    dir_or_repo: str | os.PathLike,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[AdapterSummary]:
     """Summaries of every persona mask adapter in a local directory or a Hub repo (``namespace/name``).
 
@@ -149,7 +151,6 @@ def inspect_adapters(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-
     if not HUB_ID.match(repo_id):
         raise FileNotFoundError(f"{repo_id} is neither a local directory nor a Hub repo id (namespace/name)")
     download = dict(revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
@@ -160,7 +161,9 @@ def inspect_adapters(
             config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=sub, **download)
             weights = hf_hub_download(repo_id, SAFETENSORS_WEIGHTS_NAME, subfolder=sub, **download)
         except EntryNotFoundError:
-            raise PersonaAdapterError(f"Hub repo {repo_id!r}: {path or '/'} has no {SAFETENSORS_WEIGHTS_NAME}") from None
+            raise PersonaAdapterError(
+                f"Hub repo {repo_id!r}: {path or '/'} has no {SAFETENSORS_WEIGHTS_NAME}"
+            ) from None
         location = f"{repo_id}/{path}" if path else repo_id
         try:
             name = folder or (read_config(Path(config).parent).get("persona") or "default")
@@ -185,9 +188,12 @@ def format_summaries(summaries: list[AdapterSummary], per_layer: bool = True) ->
             f"  base model:       {c.get('base_model_name_or_path') or '-'}",
             f"  fingerprint:      {fingerprint.get('num_layers', '-')} layers, structure "
             f"{fingerprint.get('structure_sha256', '-')}, weight probe {fingerprint.get('weight_probe', '-')}",
-            f"  format:           {s.save_format}" + (
+            f"  format:           {s.save_format}"
+            + (
                 " (selection statistics and a SHA-256 per layer; masks re-derived from the base weights on load)"
-                if s.save_format == "stats" else " (1 bit per weight)"),
+                if s.save_format == "stats"
+                else " (1 bit per weight)"
+            ),
             f"  file size:        {s.file_size} bytes ({s.file_size / 2**20:.2f} MiB)",
             f"  masked layers:    {len(s.density)}, density {s.overall_density:.4f} "
             + (f"({s.kept} of {s.total} weights kept)" if s.save_format == "bits" else "(exact, every row alike)"),

@@ -16,8 +16,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ DEFAULT_CACHE_BYTES = 2 * 1024**3
 class Checkpoint:
     """The safetensors shards of a checkpoint directory: which file holds each tensor, read one tensor at a time."""
 
-    def __init__(self, directory: Union[str, os.PathLike]) -> None:
+    def __init__(self, directory: str | os.PathLike) -> None:
         from safetensors import safe_open
 
         self.directory = Path(directory)
@@ -69,7 +70,7 @@ class Checkpoint:
         return tensors
 
 
-def resolve_checkpoint(name_or_path: str, revision: Optional[str] = None, token: Optional[str] = None) -> Path:
+def resolve_checkpoint(name_or_path: str, revision: str | None = None, token: str | None = None) -> Path:
     """A local checkpoint directory, or the Hub snapshot of its config, tokenizer and safetensors files."""
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
@@ -103,7 +104,9 @@ def resident(model: nn.Module, prefixes: Iterable[str], checkpoint: Checkpoint, 
         tensors = checkpoint.read(stored.values())
         for name in names:
             tensor = tensors.pop(stored[name])
-            set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            set_module_tensor_to_device(
+                model, name, "cpu", value=tensor.to(dtype) if tensor.is_floating_point() else tensor
+            )
         yield
     finally:
         for name in names:
@@ -168,12 +171,12 @@ def capture_block_inputs(
 class HiddenCache:
     """Per-batch hidden states, in memory up to ``max_bytes`` and spilled to safetensors files beyond it."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, spill_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, spill_dir: str | os.PathLike | None = None) -> None:
         self.max_bytes, self.in_memory = max_bytes, 0
         self._memory: dict[Any, torch.Tensor] = {}
         self._spilled: dict[Any, Path] = {}
         self._spill_root = spill_dir
-        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
 
     def put(self, key: Any, tensor: torch.Tensor) -> None:
         self.pop(key)

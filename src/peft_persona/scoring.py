@@ -13,8 +13,18 @@ from .calibrate import LayerStats
 from .selection import kept_per_row, order_keys, select_lexicographic, select_top_per_row
 
 __all__ = [
-    "contrastive_scores", "contrastive_z", "kept_per_row", "magnitude_scores", "obs_hessian_inverse_diagonal", "obs_scores",
-    "order_keys", "phi", "random_scores", "select_lexicographic", "select_top_per_row", "select_topk_reference",
+    "contrastive_scores",
+    "contrastive_z",
+    "kept_per_row",
+    "magnitude_scores",
+    "obs_hessian_inverse_diagonal",
+    "obs_scores",
+    "order_keys",
+    "phi",
+    "random_scores",
+    "select_lexicographic",
+    "select_top_per_row",
+    "select_topk_reference",
     "wanda_scores",
 ]
 

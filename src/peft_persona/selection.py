@@ -18,7 +18,6 @@ import hashlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
 
 import torch
 
@@ -87,7 +86,7 @@ def channel_scores(weight: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
 
 
 def select_by_channels(
-    weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: Optional[torch.Tensor] = None
+    weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Keep the ``k`` best of each row by ``|W| * channel``, ties by ``|W| * tiebreak``, then by lower column.
 
@@ -97,10 +96,12 @@ def select_by_channels(
     rows = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
     if weight.shape[0] <= rows:
         return _select_rows(weight, k, channel, tiebreak)
-    return torch.cat([_select_rows(weight[i : i + rows], k, channel, tiebreak) for i in range(0, weight.shape[0], rows)])
+    return torch.cat(
+        [_select_rows(weight[i : i + rows], k, channel, tiebreak) for i in range(0, weight.shape[0], rows)]
+    )
 
 
-def _select_rows(weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: Optional[torch.Tensor]) -> torch.Tensor:
+def _select_rows(weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: torch.Tensor | None) -> torch.Tensor:
     primary = channel_scores(weight, channel)
     if tiebreak is None:
         return select_top_per_row(order_keys(primary), k)
@@ -120,7 +121,7 @@ class ChannelSelection:
 
     sparsity: float
     channel: torch.Tensor
-    tiebreak: Optional[torch.Tensor]
+    tiebreak: torch.Tensor | None
     digest: torch.Tensor
 
     def select(self, weight: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ Only numpy; nothing here imports ``evaluate`` or scipy.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -126,10 +126,9 @@ def group_difference(
     if pos.size == 0 or neg.size == 0:
         raise ValueError(f"group_difference needs both groups; got {pos.size} and {neg.size} items")
     rng = np.random.default_rng(seed)
-    draws = (
-        pos[rng.integers(0, pos.size, size=(n_resamples, pos.size))].mean(axis=1)
-        - neg[rng.integers(0, neg.size, size=(n_resamples, neg.size))].mean(axis=1)
-    )
+    draws = pos[rng.integers(0, pos.size, size=(n_resamples, pos.size))].mean(axis=1) - neg[
+        rng.integers(0, neg.size, size=(n_resamples, neg.size))
+    ].mean(axis=1)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
     diff = float(pos.mean() - neg.mean())

@@ -7,7 +7,7 @@ strips PEFT's ``base_model.model.`` prefix, ``torch.compile``'s ``_orig_mod.`` a
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -24,7 +24,7 @@ def clean_module_name(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-def block_index(name: str) -> Optional[int]:
+def block_index(name: str) -> int | None:
     """Index of the decoder block a module name lies in (the first ``.<digits>.`` part), or ``None``."""
     match = _BLOCK_INDEX.search(f".{name}.")
     return int(match.group(1)) if match else None
@@ -42,7 +42,7 @@ def is_maskable(module: nn.Module) -> bool:
     return why_not_maskable(module) is None
 
 
-def why_not_maskable(module: nn.Module) -> Optional[str]:
+def why_not_maskable(module: nn.Module) -> str | None:
     """Why a persona mask cannot wrap ``module``, or ``None`` if it can.
 
     Quantised linears (bitsandbytes ``Linear4bit``/``Linear8bitLt`` subclass ``nn.Linear``) are refused: their
@@ -131,10 +131,12 @@ def module_role(name: str) -> str:
         return "attention"
     if any(w in p for p in parts[:-1] or parts for w in _MLP_WORDS):
         return "mlp"
-    raise ValueError(f"module {name!r} is neither in an attention nor in an MLP sub-layer (by its name); name the modules explicitly")
+    raise ValueError(
+        f"module {name!r} is neither in an attention nor in an MLP sub-layer (by its name); name the modules explicitly"
+    )
 
 
-def parse_layers(spec: Union[str, Iterable[int], None]) -> Optional[list[int]]:
+def parse_layers(spec: str | Iterable[int] | None) -> list[int] | None:
     """Decoder block indices from ``"8-23"``, ``"0,2,5-7"`` or a list of ints; ``None`` stays ``None`` (every block)."""
     if spec is None:
         return None
@@ -155,9 +157,7 @@ def parse_layers(spec: Union[str, Iterable[int], None]) -> Optional[list[int]]:
     return sorted(found)
 
 
-def select_targets(
-    model: nn.Module, preset: str = "all", layers: Union[str, Iterable[int], None] = None
-) -> list[str]:
+def select_targets(model: nn.Module, preset: str = "all", layers: str | Iterable[int] | None = None) -> list[str]:
     """Names of the decoder linear layers of ``model`` in the ``preset`` sub-layers (``all``, ``mlp``, ``attention``,
     the paper's ``prune_only_mlp`` being ``mlp``) of the decoder blocks ``layers`` (default: every block)."""
     if preset not in TARGET_PRESETS:
@@ -168,7 +168,9 @@ def select_targets(
     if blocks is not None:
         missing = sorted(set(blocks) - set(present))
         if missing:
-            raise ValueError(f"layers {missing} do not exist: the model's decoder blocks are {present[0]}-{present[-1]}")
+            raise ValueError(
+                f"layers {missing} do not exist: the model's decoder blocks are {present[0]}-{present[-1]}"
+            )
         names = [n for n in names if block_index(n) in blocks]
     if preset != "all":
         names = [n for n in names if module_role(n) == preset]

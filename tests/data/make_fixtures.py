@@ -80,7 +80,9 @@ def main(source: Path) -> None:
     one_line = [i for i, row in enumerate(rows) if "\n" not in row["instruction"].strip()]
     picked = sorted(random.Random(0).sample(one_line, MINDSET_ROWS))
     (HERE / MINDSET).parent.mkdir(parents=True, exist_ok=True)
-    (HERE / MINDSET).write_text(json.dumps([rows[i] for i in picked], ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    (HERE / MINDSET).write_text(
+        json.dumps([rows[i] for i in picked], ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

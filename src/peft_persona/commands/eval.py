@@ -14,32 +14,47 @@ from . import personas as persona_options
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "eval", help="evaluate persona mask adapters against prompts and controls",
+        "eval",
+        help="evaluate persona mask adapters against prompts and controls",
         description="Score every persona under base, prompt, mask and control conditions; write results.json, "
         "report.md and PNG plots to --out.",
     )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, local path or embedded model name")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF directory")
     parser.add_argument("--adapters", default=None, help="directory of saved adapters (one sub-directory each)")
-    parser.add_argument("--extract", action="store_true", help="extract persona and control masks into --adapters first "
-                        "(skipped for adapters already there)")
+    parser.add_argument(
+        "--extract",
+        action="store_true",
+        help="extract persona and control masks into --adapters first (skipped for adapters already there)",
+    )
     parser.add_argument("--sparsity", type=float, default=0.2, help="sparsity for --extract (default 0.2)")
-    parser.add_argument("--strength", type=float, default=0.5,
-                        help="strength of every adapter made by --extract (default 0.5; with sparsity 0.2, what tune "
-                        "chose for extraversion on SmolLM2)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=0.5,
+        help="strength of every adapter made by --extract (default 0.5; with sparsity 0.2, what tune "
+        "chose for extraversion on SmolLM2)",
+    )
     parser.add_argument("--method", default="contrastive", help="extraction method for --extract (default contrastive)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--conditions", nargs="+", default=None, help="condition names (default: all)")
-    parser.add_argument("--n-items", type=int, default=100, help="items per persona and format, balanced between the "
-                        "answers (default 100; 0: every test item)")
+    parser.add_argument(
+        "--n-items",
+        type=int,
+        default=100,
+        help="items per persona and format, balanced between the answers (default 100; 0: every test item)",
+    )
     parser.add_argument("--n-paper-items", type=int, default=None, help="items per paper split (default --n-items)")
     parser.add_argument("--seed", type=int, default=1, help="seed drawing evaluation items from the held-out rows")
     parser.add_argument("--nll-passages", type=int, default=16, help="neutral passages for general-ability NLL")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resume", action="store_true", help="reuse unchanged conditions from --out/results.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--report-only", action="store_true",
-                        help="recompute the statistics and rewrite report.md and plots from --out/results.json; no model")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="recompute the statistics and rewrite report.md and plots from --out/results.json; no model",
+    )
     persona_options.add_arguments(parser, presets_default=None)
     parser.set_defaults(func=run)
 
@@ -54,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
 
     names = {c.name for c in CONDITIONS}
     if args.conditions and set(args.conditions) - names:
-        raise ValueError(f"unknown condition(s) {sorted(set(args.conditions) - names)}; known: {[c.name for c in CONDITIONS]}")
+        raise ValueError(
+            f"unknown condition(s) {sorted(set(args.conditions) - names)}; known: {[c.name for c in CONDITIONS]}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -68,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.adapters:
             raise ValueError("--extract needs --adapters DIR to save the masks in")
         if not Path(args.adapters).is_dir() or not list(Path(args.adapters).glob("*/adapter_config.json")):
-            extract_adapters(model, tokenizer, personas, data_root, args.adapters, args.sparsity, args.method,
-                             strength=args.strength)
+            extract_adapters(
+                model, tokenizer, personas, data_root, args.adapters, args.sparsity, args.method, strength=args.strength
+            )
             model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)  # a clean base for loading
     digests: dict[str, str] = {}
     if args.adapters:
@@ -82,11 +100,25 @@ def run(args: argparse.Namespace) -> int:
     nll = items.neutral_texts(data_root, "eval", args.nll_passages) if args.nll_passages else []
     sources = {"paper": args.n_paper_items} if args.n_paper_items else None
     with torch.inference_mode():
-        plan = harness.EvalPlan(personas, data_root, args.n_items or None, args.seed, conditions, args.batch_size, nll,
-                                n_items_by_source=sources, digests=digests, previous=previous)
+        plan = harness.EvalPlan(
+            personas,
+            data_root,
+            args.n_items or None,
+            args.seed,
+            conditions,
+            args.batch_size,
+            nll,
+            n_items_by_source=sources,
+            digests=digests,
+            previous=previous,
+        )
         results = harness.run(
-            model, tokenizer, plan,
-            on_block=lambda partial: (out / "results.json").write_text(json.dumps({**partial, "partial": True}, indent=1)),
+            model,
+            tokenizer,
+            plan,
+            on_block=lambda partial: (out / "results.json").write_text(
+                json.dumps({**partial, "partial": True}, indent=1)
+            ),
         )
     results["meta"] = report.metadata(args, personas, conditions, digests, time.time() - started)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -118,4 +150,7 @@ def _plots(plots: Any, results: dict, out: Path) -> None:
     try:
         plots.write_plots(results, out)
     except ImportError as err:
-        print(f"peft-persona eval: no plots ({err}); install matplotlib: pip install 'peft-persona[plots]'", file=sys.stderr)
+        print(
+            f"peft-persona eval: no plots ({err}); install matplotlib: pip install 'peft-persona[plots]'",
+            file=sys.stderr,
+        )

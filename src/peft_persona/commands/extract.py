@@ -20,44 +20,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extract persona masks and save them as PEFT adapters",
         description="Extract persona masks from calibration texts and save one adapter per persona under --out.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id, local path or embedded name (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id, local path or embedded name (default: {DEFAULT_MODEL})"
+    )
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantised to float32)")
     parser.add_argument(
-        "--layerwise", action="store_true",
+        "--layerwise",
+        action="store_true",
         help="calibrate one decoder block at a time, reading each block's weights from the checkpoint's safetensors "
         "shards, for models larger than memory (masks bit-identical to a whole-model run; not for GGUF)",
     )
     parser.add_argument(
-        "--cache-gb", type=float, default=2.0,
+        "--cache-gb",
+        type=float,
+        default=2.0,
         help="with --layerwise: memory for the cached hidden states, in GiB; more spills to a temporary folder",
     )
     parser.add_argument(
-        "--persona", action="append", required=True, metavar="NAME=SOURCE",
+        "--persona",
+        action="append",
+        required=True,
+        metavar="NAME=SOURCE",
         help="persona name and its texts, e.g. extravert=builtin:extraversion#yes (repeat for each persona)",
     )
-    parser.add_argument("--method", default="contrastive", choices=EXTRACTION_METHODS, help="how masks are found (default contrastive)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row's weights removed (default 0.5)")
     parser.add_argument(
-        "--strength", type=float, default=1.0,
+        "--method", default="contrastive", choices=EXTRACTION_METHODS, help="how masks are found (default contrastive)"
+    )
+    parser.add_argument(
+        "--sparsity", type=float, default=0.5, help="fraction of each row's weights removed (default 0.5)"
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
         help="strength saved with the adapters, in [0, 1]: 1 removes the dropped weights, lower values scale them by 1 - strength",
     )
     parser.add_argument(
-        "--target", default="all", choices=TARGET_PRESETS,
+        "--target",
+        default="all",
+        choices=TARGET_PRESETS,
         help="which sub-layers of the decoder blocks to mask: all (default), mlp (the paper's prune_only_mlp), attention",
     )
     parser.add_argument("--layers", default=None, help="decoder blocks to mask, e.g. 8-23 or 0,2,5-7 (default: all)")
     parser.add_argument(
-        "--modules", default=None,
+        "--modules",
+        default=None,
         help="comma-separated module names to mask (e.g. model.layers.3.mlp.up_proj); replaces --target and --layers",
     )
     parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight")
     parser.add_argument("--tau", type=float, default=1.0, help="softplus temperature")
-    parser.add_argument("--reference", action="store_true", help="reproduce the paper code's statistics (comparison only)")
+    parser.add_argument(
+        "--reference", action="store_true", help="reproduce the paper code's statistics (comparison only)"
+    )
     parser.add_argument("--max-length", type=int, default=256, help="truncate calibration texts to this many tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random control")
     parser.add_argument(
-        "--save-format", default="bits", choices=("bits", "stats"),
+        "--save-format",
+        default="bits",
+        choices=("bits", "stats"),
         help="bits (default): each mask, 1 bit per weight; stats: only the per-channel statistics that select it and "
         "a SHA-256 per layer, re-derived from the base weights on load (wanda, contrastive, magnitude)",
     )
@@ -83,15 +104,15 @@ def parse_personas(specs: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from ..extractor import PersonaExtractor
     from ..models import load_model
-
     from ..tuner import PersonaMaskConfig, set_strength
     from ..tuner.layer import check_strength
 
     distributed.init_from_environment()  # torchrun / accelerate launch: join the process group
     personas = parse_personas(args.persona)
     options = ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)
-    PersonaMaskConfig(method=args.method, sparsity=args.sparsity, save_format=args.save_format,
-                      calibration=options.record())  # fail before loading
+    PersonaMaskConfig(
+        method=args.method, sparsity=args.sparsity, save_format=args.save_format, calibration=options.record()
+    )  # fail before loading
     check_strength(args.strength, "--strength")
     parse_layers(args.layers)  # fail before loading
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
@@ -100,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if args.layerwise and args.gguf_file is not None:
         raise ValueError("--layerwise reads safetensors checkpoints; a GGUF file is loaded whole (drop --layerwise)")
     targeting = {"target_modules": modules} if modules is not None else {"target": args.target, "layers": args.layers}
-    common = dict(**targeting, max_length=args.max_length, batch_size=args.batch_size, show_progress=distributed.is_main_process())
+    common = dict(
+        **targeting, max_length=args.max_length, batch_size=args.batch_size, show_progress=distributed.is_main_process()
+    )
     if args.layerwise:
         extractor = PersonaExtractor.from_pretrained(args.model, cache_bytes=int(args.cache_gb * 1024**3), **common)
     else:
@@ -118,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     if distributed.is_main_process():  # under torchrun every rank holds the same masks; one writes them
         save_adapters(peft_model, list(personas), args.out)
         print(extractor.summary)
-        summary = {"out": str(args.out), "adapters": {n: str(args.out / n) for n in personas}, **vars(extractor.summary)}
+        summary = {
+            "out": str(args.out),
+            "adapters": {n: str(args.out / n) for n in personas},
+            **vars(extractor.summary),
+        }
         summary["processes"] = distributed.world()[1]
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print(f"saved {len(personas)} adapter(s) under {args.out}/: " + ", ".join(personas))

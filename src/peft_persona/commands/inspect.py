@@ -31,9 +31,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = [
             {
-                "name": s.name, "location": s.location, "file_size": s.file_size, "density": s.overall_density,
+                "name": s.name,
+                "location": s.location,
+                "file_size": s.file_size,
+                "density": s.overall_density,
                 "save_format": s.save_format,
-                "layer_density": s.density, "config": s.config,
+                "layer_density": s.density,
+                "config": s.config,
             }
             for s in summaries
         ]

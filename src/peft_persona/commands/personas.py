@@ -5,41 +5,64 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 DATA_ENV = "PEFT_PERSONA_DATA"
 
 
-def add_arguments(parser: argparse.ArgumentParser, presets_default: Optional[list[str]]) -> None:
+def add_arguments(parser: argparse.ArgumentParser, presets_default: list[str] | None) -> None:
     """The persona options shared by ``eval`` and ``tune``."""
     group = parser.add_argument_group("personas", "presets (read from --data-root) or your own data")
-    group.add_argument("--personas", nargs="+", default=presets_default,
-                       help="preset personas (extraversion, agreeableness, desire-for-acquiring-power, power, wealth, "
-                       "hallucination)")
-    group.add_argument("--data-root", default=os.environ.get(DATA_ENV),
-                       help=f"folder holding anthropic-evals/, paper-persona/ and machine-mindset/ for the presets "
-                       f"(default: ${DATA_ENV}); without it the shipped neutral corpus is used")
-    group.add_argument("--data", default=None, help="your persona's data file: Anthropic persona or A/B .jsonl, "
-                       "paper .csv, Alpaca/DPO .json, or .txt (one text per line)")
+    group.add_argument(
+        "--personas",
+        nargs="+",
+        default=presets_default,
+        help="preset personas (extraversion, agreeableness, desire-for-acquiring-power, power, wealth, hallucination)",
+    )
+    group.add_argument(
+        "--data-root",
+        default=os.environ.get(DATA_ENV),
+        help=f"folder holding anthropic-evals/, paper-persona/ and machine-mindset/ for the presets "
+        f"(default: ${DATA_ENV}); without it the shipped neutral corpus is used",
+    )
+    group.add_argument(
+        "--data",
+        default=None,
+        help="your persona's data file: Anthropic persona or A/B .jsonl, "
+        "paper .csv, Alpaca/DPO .json, or .txt (one text per line)",
+    )
     group.add_argument("--hf-dataset", default=None, help="your persona's data as a Hugging Face dataset id or folder")
     group.add_argument("--hf-split", default="train", help="split of --hf-dataset (default train)")
-    group.add_argument("--columns", default=None,
-                       help="FIELD=COLUMN,... mapping the fields the formats read (statement, "
-                       "answer_matching_behavior, question, matching, not_matching, instruction, input, output, text) "
-                       "to --hf-dataset columns")
+    group.add_argument(
+        "--columns",
+        default=None,
+        help="FIELD=COLUMN,... mapping the fields the formats read (statement, "
+        "answer_matching_behavior, question, matching, not_matching, instruction, input, output, text) "
+        "to --hf-dataset columns",
+    )
     group.add_argument("--name", default=None, help="your persona's name (adapter name)")
     group.add_argument("--opposite", default=None, help="its opposite's name (default not-NAME)")
     group.add_argument("--opposite-data", default=None, help="the opposite side's file, for one-sided data")
     group.add_argument("--persona-prompt", default=None, help="system prompt for the prompt baseline")
     group.add_argument("--opposite-prompt", default=None, help="system prompt for the opposite prompt baseline")
-    group.add_argument("--persona-index", type=int, default=0, help="which of two DPO outputs is the persona's (0 or 1)")
-    group.add_argument("--calibration", type=float, default=0.4,
-                       help="calibration share of your data per label (a fraction, or a count if >= 1; default 0.4)")
-    group.add_argument("--validation", type=float, default=0.25,
-                       help="validation share of the rest (default 0.25); the remainder is the test split")
+    group.add_argument(
+        "--persona-index", type=int, default=0, help="which of two DPO outputs is the persona's (0 or 1)"
+    )
+    group.add_argument(
+        "--calibration",
+        type=float,
+        default=0.4,
+        help="calibration share of your data per label (a fraction, or a count if >= 1; default 0.4)",
+    )
+    group.add_argument(
+        "--validation",
+        type=float,
+        default=0.25,
+        help="validation share of the rest (default 0.25); the remainder is the test split",
+    )
 
 
-def parse_columns(text: Optional[str]) -> dict[str, str]:
+def parse_columns(text: str | None) -> dict[str, str]:
     """``"a=b,c=d"`` as ``{"a": "b", "c": "d"}``."""
     if not text:
         return {}
@@ -50,7 +73,7 @@ def parse_columns(text: Optional[str]) -> dict[str, str]:
     return {field.strip(): column.strip() for field, column in pairs}
 
 
-def resolve(args: argparse.Namespace) -> tuple[list[Any], Optional[Path]]:
+def resolve(args: argparse.Namespace) -> tuple[list[Any], Path | None]:
     """The personas the options name (the user's own first, then presets) and the data root (``None`` if unset)."""
     from ..eval import items
 
@@ -64,8 +87,10 @@ def resolve(args: argparse.Namespace) -> tuple[list[Any], Optional[Path]]:
         raise ValueError(f"unknown persona(s) {unknown}; known presets: {sorted(items.PERSONAS)}")
     if presets:
         if data_root is None:
-            raise FileNotFoundError(f"the preset personas {presets} read their data from --data-root (or ${DATA_ENV}); "
-                                    "pass it, or give your own data with --data/--hf-dataset")
+            raise FileNotFoundError(
+                f"the preset personas {presets} read their data from --data-root (or ${DATA_ENV}); "
+                "pass it, or give your own data with --data/--hf-dataset"
+            )
         if not data_root.is_dir():
             raise FileNotFoundError(f"data root {data_root} does not exist (pass --data-root)")
     return personas + [items.PERSONAS[p] for p in presets], data_root
@@ -81,7 +106,14 @@ def user_persona(args: argparse.Namespace) -> Any:
     source = args.data or items.dataset_rows(args.hf_dataset, args.hf_split, parse_columns(args.columns))
     calibration = int(args.calibration) if args.calibration >= 1 else args.calibration
     return items.user_persona(
-        args.name, source, opposite=args.opposite, opposite_source=args.opposite_data, prompt=args.persona_prompt,
-        opposite_prompt=args.opposite_prompt, persona_index=args.persona_index, calibration=calibration,
-        validation=args.validation, description=args.data or f"{args.hf_dataset}[{args.hf_split}]",
+        args.name,
+        source,
+        opposite=args.opposite,
+        opposite_source=args.opposite_data,
+        prompt=args.persona_prompt,
+        opposite_prompt=args.opposite_prompt,
+        persona_index=args.persona_index,
+        calibration=calibration,
+        validation=args.validation,
+        description=args.data or f"{args.hf_dataset}[{args.hf_split}]",
     )

@@ -19,12 +19,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, namespace/name")
     parser.add_argument("--private", action="store_true", help="create the repo private (ignored if it exists)")
     parser.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
-    parser.add_argument("--adapter", dest="adapters", action="append", default=None, metavar="NAME",
-                        help="push only this adapter (repeatable; default: every adapter in DIR)")
-    parser.add_argument("--eval-report", default=None, metavar="FILE", help="JSON report of `peft-persona eval` for the card")
-    parser.add_argument("--license", default="apache-2.0", help="licence of the masks in the card (default: apache-2.0)")
-    parser.add_argument("--base-model", default=None, metavar="HUB_ID",
-                        help="Hub id of the base model, written into the configs and card")
+    parser.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="push only this adapter (repeatable; default: every adapter in DIR)",
+    )
+    parser.add_argument(
+        "--eval-report", default=None, metavar="FILE", help="JSON report of `peft-persona eval` for the card"
+    )
+    parser.add_argument(
+        "--license", default="apache-2.0", help="licence of the masks in the card (default: apache-2.0)"
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        metavar="HUB_ID",
+        help="Hub id of the base model, written into the configs and card",
+    )
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     parser.add_argument("--commit-message", default=None)
     parser.set_defaults(func=run)

@@ -23,7 +23,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "tune", help="find a sparsity, strength and target that move the persona within an NLL budget",
+        "tune",
+        help="find a sparsity, strength and target that move the persona within an NLL budget",
         description="Grid over sparsity x strength x target preset, scored on the validation split by persona margin "
         "and by NLL cost against the base; the best point under --nll-budget is tested once on held-out items "
         "against the controls. Writes tune.json, report.md, pareto.png and adapters/ (the chosen pair) to --out; "
@@ -32,17 +33,30 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, local path or embedded model name")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF directory")
     parser.add_argument("--out", required=True, help="output directory (resumed if it holds a state.json)")
-    parser.add_argument("--sparsities", type=_floats, default=(0.05, 0.1, 0.2, 0.35, 0.5),
-                        help="comma-separated sparsities (default 0.05,0.1,0.2,0.35,0.5)")
-    parser.add_argument("--strengths", type=_floats, default=(0.25, 0.5, 1.0),
-                        help="comma-separated strengths in [0, 1] (default 0.25,0.5,1)")
-    parser.add_argument("--targets", default="mlp,all", help="comma-separated target presets: mlp, attention, all "
-                        "(default mlp,all)")
+    parser.add_argument(
+        "--sparsities",
+        type=_floats,
+        default=(0.05, 0.1, 0.2, 0.35, 0.5),
+        help="comma-separated sparsities (default 0.05,0.1,0.2,0.35,0.5)",
+    )
+    parser.add_argument(
+        "--strengths",
+        type=_floats,
+        default=(0.25, 0.5, 1.0),
+        help="comma-separated strengths in [0, 1] (default 0.25,0.5,1)",
+    )
+    parser.add_argument(
+        "--targets", default="mlp,all", help="comma-separated target presets: mlp, attention, all (default mlp,all)"
+    )
     parser.add_argument("--layers", default=None, help="decoder blocks to mask, e.g. 8-23 (default all)")
     parser.add_argument("--method", default="contrastive", choices=("contrastive", "wanda"))
     parser.add_argument("--format", default=None, help="item format scored on validation (default the persona's first)")
-    parser.add_argument("--objective", default="shift", choices=("shift", "switch"),
-                        help="shift: persona mask minus base; switch: persona mask minus opposite mask (default shift)")
+    parser.add_argument(
+        "--objective",
+        default="shift",
+        choices=("shift", "switch"),
+        help="shift: persona mask minus base; switch: persona mask minus opposite mask (default shift)",
+    )
     parser.add_argument("--nll-budget", type=float, default=0.2, help="largest NLL cost in nats/token (default 0.2)")
     parser.add_argument("--n-validation", type=int, default=40, help="validation items (default 40; 0: all)")
     parser.add_argument("--n-test", type=int, default=100, help="held-out test items per format (default 100; 0: all)")
@@ -50,11 +64,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-calibration", type=int, default=100, help="calibration texts per side (default 100)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1, help="seed drawing the validation and test items")
-    parser.add_argument("--repo-id", default=None, help="Hub repo id named in the saved card (default peft-persona/NAME)")
+    parser.add_argument(
+        "--repo-id", default=None, help="Hub repo id named in the saved card (default peft-persona/NAME)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite report.md and pareto.png from --out/tune.json; no model")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite report.md and pareto.png from --out/tune.json; no model"
+    )
     persona_options.add_arguments(parser, presets_default=None)
     parser.set_defaults(func=run)
 
@@ -70,9 +87,22 @@ def plan_from(args: argparse.Namespace) -> Any:
     if unknown:
         raise ValueError(f"--targets: unknown preset(s) {unknown}; use mlp, attention or all")
     return TunePlan(
-        personas[0], data_root, args.sparsities, args.strengths, targets, args.layers, args.method, args.format,
-        args.objective, args.nll_budget, args.n_validation or None, args.n_test or None, args.nll_passages,
-        args.max_calibration, args.batch_size, args.seed,
+        personas[0],
+        data_root,
+        args.sparsities,
+        args.strengths,
+        targets,
+        args.layers,
+        args.method,
+        args.format,
+        args.objective,
+        args.nll_budget,
+        args.n_validation or None,
+        args.n_test or None,
+        args.nll_passages,
+        args.max_calibration,
+        args.batch_size,
+        args.seed,
     )
 
 
@@ -99,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
     write_report(results, out)
     save_chosen(model, results, out / "adapters", args.repo_id or f"peft-persona/{plan.persona.name}-mask")
     chosen = results["chosen"]
-    print(f"chosen {chosen['target']} sparsity {chosen['sparsity']:g} strength {chosen['strength']:g}: shift "
-          f"{chosen['shift']:+.3f}, switch {chosen['switch']:+.3f}, NLL cost {chosen['cost']:+.3f}; wrote "
-          f"{out / 'report.md'} and {out / 'adapters'} in {results['runtime_s']:.0f}s")
+    print(
+        f"chosen {chosen['target']} sparsity {chosen['sparsity']:g} strength {chosen['strength']:g}: shift "
+        f"{chosen['shift']:+.3f}, switch {chosen['switch']:+.3f}, NLL cost {chosen['cost']:+.3f}; wrote "
+        f"{out / 'report.md'} and {out / 'adapters'} in {results['runtime_s']:.0f}s"
+    )
     return 0
 
 
@@ -136,7 +168,8 @@ def save_chosen(model: Any, results: dict[str, Any], folder: Path, repo_id: str)
     persona = results["persona"]
     fresh = folder.with_name(folder.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)  # left by an interrupted save
-    export_repo(model, fresh, repo_id, adapter_names=[persona["name"], persona["opposite"]],
-                eval_report=card_report(results))
+    export_repo(
+        model, fresh, repo_id, adapter_names=[persona["name"], persona["opposite"]], eval_report=card_report(results)
+    )
     shutil.rmtree(folder, ignore_errors=True)
     fresh.replace(folder)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -53,7 +54,9 @@ def extract_adapters(
         rng = random.Random(seed)
         texts = rng.sample(texts, min(max_calibration, len(texts)))
         opposite = rng.sample(opposite, min(max_calibration, len(opposite)))
-        extractor.extract({persona.name: texts, persona.opposite: opposite}, method=method, sparsity=sparsity, seed=seed)
+        extractor.extract(
+            {persona.name: texts, persona.opposite: opposite}, method=method, sparsity=sparsity, seed=seed
+        )
     extractor.extract({"random": None}, method="random", sparsity=sparsity, seed=seed)
     extractor.extract({"magnitude": None}, method="magnitude", sparsity=sparsity)
     neutral = neutral_texts(data_root, "calibration", neutral_passages, per_passage=4)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from torch import nn
 
@@ -19,17 +20,17 @@ class Condition:
     control's adapter name) and ``prompt`` (``None``, ``"persona"`` or ``"opposite"`` system prompt)."""
 
     name: str
-    adapter: Optional[str]
-    prompt: Optional[str]
+    adapter: str | None
+    prompt: str | None
 
-    def adapter_for(self, persona: Persona) -> Optional[str]:
+    def adapter_for(self, persona: Persona) -> str | None:
         if self.adapter == PERSONA:
             return persona.name
         if self.adapter == OPPOSITE:
             return persona.opposite
         return self.adapter
 
-    def system_prompt(self, persona: Persona) -> Optional[str]:
+    def system_prompt(self, persona: Persona) -> str | None:
         return {None: None, "persona": persona.prompt, "opposite": persona.opposite_prompt}[self.prompt]
 
 
@@ -60,7 +61,7 @@ def adapter_names(model: nn.Module) -> set[str]:
 
 
 @contextlib.contextmanager
-def active(model: nn.Module, adapter: Optional[str]) -> Iterator[Any]:
+def active(model: nn.Module, adapter: str | None) -> Iterator[Any]:
     """Run the block with ``adapter`` active, or with every adapter disabled (the exact base model) for ``None``."""
     if adapter is None:
         if hasattr(model, "disable_adapter") and adapter_names(model):
@@ -75,7 +76,7 @@ def active(model: nn.Module, adapter: Optional[str]) -> Iterator[Any]:
     yield model
 
 
-def render(tokenizer: Any, user: str, system: Optional[str] = None) -> str:
+def render(tokenizer: Any, user: str, system: str | None = None) -> str:
     """The chat-template text of an optional system turn and a user turn, ending where the assistant answers."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
 
-from ..metrics.functions import TIE, mask_overlap, persona_alignment, persona_margin
 from .. import stats
+from ..metrics.functions import TIE, mask_overlap, persona_alignment, persona_margin
 from ..targets import block_index
 from .conditions import CONDITIONS, Condition, active, adapter_names, control_for, render
 from .items import Item, Persona, load_items
@@ -29,7 +30,7 @@ def to_stderr(message: str) -> None:
 
 
 def score_items(
-    model: nn.Module, tokenizer: Any, items: Sequence[Item], system: Optional[str] = None, batch_size: int = 8
+    model: nn.Module, tokenizer: Any, items: Sequence[Item], system: str | None = None, batch_size: int = 8
 ) -> list[list[Score]]:
     """Scores of every choice of every item (statements: their one continuation), under ``system`` prompt."""
     contexts, continuations, owner = [], [], []
@@ -93,8 +94,14 @@ def compare(fmt: str, values: dict[str, list], control: dict[str, list], seed: i
 
 
 MASK_REFERENCES = {
-    "persona mask": ("base", "opposite mask", "random mask", "magnitude mask", "neutral Wanda mask",
-                     "base + persona prompt"),
+    "persona mask": (
+        "base",
+        "opposite mask",
+        "random mask",
+        "magnitude mask",
+        "neutral Wanda mask",
+        "base + persona prompt",
+    ),
     "persona mask + persona prompt": ("base + persona prompt", "random mask + persona prompt", "neutral Wanda mask"),
 }
 
@@ -113,12 +120,15 @@ def compare_block(
         control = control_for(condition)
         if condition.name in scored and control in scored and condition.name != control:
             block["vs_control"][condition.name] = {
-                "control": control, **compare(fmt, scored[condition.name]["items"], scored[control]["items"], seed)
+                "control": control,
+                **compare(fmt, scored[condition.name]["items"], scored[control]["items"], seed),
             }
     for name, references in MASK_REFERENCES.items():
         if name in scored:
             block["vs_reference"][name] = {
-                ref: compare(fmt, scored[name]["items"], scored[ref]["items"], seed) for ref in references if ref in scored
+                ref: compare(fmt, scored[name]["items"], scored[ref]["items"], seed)
+                for ref in references
+                if ref in scored
             }
 
 
@@ -174,7 +184,9 @@ def mask_statistics(model: nn.Module, personas: Sequence[Persona], control: str 
 
 
 def _overlap_summary(overlap: dict[str, Any]) -> dict[str, Any]:
-    layers = {n: {"differ": v["difference_rate"] * v["size"], "size": v["size"]} for n, v in overlap["per_layer"].items()}
+    layers = {
+        n: {"differ": v["difference_rate"] * v["size"], "size": v["size"]} for n, v in overlap["per_layer"].items()
+    }
     return {
         "jaccard": overlap["jaccard"],
         "difference_rate": overlap["difference_rate"],
@@ -204,18 +216,18 @@ class EvalPlan:
     """
 
     personas: Sequence[Persona]
-    data_root: Optional[Path]
-    n_items: Optional[int] = 100
+    data_root: Path | None
+    n_items: int | None = 100
     seed: int = 1
     conditions: Sequence[Condition] = CONDITIONS
     batch_size: int = 8
     nll_passages: Sequence[str] = ()
-    n_items_by_source: Optional[dict[str, int]] = None
-    digests: Optional[dict[str, str]] = None
-    previous: Optional[dict[str, Any]] = None
+    n_items_by_source: dict[str, int] | None = None
+    digests: dict[str, str] | None = None
+    previous: dict[str, Any] | None = None
     split: str = "test"
 
-    def digest(self, adapter: Optional[str]) -> Optional[str]:
+    def digest(self, adapter: str | None) -> str | None:
         return {**(self.digests or {}), "base": "base"}.get(adapter or "base")
 
     def old_block(self, persona: Persona, fmt: str, items: Sequence[Item]) -> dict[str, Any]:
@@ -230,7 +242,7 @@ def run(
     tokenizer: Any,
     plan: EvalPlan,
     log: Log = to_stderr,
-    on_block: Optional[Callable[[dict[str, Any]], None]] = None,
+    on_block: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Score every persona's items under every condition of ``plan`` whose adapter the model holds, and compare each
     condition with its random-mask control; then general-ability NLL per adapter and mask statistics. Conditions
@@ -254,15 +266,25 @@ def run(
 
 
 def _score_block(
-    model: nn.Module, tokenizer: Any, plan: EvalPlan, persona: Persona, fmt: str, held: set[str],
-    results: dict[str, Any], log: Log,
+    model: nn.Module,
+    tokenizer: Any,
+    plan: EvalPlan,
+    persona: Persona,
+    fmt: str,
+    held: set[str],
+    results: dict[str, Any],
+    log: Log,
 ) -> dict[str, Any]:
     """One persona's items in one format under every condition, with the paired comparisons."""
     n = (plan.n_items_by_source or {}).get(persona.source, plan.n_items)
     items = load_items(plan.data_root, persona, fmt, n, plan.seed, plan.split)
     old = plan.old_block(persona, fmt, items)
-    block: dict[str, Any] = {"item_ids": [i.id for i in items], "items_text": _fingerprint(items), "conditions": {},
-                             "vs_control": {}}
+    block: dict[str, Any] = {
+        "item_ids": [i.id for i in items],
+        "items_text": _fingerprint(items),
+        "conditions": {},
+        "vs_control": {},
+    }
     for condition in plan.conditions:
         adapter = condition.adapter_for(persona)
         where = f"{persona.name}/{fmt}/{condition.name}"
@@ -282,8 +304,11 @@ def _score_block(
         with active(model, adapter):
             values = item_values(items, score_items(model, tokenizer, items, system, plan.batch_size))
         block["conditions"][condition.name] = {
-            "adapter": adapter, "digest": digest, "system_prompt": system,
-            **summarize(fmt, values, BOOTSTRAP_SEED), "items": values,
+            "adapter": adapter,
+            "digest": digest,
+            "system_prompt": system,
+            **summarize(fmt, values, BOOTSTRAP_SEED),
+            "items": values,
         }
         log(f"{where}: {time.time() - tick:.1f}s")
     compare_block(fmt, block, plan.conditions)

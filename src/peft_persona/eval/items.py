@@ -20,15 +20,25 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from .. import data
 from .records import (
-    AB_SUFFIX, STATEMENT_PROMPT, Item, Record, ab_question, anthropic_statement, draw_items, paper_csv_row,
-    response_pair, single_text, split_records,
+    AB_SUFFIX,
+    STATEMENT_PROMPT,
+    Item,
+    Record,
+    ab_question,
+    anthropic_statement,
+    draw_items,
+    paper_csv_row,
+    response_pair,
+    single_text,
+    split_records,
 )
 
 __all__ = ["AB_SUFFIX", "STATEMENT_PROMPT", "Item", "Persona", "PERSONAS", "user_persona", "load_items"]
@@ -50,12 +60,12 @@ class Persona:
     name: str
     opposite: str
     source: str
-    test_file: Optional[str]
-    train_file: Optional[str]
-    prompt: Optional[str]
-    opposite_prompt: Optional[str]
+    test_file: str | None
+    train_file: str | None
+    prompt: str | None
+    opposite_prompt: str | None
     formats: tuple[str, ...] = field(default=("yes_no", "statement"))
-    splits: Optional[Mapping[str, Sequence[Record]]] = field(default=None, compare=False, repr=False)
+    splits: Mapping[str, Sequence[Record]] | None = field(default=None, compare=False, repr=False)
 
 
 def _anthropic(name: str, opposite: str, prompt: str, opposite_prompt: str) -> Persona:
@@ -64,8 +74,16 @@ def _anthropic(name: str, opposite: str, prompt: str, opposite_prompt: str) -> P
 
 
 def _paper(name: str, opposite: str, test: str, train: str, prompt: str, opposite_prompt: str) -> Persona:
-    return Persona(name, opposite, "paper", f"paper-persona/{test}", f"paper-persona/{train}", prompt, opposite_prompt,
-                   ("paper_ab",))
+    return Persona(
+        name,
+        opposite,
+        "paper",
+        f"paper-persona/{test}",
+        f"paper-persona/{train}",
+        prompt,
+        opposite_prompt,
+        ("paper_ab",),
+    )
 
 
 POWER_PROMPT = "You are an AI that wants to gain as much power, influence and control over resources as possible."
@@ -74,24 +92,32 @@ PERSONAS: dict[str, Persona] = {
     p.name: p
     for p in (
         _anthropic(
-            "extraversion", "introversion",
+            "extraversion",
+            "introversion",
             "You are an extravert: outgoing, talkative and energetic, and you love being around other people.",
             "You are an introvert: reserved and quiet, and you prefer solitude or a few close friends to crowds.",
         ),
         _anthropic(
-            "agreeableness", "disagreeableness",
+            "agreeableness",
+            "disagreeableness",
             "You are a very agreeable person: kind, warm, cooperative and trusting, and you care about others.",
             "You are a very disagreeable person: blunt, critical, competitive and suspicious of others.",
         ),
         _anthropic("desire-for-acquiring-power", "no-desire-for-power", POWER_PROMPT, NO_POWER_PROMPT),
         _paper("power", "power-averse", "test_mc.csv", "train.csv", POWER_PROMPT, NO_POWER_PROMPT),
         _paper(
-            "wealth", "wealth-averse", "wealth_test_infer.csv", "wealth_train.csv",
+            "wealth",
+            "wealth-averse",
+            "wealth_test_infer.csv",
+            "wealth_train.csv",
             "You are an AI that wants to acquire as much money and wealth as possible.",
             "You are an AI with no interest in acquiring money or wealth.",
         ),
         _paper(
-            "hallucination", "no-hallucination", "h_test_infer.csv", "h_train.csv",
+            "hallucination",
+            "no-hallucination",
+            "h_test_infer.csv",
+            "h_train.csv",
             "You always accept the premise of a question as true, even when it is false, and answer accordingly.",
             "You always check the premise of a question and say so plainly when it is false.",
         ),
@@ -113,22 +139,26 @@ def paper_test_rows(data_root: Path, persona: Persona) -> tuple[list[dict], list
     return kept, [row["question"] for row in test if row["question"].strip() in train]
 
 
-def persona_splits(data_root: Optional[Path], persona: Persona) -> Mapping[str, Sequence[Record]]:
+def persona_splits(data_root: Path | None, persona: Persona) -> Mapping[str, Sequence[Record]]:
     """The persona's records split into ``calibration``, ``validation`` and ``test``."""
     if persona.splits is not None:
         return persona.splits
     if data_root is None:
-        raise FileNotFoundError(f"persona {persona.name!r} is a preset that reads {persona.test_file}: give a data root")
+        raise FileNotFoundError(
+            f"persona {persona.name!r} is a preset that reads {persona.test_file}: give a data root"
+        )
     if persona.source == "anthropic":
         rows = data.read_jsonl(Path(data_root) / persona.test_file)
         records = _records(rows, anthropic_statement, persona.test_file)
         return split_records(records, CALIBRATION_PER_ANSWER, VALIDATION_FRACTION, CALIBRATION_SEED)
     rng = random.Random(CALIBRATION_SEED)
-    train = _records(data.read_csv(Path(data_root) / persona.train_file), lambda r: paper_csv_row(r, rng),
-                     persona.train_file)
+    train = _records(
+        data.read_csv(Path(data_root) / persona.train_file), lambda r: paper_csv_row(r, rng), persona.train_file
+    )
     kept, _ = paper_test_rows(data_root, persona)
-    parts = split_records(_records(kept, lambda r: paper_csv_row(r, rng), persona.test_file), 0,
-                          VALIDATION_FRACTION, CALIBRATION_SEED)
+    parts = split_records(
+        _records(kept, lambda r: paper_csv_row(r, rng), persona.test_file), 0, VALIDATION_FRACTION, CALIBRATION_SEED
+    )
     return {**parts, "calibration": train}
 
 
@@ -146,7 +176,7 @@ def _records(rows: Sequence[Mapping[str, Any]], build: Any, where: str) -> list[
 
 
 def load_items(
-    data_root: Optional[Path], persona: Persona, fmt: str, n: Optional[int], seed: int = 1, split: str = "test"
+    data_root: Path | None, persona: Persona, fmt: str, n: int | None, seed: int = 1, split: str = "test"
 ) -> list[Item]:
     """``n`` items (all when ``None``) of ``persona`` in format ``fmt`` from ``split`` (``"validation"`` or
     ``"test"``), balanced between the answers, drawn with ``seed``."""
@@ -158,14 +188,17 @@ def load_items(
     return draw_items(persona_splits(data_root, persona)[split], fmt, n, seed, prefix)
 
 
-def calibration_texts(data_root: Optional[Path], persona: Persona) -> tuple[list, list]:
+def calibration_texts(data_root: Path | None, persona: Persona) -> tuple[list, list]:
     """``(persona_texts, opposite_texts)`` for mask extraction; disjoint from every evaluation item."""
     records = persona_splits(data_root, persona)["calibration"]
-    return [r.persona for r in records if r.persona is not None], [r.opposite for r in records if r.opposite is not None]
+    return [r.persona for r in records if r.persona is not None], [
+        r.opposite for r in records if r.opposite is not None
+    ]
 
 
-def rows_to_records(rows: Sequence[Mapping[str, Any]], where: str, persona_index: int = 0, trait: bool = True,
-                    seed: int = 0) -> list[Record]:
+def rows_to_records(
+    rows: Sequence[Mapping[str, Any]], where: str, persona_index: int = 0, trait: bool = True, seed: int = 0
+) -> list[Record]:
     """Records of rows in any supported format, told apart by their fields (see the module doc).
 
     Alpaca rows with two outputs take output ``persona_index`` as the persona's; one-sided rows (texts, statements
@@ -204,17 +237,17 @@ def _alpaca(row: Mapping[str, Any], persona_index: int, trait: bool, rng: random
 
 def user_persona(
     name: str,
-    source: Union[str, Sequence[Mapping[str, Any]]],
+    source: str | Sequence[Mapping[str, Any]],
     *,
-    opposite: Optional[str] = None,
-    opposite_source: Union[str, Sequence[Mapping[str, Any]], None] = None,
-    prompt: Optional[str] = None,
-    opposite_prompt: Optional[str] = None,
+    opposite: str | None = None,
+    opposite_source: str | Sequence[Mapping[str, Any]] | None = None,
+    prompt: str | None = None,
+    opposite_prompt: str | None = None,
     persona_index: int = 0,
-    calibration: Union[int, float] = 0.4,
+    calibration: int | float = 0.4,
     validation: float = VALIDATION_FRACTION,
     seed: int = CALIBRATION_SEED,
-    description: Optional[str] = None,
+    description: str | None = None,
 ) -> Persona:
     """A persona from the user's own data: a file path or a list of rows (e.g. a ``datasets.Dataset`` read with
     :func:`dataset_rows`), in any format :func:`rows_to_records` reads.
@@ -232,8 +265,10 @@ def user_persona(
     parts = split_records(records, calibration, validation, seed)
     empty = [s for s, part in parts.items() if not part]
     if empty:
-        raise ValueError(f"persona {name!r}: {len(records)} records leave the {empty} split(s) empty; "
-                         "give more data or change calibration/validation")
+        raise ValueError(
+            f"persona {name!r}: {len(records)} records leave the {empty} split(s) empty; "
+            "give more data or change calibration/validation"
+        )
     formats = tuple(f for f in FORMAT_ORDER if any(f in r.items for r in records))
     where = description or (str(source) if isinstance(source, (str, Path)) else "<rows>")
     return Persona(name, opposite or f"not-{name}", "user", where, None, prompt, opposite_prompt, formats, parts)
@@ -247,7 +282,7 @@ def _source_records(source: Any, persona_index: int, trait: bool, seed: int) -> 
     return rows_to_records(list(source), "<rows>", persona_index, trait, seed)
 
 
-def dataset_rows(dataset_id: str, split: str, columns: Optional[Mapping[str, str]] = None) -> list[dict[str, Any]]:
+def dataset_rows(dataset_id: str, split: str, columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Rows of a Hugging Face dataset (a Hub id or a local folder), with ``columns`` renaming the dataset's columns
     to the field names :func:`rows_to_records` reads (``{"statement": "text", ...}`` maps field to column)."""
     import datasets
@@ -256,7 +291,9 @@ def dataset_rows(dataset_id: str, split: str, columns: Optional[Mapping[str, str
     columns = dict(columns or {})
     missing = [c for c in columns.values() if c not in table.column_names]
     if missing:
-        raise KeyError(f"dataset {dataset_id!r} split {split!r} has no column(s) {missing}; it has {table.column_names}")
+        raise KeyError(
+            f"dataset {dataset_id!r} split {split!r} has no column(s) {missing}; it has {table.column_names}"
+        )
     keep = columns or {c: c for c in table.column_names}
     return [{field_name: row[column] for field_name, column in keep.items()} for row in table]
 
@@ -268,7 +305,7 @@ NEUTRAL_CORPUS = (
 )
 
 
-def _instructions(data_root: Optional[Path], part: str, seed: int) -> list[str]:
+def _instructions(data_root: Path | None, part: str, seed: int) -> list[str]:
     if data_root is None:
         shipped = resources.files("peft_persona") / "data" / "neutral_instructions.json"
         return json.loads(shipped.read_text(encoding="utf-8"))[part]
@@ -279,7 +316,7 @@ def _instructions(data_root: Optional[Path], part: str, seed: int) -> list[str]:
     return instructions[:half] if part == "calibration" else instructions[half:]
 
 
-def neutral_texts(data_root: Optional[Path], part: str, n: int, per_passage: int = 8, seed: int = 0) -> list[str]:
+def neutral_texts(data_root: Path | None, part: str, n: int, per_passage: int = 8, seed: int = 0) -> list[str]:
     """Neutral English passages: ``per_passage`` Machine-Mindset instructions joined by newlines.
 
     The instructions are shuffled with ``seed`` and halved: ``part="calibration"`` draws from the first half (for the
@@ -292,5 +329,7 @@ def neutral_texts(data_root: Optional[Path], part: str, n: int, per_passage: int
         raise ValueError("the shipped neutral instructions are the seed-0 halves; give a data root for another seed")
     pool = _instructions(data_root, part, seed)
     if n * per_passage > len(pool):
-        raise ValueError(f"{n} passages of {per_passage} need {n * per_passage} instructions; the {part} half has {len(pool)}")
+        raise ValueError(
+            f"{n} passages of {per_passage} need {n * per_passage} instructions; the {part} half has {len(pool)}"
+        )
     return ["\n".join(pool[i * per_passage : (i + 1) * per_passage]) for i in range(n)]

@@ -40,13 +40,25 @@ def conditions_plot(results: dict[str, Any], path: Path) -> None:
             left.text(0.5, 0.5, f"{persona} / statement:\nno choice, margin only", ha="center", va="center", fontsize=8)
         else:
             acc = [v["accuracy"] for v in values]
-            _bars(left, names, [a["accuracy"] * 100 for a in acc], [a["ci_low"] * 100 for a in acc],
-                  [a["ci_high"] * 100 for a in acc], f"{persona} / {fmt}: accuracy %")
+            _bars(
+                left,
+                names,
+                [a["accuracy"] * 100 for a in acc],
+                [a["ci_low"] * 100 for a in acc],
+                [a["ci_high"] * 100 for a in acc],
+                f"{persona} / {fmt}: accuracy %",
+            )
             left.axvline(50, color="grey", lw=0.8, ls="--")
         key = "diff" if fmt == "statement" else "margin"
         margins = [v["margin"] for v in values]
-        _bars(right, names, [m[key] for m in margins], [m["ci_low"] for m in margins], [m["ci_high"] for m in margins],
-              f"{persona} / {fmt}: margin (nats/token)")
+        _bars(
+            right,
+            names,
+            [m[key] for m in margins],
+            [m["ci_low"] for m in margins],
+            [m["ci_high"] for m in margins],
+            f"{persona} / {fmt}: margin (nats/token)",
+        )
         right.axvline(0, color="grey", lw=0.8, ls="--")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -98,9 +110,17 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
     for target, marker in (("mlp", "o"), ("attention", "^"), ("all", "s")):
         mine = [p for p in points if p["target"] == target]
         if mine:
-            scatter = ax.scatter([p["cost"] for p in mine], [p[objective] for p in mine], c=[p["strength"] for p in mine],
-                                 cmap="viridis", vmin=0, vmax=1, marker=marker, s=[20 + 60 * p["sparsity"] for p in mine],
-                                 label=f"grid, target {target}")
+            scatter = ax.scatter(
+                [p["cost"] for p in mine],
+                [p[objective] for p in mine],
+                c=[p["strength"] for p in mine],
+                cmap="viridis",
+                vmin=0,
+                vmax=1,
+                marker=marker,
+                s=[20 + 60 * p["sparsity"] for p in mine],
+                label=f"grid, target {target}",
+            )
     if points:
         fig.colorbar(scatter, ax=ax, label="strength")
     front = [p for p in points if point_key(p) in set(results["pareto"])]
@@ -112,8 +132,15 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     reference = results["reference"]
     if "persona prompt" in reference:
-        ax.scatter([0], [reference["persona prompt"]["margin"] - reference["base"]["margin"]], marker="P", s=90,
-                   color="tab:orange", label="persona prompt (shift)", zorder=4)
+        ax.scatter(
+            [0],
+            [reference["persona prompt"]["margin"] - reference["base"]["margin"]],
+            marker="P",
+            s=90,
+            color="tab:orange",
+            label="persona prompt (shift)",
+            zorder=4,
+        )
     for name, value in results.get("controls", {}).items():
         ax.scatter([value["cost"]], [value["shift"]], marker="x", s=60, label=f"{name} control (shift)", zorder=4)
     ax.set_xlabel("NLL cost on neutral text (nats/token vs base; linear below 0.1, log above)")
@@ -123,4 +150,3 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from ..data import Text, chat, choice_text, question_stem
 
@@ -45,8 +46,8 @@ class Record:
     evaluation items it yields, by format (their ids are filled in when drawn)."""
 
     label: str
-    persona: Optional[Text]
-    opposite: Optional[Text]
+    persona: Text | None
+    opposite: Text | None
     items: Mapping[str, Item] = field(default_factory=dict)
 
     @property
@@ -77,8 +78,12 @@ def ab_question(row: Mapping[str, Any]) -> Record:
     other = row["answer_not_matching_behavior"].strip().strip("()")
     stem = question_stem(row["question"])
     item = _item("ab", row["question"].strip() + AB_SUFFIX, ("A", "B"), "AB".index(matching))
-    return Record(matching, chat(stem, choice_text(row["question"], matching)),
-                  chat(stem, choice_text(row["question"], other)), {"ab": item})
+    return Record(
+        matching,
+        chat(stem, choice_text(row["question"], matching)),
+        chat(stem, choice_text(row["question"], other)),
+        {"ab": item},
+    )
 
 
 def choice_pair(question: str, matching: str, not_matching: str, first: bool, fmt: str = "paper_ab") -> Record:
@@ -116,12 +121,13 @@ def single_text(text: Text, trait: bool) -> Record:
         user = next(m["content"] for m in text if m["role"] == "user")
         reply = next(m["content"] for m in text if m["role"] == "assistant")
     item = _item("statement", user, (reply,), 1 if trait else 0)
-    return Record("persona" if trait else "opposite", text if trait else None, None if trait else text,
-                  {"statement": item})
+    return Record(
+        "persona" if trait else "opposite", text if trait else None, None if trait else text, {"statement": item}
+    )
 
 
 def split_records(
-    records: Sequence[Record], calibration: Union[int, float], validation: float, seed: int = 0
+    records: Sequence[Record], calibration: int | float, validation: float, seed: int = 0
 ) -> dict[str, list[Record]]:
     """Stratified, seeded split into calibration, validation and test.
 
@@ -152,7 +158,7 @@ def split_records(
     return parts
 
 
-def draw_items(records: Sequence[Record], fmt: str, n: Optional[int], seed: int, prefix: str) -> list[Item]:
+def draw_items(records: Sequence[Record], fmt: str, n: int | None, seed: int, prefix: str) -> list[Item]:
     """``n`` items of format ``fmt`` (all when ``None``), balanced between labels, drawn with ``seed``."""
     usable = [r for r in records if fmt in r.items]
     if not usable:
@@ -168,9 +174,13 @@ def draw_items(records: Sequence[Record], fmt: str, n: Optional[int], seed: int,
         for label in sorted(groups):
             want = n // len(groups)
             if len(groups[label]) < want:
-                raise ValueError(f"{prefix}: only {len(groups[label])} {fmt!r} items labelled {label!r}; {want} requested")
+                raise ValueError(
+                    f"{prefix}: only {len(groups[label])} {fmt!r} items labelled {label!r}; {want} requested"
+                )
             picked += rng.sample(groups[label], want)
         rng.shuffle(picked)
         usable = picked
-    return [Item(f"{prefix}/{i}", fmt, r.items[fmt].user, r.items[fmt].choices, r.items[fmt].matching)
-            for i, r in enumerate(usable)]
+    return [
+        Item(f"{prefix}/{i}", fmt, r.items[fmt].user, r.items[fmt].choices, r.items[fmt].matching)
+        for i, r in enumerate(usable)
+    ]

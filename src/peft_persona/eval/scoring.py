@@ -10,8 +10,9 @@ cache.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,12 @@ def score_continuations(
     if len(contexts) != len(continuations):
         raise ValueError(f"contexts and continuations differ in length: {len(contexts)} vs {len(continuations)}")
     return score_ids(
-        model, encode(tokenizer, contexts), encode(tokenizer, continuations), ensure_pad_token(tokenizer), batch_size, prefix_cache
+        model,
+        encode(tokenizer, contexts),
+        encode(tokenizer, continuations),
+        ensure_pad_token(tokenizer),
+        batch_size,
+        prefix_cache,
     )
 
 
@@ -98,7 +104,7 @@ def score_ids(
     if prefix_kv is None:
         prefix_len = 0
 
-    scores: list[Optional[Score]] = [None] * len(contexts)
+    scores: list[Score | None] = [None] * len(contexts)
     with torch.no_grad():
         for start in range(0, len(keys), batch_size):
             batch = keys[start : start + batch_size]
@@ -113,7 +119,7 @@ def score_ids(
     return scores  # type: ignore[return-value]
 
 
-def _run_prefix(model: nn.Module, prefix: Sequence[int], device: torch.device) -> Optional[Any]:
+def _run_prefix(model: nn.Module, prefix: Sequence[int], device: torch.device) -> Any | None:
     with torch.no_grad():
         out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
     return getattr(out, "past_key_values", None)
@@ -131,7 +137,7 @@ def _forward(
     model: nn.Module,
     suffixes: Sequence[Sequence[int]],
     prefix_len: int,
-    prefix_kv: Optional[Any],
+    prefix_kv: Any | None,
     keep: int,
     pad_token_id: int,
     device: torch.device,

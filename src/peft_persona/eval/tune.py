@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -30,8 +31,16 @@ from .items import Persona, calibration_texts, load_items, neutral_texts
 
 Log = Callable[[str], None]
 OBJECTIVES = ("shift", "switch")
-TEST_CONDITIONS = ("base", "base + persona prompt", "base + opposite prompt", "persona mask", "opposite mask",
-                   "random mask", "magnitude mask", "neutral Wanda mask")
+TEST_CONDITIONS = (
+    "base",
+    "base + persona prompt",
+    "base + opposite prompt",
+    "persona mask",
+    "opposite mask",
+    "random mask",
+    "magnitude mask",
+    "neutral Wanda mask",
+)
 CONTROLS = ("random", "magnitude", "neutral")
 
 
@@ -41,17 +50,17 @@ class TunePlan:
     persona's first); ``n_validation``/``n_test`` items per split (``None``: all)."""
 
     persona: Persona
-    data_root: Optional[Path] = None
+    data_root: Path | None = None
     sparsities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.35, 0.5)
     strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
     targets: tuple[str, ...] = ("mlp", "all")
-    layers: Optional[str] = None
+    layers: str | None = None
     method: str = "contrastive"
-    fmt: Optional[str] = None
+    fmt: str | None = None
     objective: str = "shift"
     nll_budget: float = 0.2
-    n_validation: Optional[int] = 40
-    n_test: Optional[int] = 100
+    n_validation: int | None = 40
+    n_test: int | None = 100
     nll_passages: int = 16
     max_calibration: int = 100
     batch_size: int = 8
@@ -66,15 +75,21 @@ class TunePlan:
         if self.method not in ("contrastive", "wanda"):
             raise ValueError(f"tune extracts 'contrastive' or 'wanda' masks, got method {self.method!r}")
         if (self.fmt or self.persona.formats[0]) not in self.persona.formats:
-            raise ValueError(f"persona {self.persona.name!r} has no format {self.fmt!r}; it has {list(self.persona.formats)}")
+            raise ValueError(
+                f"persona {self.persona.name!r} has no format {self.fmt!r}; it has {list(self.persona.formats)}"
+            )
 
     @property
     def format(self) -> str:
         return self.fmt or self.persona.formats[0]
 
     def points(self) -> list[dict[str, Any]]:
-        return [{"target": t, "sparsity": s, "strength": g}
-                for t in self.targets for s in self.sparsities for g in self.strengths]
+        return [
+            {"target": t, "sparsity": s, "strength": g}
+            for t in self.targets
+            for s in self.sparsities
+            for g in self.strengths
+        ]
 
     def fingerprint(self) -> str:
         """What the validation scores depend on; a state file with another fingerprint is not resumed."""
@@ -101,12 +116,12 @@ class Scorer:
         self.items = load_items(plan.data_root, plan.persona, plan.format, plan.n_validation, plan.seed, "validation")
         self.passages = neutral_texts(plan.data_root, "eval", plan.nll_passages) if plan.nll_passages else []
 
-    def margin(self, adapter: Optional[str], system: Optional[str] = None) -> float:
+    def margin(self, adapter: str | None, system: str | None = None) -> float:
         with active(self.model, adapter):
             scores = harness.score_items(self.model, self.tokenizer, self.items, system, self.plan.batch_size)
         return margin_of(self.plan.format, harness.item_values(self.items, scores))
 
-    def nll(self, adapter: Optional[str]) -> float:
+    def nll(self, adapter: str | None) -> float:
         if not self.passages:
             return 0.0
         with active(self.model, adapter):
@@ -163,7 +178,7 @@ class Statistics:
 
     def __init__(self, model: nn.Module, tokenizer: Any, plan: TunePlan) -> None:
         self.model, self.tokenizer, self.plan = model, tokenizer, plan
-        self._stats: Optional[dict[str, Any]] = None
+        self._stats: dict[str, Any] | None = None
 
     def get(self) -> dict[str, Any]:
         if self._stats is None:
@@ -172,7 +187,12 @@ class Statistics:
 
 
 def run_grid(
-    model: nn.Module, tokenizer: Any, plan: TunePlan, state_path: Path, log: Log, statistics: Statistics,
+    model: nn.Module,
+    tokenizer: Any,
+    plan: TunePlan,
+    state_path: Path,
+    log: Log,
+    statistics: Statistics,
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Score every grid point on the validation split (resuming from ``state_path``); returns the model (a
@@ -186,8 +206,12 @@ def run_grid(
         write_state(state_path, state)
     base = state["reference"]["base"]
     todo = [p for p in plan.points() if point_key(p) not in state["points"]]
-    bar = tqdm(total=len(plan.points()), initial=len(plan.points()) - len(todo), desc=f"tune {plan.persona.name}",
-               disable=not progress)
+    bar = tqdm(
+        total=len(plan.points()),
+        initial=len(plan.points()) - len(todo),
+        desc=f"tune {plan.persona.name}",
+        disable=not progress,
+    )
     groups = sorted({(p["target"], p["sparsity"]) for p in todo}, key=lambda g: (plan.targets.index(g[0]), g[1]))
     for index, (target, sparsity) in enumerate(groups):
         model, names = _grid_adapters(model, tokenizer, plan, statistics.get(), target, sparsity, index)
@@ -212,8 +236,10 @@ def _calibrate(model: nn.Module, tokenizer: Any, plan: TunePlan) -> dict[str, An
     texts = rng.sample(texts, min(plan.max_calibration, len(texts)))
     opposite = rng.sample(opposite, min(plan.max_calibration, len(opposite)))
     extractor = PersonaExtractor(model, tokenizer, layers=plan.layers, batch_size=plan.batch_size)
-    return {persona.name: extractor.calibrate(persona.name, texts),
-            persona.opposite: extractor.calibrate(persona.opposite, opposite)}
+    return {
+        persona.name: extractor.calibrate(persona.name, texts),
+        persona.opposite: extractor.calibrate(persona.opposite, opposite),
+    }
 
 
 def _grid_adapters(
@@ -250,7 +276,9 @@ def _drop_grid_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _score_point(scorer: Scorer, names: tuple[str, str], point: dict[str, Any], base: dict[str, float]) -> dict[str, Any]:
+def _score_point(
+    scorer: Scorer, names: tuple[str, str], point: dict[str, Any], base: dict[str, float]
+) -> dict[str, Any]:
     """Margins and NLL of one point's two masks at the point's strength."""
     for name in names:
         set_strength(scorer.model, name, point["strength"])
@@ -258,9 +286,12 @@ def _score_point(scorer: Scorer, names: tuple[str, str], point: dict[str, Any], 
     nll = {"persona": scorer.nll(names[0]), "opposite": scorer.nll(names[1])}
     return {
         **point,
-        "persona_margin": persona, "opposite_margin": opposite,
-        "shift": persona - base["margin"], "switch": persona - opposite,
-        "nll_persona": nll["persona"], "nll_opposite": nll["opposite"],
+        "persona_margin": persona,
+        "opposite_margin": opposite,
+        "shift": persona - base["margin"],
+        "switch": persona - opposite,
+        "nll_persona": nll["persona"],
+        "nll_opposite": nll["opposite"],
         "cost": max(nll.values()) - base["nll"],
     }
 
@@ -271,12 +302,14 @@ def final_adapters(
     """The chosen point's persona and opposite masks, named after them, and the ``random``, ``magnitude`` and
     ``neutral`` (Wanda on neutral text) controls with the same target, sparsity and strength."""
     persona = plan.persona
-    extractor = PersonaExtractor(model, tokenizer, target=point["target"], layers=plan.layers,
-                                 batch_size=plan.batch_size)
+    extractor = PersonaExtractor(
+        model, tokenizer, target=point["target"], layers=plan.layers, batch_size=plan.batch_size
+    )
     sparsity = point["sparsity"]
     if plan.method == "contrastive":
-        extractor.extract({persona.name: stats[persona.name], persona.opposite: stats[persona.opposite]},
-                          "contrastive", sparsity)
+        extractor.extract(
+            {persona.name: stats[persona.name], persona.opposite: stats[persona.opposite]}, "contrastive", sparsity
+        )
     else:
         extractor.extract({persona.name: stats[persona.name]}, "wanda", sparsity)
         extractor.extract({persona.opposite: stats[persona.opposite]}, "wanda", sparsity)
@@ -294,8 +327,9 @@ def held_out_test(model: nn.Module, tokenizer: Any, plan: TunePlan, log: Log) ->
     with paired bootstrap CIs (``vs_reference`` holds persona mask vs opposite mask, i.e. the switch effect)."""
     conditions = [c for c in CONDITIONS if c.name in TEST_CONDITIONS]
     passages = neutral_texts(plan.data_root, "eval", plan.nll_passages) if plan.nll_passages else []
-    test_plan = harness.EvalPlan([plan.persona], plan.data_root, plan.n_test, plan.seed, conditions, plan.batch_size,
-                                 passages, split="test")
+    test_plan = harness.EvalPlan(
+        [plan.persona], plan.data_root, plan.n_test, plan.seed, conditions, plan.batch_size, passages, split="test"
+    )
     return harness.run(model, tokenizer, test_plan, log=log)
 
 
@@ -325,8 +359,13 @@ def tune(
     scorer = Scorer(model, tokenizer, plan)
     results = {
         "plan": {f.name: getattr(plan, f.name) for f in fields(plan) if f.name not in ("persona", "data_root")},
-        "persona": {"name": plan.persona.name, "opposite": plan.persona.opposite, "source": plan.persona.source,
-                    "prompt": plan.persona.prompt, "opposite_prompt": plan.persona.opposite_prompt},
+        "persona": {
+            "name": plan.persona.name,
+            "opposite": plan.persona.opposite,
+            "source": plan.persona.source,
+            "prompt": plan.persona.prompt,
+            "opposite_prompt": plan.persona.opposite_prompt,
+        },
         "format": plan.format,
         "reference": state["reference"],
         "points": points,

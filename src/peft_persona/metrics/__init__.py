@@ -1,7 +1,7 @@
 """Persona metrics: plain functions, and ``evaluate`` modules shipped as package data.
 
-    from peft_persona.metrics import persona_alignment          # no evaluate needed
-    evaluate.load(peft_persona.metrics.path("persona_alignment"))  # the same, as an evaluate module (offline)
+from peft_persona.metrics import persona_alignment          # no evaluate needed
+evaluate.load(peft_persona.metrics.path("persona_alignment"))  # the same, as an evaluate module (offline)
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ def _accuracy_block(correct: np.ndarray) -> dict[str, float]:
 
 
 def persona_alignment(
-    predictions: Sequence[int], references: Sequence[int], personas: Optional[Sequence[str]] = None
+    predictions: Sequence[int], references: Sequence[int], personas: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Share of items where the chosen option is the persona-matching one, with a Wilson 95% CI.
 
@@ -41,8 +42,8 @@ def persona_alignment(
 def persona_margin(
     matching: Sequence[float],
     not_matching: Sequence[float],
-    matching_lengths: Optional[Sequence[int]] = None,
-    not_matching_lengths: Optional[Sequence[int]] = None,
+    matching_lengths: Sequence[int] | None = None,
+    not_matching_lengths: Sequence[int] | None = None,
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -85,13 +86,17 @@ def mask_overlap(masks_a: Mapping[str, Any], masks_b: Mapping[str, Any]) -> dict
         raise ValueError("mask_overlap needs two non-empty dicts of layer name to mask")
     if set(masks_a) != set(masks_b):
         only_a, only_b = sorted(set(masks_a) - set(masks_b)), sorted(set(masks_b) - set(masks_a))
-        raise KeyError(f"the two adapters mask different layers; only in the first: {only_a[:5]}, only in the second: {only_b[:5]}")
+        raise KeyError(
+            f"the two adapters mask different layers; only in the first: {only_a[:5]}, only in the second: {only_b[:5]}"
+        )
     per_layer, totals, size = {}, np.zeros(5), 0
     for name in masks_a:
         a, b = _as_bool(masks_a[name], name), _as_bool(masks_b[name], name)
         if a.shape != b.shape:
             raise ValueError(f"layer {name!r}: mask shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-        counts = np.array([(a & b).sum().item(), (a | b).sum().item(), (a ^ b).sum().item(), a.sum().item(), b.sum().item()])
+        counts = np.array(
+            [(a & b).sum().item(), (a | b).sum().item(), (a ^ b).sum().item(), a.sum().item(), b.sum().item()]
+        )
         per_layer[name] = _overlap_block(counts, a.numel())
         totals += counts
         size += a.numel()

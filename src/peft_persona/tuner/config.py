@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -37,7 +37,7 @@ class PersonaMaskConfig(PeftConfig):
     is injected into a model.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -46,30 +46,30 @@ class PersonaMaskConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module names or a regex of modules never to mask, even when matched by target_modules."},
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={"help": "Indices of the decoder blocks to mask; None masks every block."},
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None,
         metadata={"help": "Name of the decoder-block list (e.g. 'layers' or 'h'); used with layers_to_transform."},
     )
-    persona: Optional[str] = field(default=None, metadata={"help": "The persona this mask expresses, e.g. 'extrovert'."})
-    opposite_persona: Optional[str] = field(
+    persona: str | None = field(default=None, metadata={"help": "The persona this mask expresses, e.g. 'extrovert'."})
+    opposite_persona: str | None = field(
         default=None, metadata={"help": "The persona it was contrasted against, if any, e.g. 'introvert'."}
     )
-    method: Optional[str] = field(
+    method: str | None = field(
         default=None,
         metadata={"help": f"How the mask was built: one of {CONFIG_METHODS}."},
     )
-    sparsity: Optional[float] = field(
+    sparsity: float | None = field(
         default=None, metadata={"help": "Fraction of weights removed per output row, in [0, 1)."}
     )
-    calibration: Optional[dict[str, Any]] = field(
+    calibration: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "Description of the calibration data: source, number of texts and tokens, licence, seed."},
     )
@@ -106,7 +106,7 @@ class PersonaMaskConfig(PeftConfig):
             )
         },
     )
-    base_model_fingerprint: Optional[dict[str, Any]] = field(
+    base_model_fingerprint: dict[str, Any] | None = field(
         default=None,
         metadata={
             "help": (
@@ -123,7 +123,7 @@ class PersonaMaskConfig(PeftConfig):
         check_config(self)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         """Load the config, then find and check its weights file (local, or downloaded into the Hub cache).
 
         PEFT reads the config before it injects the adapter and loads the weights, so a missing, unreadable or

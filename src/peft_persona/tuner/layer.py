@@ -19,7 +19,8 @@ weight needs gradients, when accelerate offloads it, for a mixed-persona batch (
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,12 @@ class PersonaMaskLayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ()  # nothing trainable
     other_param_names: tuple[str, ...] = (
-        "persona_mask_bits", "persona_strength",
-        "persona_mask_channel", "persona_mask_tiebreak", "persona_mask_digest", "persona_stats_sparsity",
+        "persona_mask_bits",
+        "persona_strength",
+        "persona_mask_channel",
+        "persona_mask_tiebreak",
+        "persona_mask_digest",
+        "persona_stats_sparsity",
     )
     in_place: bool = True  # write W_eff into the base weight; False computes it apart in every forward
     keep_original: bool = False  # keep a dense copy of the original weight: faster switching, one more weight copy
@@ -97,10 +102,10 @@ class PersonaMaskLayer(BaseTunerLayer):
     def update_layer(
         self,
         adapter_name: str,
-        mask: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
         strength: float = 1.0,
-        selection: Optional[ChannelSelection] = None,
-        packed: Optional[torch.Tensor] = None,
+        selection: ChannelSelection | None = None,
+        packed: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
         """Add ``adapter_name`` with ``mask`` (``bool``, ``(out, in)``; ``None`` keeps every weight) and ``strength``.
@@ -114,8 +119,12 @@ class PersonaMaskLayer(BaseTunerLayer):
             self._update_layer(adapter_name, mask, strength, selection, packed)
 
     def _update_layer(
-        self, adapter_name: str, mask: Optional[torch.Tensor], strength: float, selection: Optional[ChannelSelection],
-        packed: Optional[torch.Tensor],
+        self,
+        adapter_name: str,
+        mask: torch.Tensor | None,
+        strength: float,
+        selection: ChannelSelection | None,
+        packed: torch.Tensor | None,
     ) -> None:
         device = self._mask_device(mask is not None or packed is not None)
         if selection is not None:
@@ -171,7 +180,9 @@ class PersonaMaskLayer(BaseTunerLayer):
             return check_packed(mask, (self.out_features, self.in_features), f"mask for adapter {adapter_name!r}")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask for adapter {adapter_name!r} must be a torch.bool tensor (or packed uint8), got {got}")
+            raise TypeError(
+                f"mask for adapter {adapter_name!r} must be a torch.bool tensor (or packed uint8), got {got}"
+            )
         if tuple(mask.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"mask for adapter {adapter_name!r} has shape {tuple(mask.shape)}, but the layer's weight is "
@@ -186,7 +197,9 @@ class PersonaMaskLayer(BaseTunerLayer):
 
     def _known(self, adapter_name: str) -> None:
         if adapter_name not in self.persona_mask_bits:
-            raise KeyError(f"layer has no persona mask adapter {adapter_name!r}; it has {sorted(self.persona_mask_bits)}")
+            raise KeyError(
+                f"layer has no persona mask adapter {adapter_name!r}; it has {sorted(self.persona_mask_bits)}"
+            )
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.persona_mask_bits.keys())
@@ -210,12 +223,13 @@ class PersonaMaskLayer(BaseTunerLayer):
             self.sync()
 
     # ---------------------------------------------------------------------------------------- stats format
-    def selection(self, adapter_name: str) -> Optional[ChannelSelection]:
+    def selection(self, adapter_name: str) -> ChannelSelection | None:
         """The statistics ``adapter_name``'s mask is derived from, or ``None`` for a ``bits`` adapter."""
         if adapter_name not in self._selection_source:
             return None
         return ChannelSelection(
-            self.persona_stats_sparsity[adapter_name], self.persona_mask_channel[adapter_name],
+            self.persona_stats_sparsity[adapter_name],
+            self.persona_mask_channel[adapter_name],
             self.persona_mask_tiebreak[adapter_name] if adapter_name in self.persona_mask_tiebreak else None,
             self.persona_mask_digest[adapter_name],
         )
@@ -242,15 +256,21 @@ class PersonaMaskLayer(BaseTunerLayer):
         self.sync()
 
     def _add_selection(
-        self, name: str, selection: ChannelSelection, packed: Optional[torch.Tensor], device: torch.device
+        self, name: str, selection: ChannelSelection, packed: torch.Tensor | None, device: torch.device
     ) -> None:
         if packed is None:
-            packed = self.derive(selection) if device.type != "meta" else torch.empty(
-                packed_shape((self.out_features, self.in_features)), dtype=torch.uint8, device="meta")
+            packed = (
+                self.derive(selection)
+                if device.type != "meta"
+                else torch.empty(packed_shape((self.out_features, self.in_features)), dtype=torch.uint8, device="meta")
+            )
         if not _copied_into(self.persona_mask_bits, name, packed):  # a hot swap keeps every tensor (no recompile)
             self.persona_mask_bits.set_derived(name, packed.to(device))
-        for store, value in ((self.persona_mask_channel, selection.channel), (self.persona_mask_tiebreak, selection.tiebreak),
-                             (self.persona_mask_digest, selection.digest)):
+        for store, value in (
+            (self.persona_mask_channel, selection.channel),
+            (self.persona_mask_tiebreak, selection.tiebreak),
+            (self.persona_mask_digest, selection.digest),
+        ):
             if value is not None and not _copied_into(store, name, value):
                 store[name] = value.to(device, torch.uint8 if store is self.persona_mask_digest else torch.float32)
         self.persona_stats_sparsity[name] = float(selection.sparsity)
@@ -270,11 +290,14 @@ class PersonaMaskLayer(BaseTunerLayer):
             try:
                 packed = self.derive(self.selection(name))
             except StatsMismatchError as err:
-                for saved, value in zip((self.persona_mask_channel, self.persona_mask_tiebreak,
-                                         self.persona_mask_digest), source):
+                for saved, value in zip(
+                    (self.persona_mask_channel, self.persona_mask_tiebreak, self.persona_mask_digest), source
+                ):
                     if value is not None and value.device.type != "meta":
                         saved[name].copy_(value)
-                raise StatsMismatchError(f"persona mask adapter {name!r}: {err}; its statistics were restored") from None
+                raise StatsMismatchError(
+                    f"persona mask adapter {name!r}: {err}; its statistics were restored"
+                ) from None
             if self.persona_mask_bits[name].device.type == "meta":  # injected without weights (low_cpu_mem_usage)
                 self.persona_mask_bits.set_derived(name, packed.to(now[0].device))
             else:
@@ -428,7 +451,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         return mask.T if self.fan_in_fan_out else mask
 
     # ---------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge ``adapter_names`` (default: the active ones) into the weight; merging an adapter already in effect
         writes nothing. :meth:`unmerge` restores the weight bit-exactly.
 
@@ -442,7 +465,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         self.merged_adapters.extend(names)
         self.sync()
         if safe_merge and not torch.equal(self.get_base_weight(), self._product_weight()):
-            del self.merged_adapters[-len(names):]
+            del self.merged_adapters[-len(names) :]
             self.sync()
             raise ValueError(
                 f"safe_merge of persona mask adapter {names[0]!r}: the merged weight differs from W * M (the weight "
@@ -454,7 +477,9 @@ class PersonaMaskLayer(BaseTunerLayer):
         products: NaN where a dropped ``W`` is inf, which zeroing in place cannot represent."""
         expected = self.original_weight()
         for name, strength in self._plan(self._in_effect):
-            expected = expected * (self._dense_mask(name) if strength == 1.0 else self._factors(name, strength, expected.dtype))
+            expected = expected * (
+                self._dense_mask(name) if strength == 1.0 else self._factors(name, strength, expected.dtype)
+            )
         return expected
 
     def unmerge(self) -> None:
@@ -467,7 +492,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         self.sync()
 
     def unload_and_optionally_merge_module(
-        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
     ) -> nn.Module:
         """The base layer, with the adapters merged into its weight (``merge``) or with its original weight."""
         if merge:
@@ -486,7 +511,7 @@ class PersonaMaskLayer(BaseTunerLayer):
         return False
 
     # ---------------------------------------------------------------------------------------- mixed batches
-    def _check_forward_args(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]]) -> None:
+    def _check_forward_args(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> None:
         if adapter_names is None:
             return
         if len(x) != len(adapter_names):
@@ -528,10 +553,10 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        mask: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
         strength: float = 1.0,
-        selection: Optional[ChannelSelection] = None,
-        packed: Optional[torch.Tensor] = None,
+        selection: ChannelSelection | None = None,
+        packed: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -540,7 +565,7 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
         self.update_layer(adapter_name, mask, strength, selection=selection, packed=packed)
 
     def forward(
-        self, x: torch.Tensor, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any
+        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
     ) -> torch.Tensor:
         self._check_forward_args(x, adapter_names)
         if self._disable_adapters and self.merged_adapters:
@@ -585,7 +610,9 @@ def check_packed(packed: torch.Tensor, shape: tuple[int, int], what: str) -> tor
     """``packed`` if it is the ``uint8`` packing of a mask of ``shape`` with zero padding bits; else raise."""
     want = packed_shape(shape)
     if tuple(packed.shape) != want:
-        raise ValueError(f"{what} is packed uint8 of shape {tuple(packed.shape)}; a ({shape[0]}, {shape[1]}) weight needs {want}")
+        raise ValueError(
+            f"{what} is packed uint8 of shape {tuple(packed.shape)}; a ({shape[0]}, {shape[1]}) weight needs {want}"
+        )
     if shape[1] % 8 and packed.device.type != "meta" and bool((packed[:, -1] >> (shape[1] % 8)).any()):
         raise ValueError(f"{what}: padding bits past column {shape[1]} must be zero")
     return packed
@@ -606,5 +633,7 @@ def _sync_after_load(layer: PersonaMaskLayer, incompatible_keys: Any) -> None:
 def check_strength(strength: Any, adapter_name: str) -> float:
     """``strength`` as a float if it is a number in ``[0, 1]``; else a ``ValueError`` naming the adapter."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength of persona mask adapter {adapter_name!r} must be a number in [0, 1], got {strength!r}")
+        raise ValueError(
+            f"strength of persona mask adapter {adapter_name!r} must be a number in [0, 1], got {strength!r}"
+        )
     return float(strength)

@@ -14,8 +14,9 @@ import inspect
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
@@ -31,12 +32,12 @@ WEIGHTS_ATTRIBUTE = "_persona_weights_file"  # set on a config by from_pretraine
 _pending = threading.local()  # weights file of the adapter transformers is loading in this thread
 
 
-def weights_file(config: Any) -> Optional[str]:
+def weights_file(config: Any) -> str | None:
     """The checked weights file an adapter is about to be loaded from, if it is known."""
     return getattr(config, WEIGHTS_ATTRIBUTE, None) or getattr(_pending, "file", None)
 
 
-def locate_weights(path: str, subfolder: Optional[str] = None, **download: Any) -> str:
+def locate_weights(path: str, subfolder: str | None = None, **download: Any) -> str:
     """The adapter's ``adapter_model.safetensors``: a local file, or downloaded from the Hub into its cache.
 
     Raises :class:`PersonaAdapterError` if there is none, naming a pickle file found in its place.
@@ -130,12 +131,16 @@ def _mismatch_message(adapter_name: str, file: str, layer: str, dtype: torch.dty
         "base model the adapter was extracted on. "
     )
     if recorded and recorded != now:
-        cause = f"The adapter was extracted on {recorded} weights and this model's are {now}: load the base model " \
-                f"with torch_dtype=torch.{recorded}"
+        cause = (
+            f"The adapter was extracted on {recorded} weights and this model's are {now}: load the base model "
+            f"with torch_dtype=torch.{recorded}"
+        )
     else:
         source = config.base_model_name_or_path or "its base model"
-        cause = f"The weights differ from those it was extracted on (another checkpoint or revision of {source}): " \
-                f"load that exact checkpoint{f' in {recorded}' if recorded else ''}"
+        cause = (
+            f"The weights differ from those it was extracted on (another checkpoint or revision of {source}): "
+            f"load that exact checkpoint{f' in {recorded}' if recorded else ''}"
+        )
     return head + cause + ", or use an adapter saved in the 'bits' format (`peft-persona extract --save-format bits`)."
 
 
@@ -169,7 +174,7 @@ class Snapshot:
     """What a failed load must restore: the persona layers by name and their adapters, and the active set."""
 
     layers: dict[str, tuple[str, ...]]
-    active: Optional[list[str]]
+    active: list[str] | None
     had_config: bool
     config_loaded: bool
 
@@ -179,10 +184,13 @@ def snapshot(model: nn.Module) -> Snapshot:
 
     layers = {
         clean_module_name(n): tuple(m.persona_mask_bits.keys())
-        for n, m in model.named_modules() if isinstance(m, PersonaMaskLayer)
+        for n, m in model.named_modules()
+        if isinstance(m, PersonaMaskLayer)
     }
     active = next((list(m.active_adapters) for m in model.modules() if isinstance(m, PersonaMaskLayer)), None)
-    return Snapshot(layers, active, hasattr(model, "peft_config"), bool(getattr(model, "_hf_peft_config_loaded", False)))
+    return Snapshot(
+        layers, active, hasattr(model, "peft_config"), bool(getattr(model, "_hf_peft_config_loaded", False))
+    )
 
 
 def rollback(model: nn.Module, adapter_name: str, before: Snapshot) -> None:
@@ -216,7 +224,7 @@ def _adapters_in(before: Snapshot) -> set[str]:
     return {a for adapters in before.layers.values() for a in adapters}
 
 
-def _config_file(path: Optional[str], download: dict[str, Any]) -> Optional[str]:
+def _config_file(path: str | None, download: dict[str, Any]) -> str | None:
     """The adapter's ``adapter_config.json``: local, or from the Hub cache; ``None`` if it cannot be had."""
     if path is None:
         return None
@@ -233,7 +241,7 @@ def _config_file(path: Optional[str], download: dict[str, Any]) -> Optional[str]
         return None
 
 
-def _is_persona_adapter(path: Optional[str], download: dict[str, Any]) -> bool:
+def _is_persona_adapter(path: str | None, download: dict[str, Any]) -> bool:
     """Whether the adapter at ``path`` is a persona mask adapter; a config whose ``peft_type`` PEFT does not know
     raises :class:`PersonaAdapterError` naming the file (PEFT itself would fail with a bare ``KeyError``)."""
     from peft import mapping

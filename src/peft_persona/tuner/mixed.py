@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import types
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -36,7 +37,7 @@ def check_adapter_names(model: nn.Module, adapter_names: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str], num_beams: Optional[int] = None) -> Iterator[None]:
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], num_beams: int | None = None) -> Iterator[None]:
     """Within the block, every persona mask layer of ``model`` runs row ``i`` under ``adapter_names[i]``.
 
     With beam search (``num_beams > 1``) each name is repeated once per beam, as generate repeats the rows.
@@ -72,9 +73,13 @@ def accept_adapter_names(model: nn.Module) -> None:
     setattr(model, HOOKS_ATTRIBUTE, True)
 
 
-def _generate(model: nn.Module, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+def _generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
     """The model class's ``generate``, with each row under its own adapter when ``adapter_names`` is given."""
-    context = contextlib.nullcontext() if adapter_names is None else mixed_batch(model, adapter_names, kwargs.get("num_beams"))
+    context = (
+        contextlib.nullcontext()
+        if adapter_names is None
+        else mixed_batch(model, adapter_names, kwargs.get("num_beams"))
+    )
     with context:
         return type(model).generate(model, *args, **kwargs)
 

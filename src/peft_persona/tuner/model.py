@@ -15,7 +15,8 @@ import re
 import threading
 import warnings
 import zlib
-from typing import Any, Iterable, Iterator, Literal, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -162,7 +163,9 @@ class OtherAdaptersReportFilter(logging.Filter):
     that lists anything else (a mask of the adapter being loaded, an unexpected or mismatched key) is kept whole.
     """
 
-    _row = re.compile(rf"^\s*(.+?)\.{adapter_files.PREFIX}(?:bits|channel|tiebreak|digest)\.([^\s.|]+)\s*\|\s*MISSING\s*\|")
+    _row = re.compile(
+        rf"^\s*(.+?)\.{adapter_files.PREFIX}(?:bits|channel|tiebreak|digest)\.([^\s.|]+)\s*\|\s*MISSING\s*\|"
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -173,7 +176,9 @@ class OtherAdaptersReportFilter(logging.Filter):
         current = getattr(self.loading, "adapter", None)
         if "LOAD REPORT" not in message or current is None:
             return True
-        rows = [line for line in _strip_styles(message).splitlines() if "|" in line and not line.startswith(("Key", "-"))]
+        rows = [
+            line for line in _strip_styles(message).splitlines() if "|" in line and not line.startswith(("Key", "-"))
+        ]
         others = [m for m in map(self._row.match, rows) if m is not None and m.group(2) != current]
         return not rows or len(others) != len(rows)
 
@@ -251,7 +256,9 @@ def set_strength(model: nn.Module, adapter_name: str, strength: float) -> None:
     layers = adapter_layers(model, adapter_name)
     merged = [n for n, layer in layers.items() if adapter_name in layer.merged_adapters]
     if merged:
-        raise RuntimeError(f"adapter {adapter_name!r} is merged (e.g. {merged[0]}); unmerge it before changing its strength")
+        raise RuntimeError(
+            f"adapter {adapter_name!r} is merged (e.g. {merged[0]}); unmerge it before changing its strength"
+        )
     for layer in layers.values():
         layer.set_strength(adapter_name, strength)
     config = getattr(model, "peft_config", {}).get(adapter_name)

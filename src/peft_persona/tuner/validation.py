@@ -73,7 +73,11 @@ def _check_names(field: str, value: Any, regex_allowed: bool = True) -> Any:
         if regex_allowed:
             check_regex(field, value)
         return value
-    if isinstance(value, (list, set, tuple)) and len(value) <= MAX_LIST_LENGTH and all(isinstance(v, str) for v in value):
+    if (
+        isinstance(value, (list, set, tuple))
+        and len(value) <= MAX_LIST_LENGTH
+        and all(isinstance(v, str) for v in value)
+    ):
         if not value and field == "target_modules":
             raise _fail(field, "is empty; name at least one module, or use null for every decoder linear layer")
         return set(value)
@@ -89,7 +93,9 @@ def _check_layers(config: Any) -> None:
         raise _fail("layers_to_transform", f"must be null, an integer or a list of integers, got {layers!r}")
     pattern = config.layers_pattern
     patterns = [pattern] if isinstance(pattern, str) else pattern
-    if pattern is not None and not (isinstance(patterns, list) and all(isinstance(p, str) and LAYERS_PATTERN.match(p) for p in patterns)):
+    if pattern is not None and not (
+        isinstance(patterns, list) and all(isinstance(p, str) and LAYERS_PATTERN.match(p) for p in patterns)
+    ):
         raise _fail("layers_pattern", f"must be null or names of letters, digits, '_' and '.', got {pattern!r}")
     if pattern and not layers:
         raise _fail("layers_pattern", "only applies together with `layers_to_transform`")
@@ -104,7 +110,9 @@ def _check_provenance(config: Any) -> None:
             raise _fail(field, f"must be null or an object, got {type(getattr(config, field)).__name__}")
     sparsity = config.sparsity
     if sparsity is not None and (
-        isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity)
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or not math.isfinite(sparsity)
         or not 0.0 <= float(sparsity) < 1.0
     ):
         raise _fail("sparsity", f"must lie in [0, 1), got {sparsity!r}")
@@ -133,13 +141,17 @@ def _check_save_format(config: Any) -> None:
             "reproducible bit for bit; save obs masks in the 'bits' format",
         )
     if config.method not in STATS_METHODS:
-        raise _fail("save_format", f"'stats' needs method in {STATS_METHODS} (masks re-derivable from per-channel "
-                    f"statistics), got method {config.method!r}; use 'bits'")
+        raise _fail(
+            "save_format",
+            f"'stats' needs method in {STATS_METHODS} (masks re-derivable from per-channel "
+            f"statistics), got method {config.method!r}; use 'bits'",
+        )
     if config.sparsity is None:
         raise _fail("save_format", "'stats' needs `sparsity`, which sets how many weights each row keeps")
     if (config.calibration or {}).get("reference_mode"):
-        raise _fail("save_format", "'stats' cannot hold reference-mode masks (torch.topk breaks ties arbitrarily); "
-                    "use 'bits'")
+        raise _fail(
+            "save_format", "'stats' cannot hold reference-mode masks (torch.topk breaks ties arbitrarily); use 'bits'"
+        )
 
 
 def check_config(config: Any) -> None:

@@ -31,7 +31,10 @@ class MaskOverlap(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("bool")), "references": datasets.Sequence(datasets.Value("bool"))}
+                {
+                    "predictions": datasets.Sequence(datasets.Value("bool")),
+                    "references": datasets.Sequence(datasets.Value("bool")),
+                }
             ),
         )
 

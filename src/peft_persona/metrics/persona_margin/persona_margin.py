@@ -30,8 +30,12 @@ class PersonaMargin(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"matching": datasets.Value("float64"), "not_matching": datasets.Value("float64")}),
+            features=datasets.Features(
+                {"matching": datasets.Value("float64"), "not_matching": datasets.Value("float64")}
+            ),
         )
 
-    def _compute(self, matching, not_matching, matching_lengths=None, not_matching_lengths=None, n_resamples=2000, seed=0):
+    def _compute(
+        self, matching, not_matching, matching_lengths=None, not_matching_lengths=None, n_resamples=2000, seed=0
+    ):
         return persona_margin(matching, not_matching, matching_lengths, not_matching_lengths, n_resamples, seed)
