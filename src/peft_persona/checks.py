@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+
 def is_number(value: Any) -> bool:
     """Whether ``value`` is a finite real number (``bool`` is not a number here)."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
