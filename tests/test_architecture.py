@@ -60,6 +60,7 @@ RANKS: dict[str, int] = {
     "eval.records": 7,
     "eval.tune": 7,
     "eval.tune_report": 7,
+    "eval.steering": 7,
     "commands": 8,
     "commands.extract": 8,
     "commands.eval": 8,
