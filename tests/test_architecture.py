@@ -61,6 +61,7 @@ RANKS: dict[str, int] = {
     "eval.tune": 7,
     "eval.tune_report": 7,
     "eval.steering": 7,
+    "eval.balance": 7,
     "commands": 8,
     "commands.extract": 8,
     "commands.eval": 8,
