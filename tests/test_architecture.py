@@ -62,6 +62,7 @@ RANKS: dict[str, int] = {
     "eval.tune_report": 7,
     "eval.steering": 7,
     "eval.balance": 7,
+    "eval.finetune": 7,
     "commands": 8,
     "commands.extract": 8,
     "commands.eval": 8,

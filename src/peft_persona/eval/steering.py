@@ -54,7 +54,8 @@ class SteeringVector:
             handle.remove()
 
 
-def _token_ids(tokenizer: Any, text: Text, max_length: int) -> list[int]:
+def token_ids(tokenizer: Any, text: Text, max_length: int) -> list[int]:
+    """Token ids of a string, or of chat messages rendered with the tokenizer's chat template."""
     if not isinstance(text, str):
         text = tokenizer.apply_chat_template(list(text), tokenize=False)
         return tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
@@ -72,7 +73,7 @@ def last_token_residuals(
     max_length: int = 256,
 ) -> dict[int, torch.Tensor]:
     """Per block in ``layers``: the ``(len(texts), hidden)`` float32 outputs at each text's last real token."""
-    encoded = [ids for ids in (_token_ids(tokenizer, t, max_length) for t in texts) if ids]
+    encoded = [ids for ids in (token_ids(tokenizer, t, max_length) for t in texts) if ids]
     if not encoded:
         raise ValueError("no text produced any token")
     device = model.get_input_embeddings().weight.device
