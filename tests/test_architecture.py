@@ -63,6 +63,8 @@ RANKS: dict[str, int] = {
     "eval.steering": 7,
     "eval.balance": 7,
     "eval.finetune": 7,
+    "eval.compare": 7,
+    "eval.arms": 7,
     "commands": 8,
     "commands.extract": 8,
     "commands.eval": 8,

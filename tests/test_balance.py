@@ -49,3 +49,15 @@ def test_a_missing_half_leaves_the_balanced_scores_undefined():
 def test_different_items_are_refused():
     with pytest.raises(ValueError, match="same items"):
         half_shifts(values([1.0], [0]), values([1.0], [1]))
+
+
+def test_balanced_mean_cancels_an_answer_bias_and_brackets_its_estimate():
+    from peft_persona.eval.balance import balanced_mean
+
+    bias = [2.0 if m == 0 else -2.0 for m in MATCHING]  # +2 on the three "Yes" items, -2 on the five "No" items
+    assert balanced_mean(bias, MATCHING)["mean"] == pytest.approx(0.0)
+    shift = [0.3 + 0.1 * i for i in range(8)]
+    result = balanced_mean(shift, MATCHING)
+    assert result["mean"] == pytest.approx((sum(shift[:3]) / 3 + sum(shift[3:]) / 5) / 2)
+    assert result["ci_low"] <= result["mean"] <= result["ci_high"]
+    assert balanced_mean([1.0, 3.0], [1, 1])["mean"] == 2.0

@@ -13,9 +13,10 @@ def test_lora_learns_the_texts_and_leaves_the_base_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     texts = word_texts(4, 6, min_len=6)
     budget = LoraBudget(rank=4, steps=40, batch_size=3, learning_rate=1e-2)
-    tuned, losses = train_lora(model, tokenizer, texts, ["q_proj", "v_proj", "up_proj", "down_proj"], budget)
+    lora, losses = train_lora(model, tokenizer, texts, ["q_proj", "v_proj", "up_proj", "down_proj"], budget)
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    tuned = lora.merge_and_unload()
     assert not any("lora" in name for name, _ in tuned.named_modules())
     assert set(tuned.state_dict()) == set(before)
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]

@@ -65,3 +65,19 @@ def half_shifts(
     result["balanced_accuracy_shift"] = mine["balanced_accuracy"] - theirs["balanced_accuracy"] if both else None
     result["moves_both"] = all(result[h] is not None and result[h]["diff"] > 0 for h in HALVES)
     return result
+
+
+def balanced_mean(values: Sequence[float], matching: Sequence[int], seed: int = 0, n_resamples: int = 2000) -> dict:
+    """The mean of the two halves' means of per-item ``values``, with a bootstrap 95% CI resampled within each half.
+
+    With both halves present an answer bias that adds the same amount to one half and takes it from the other
+    cancels; with one half only, this is that half's mean.
+    """
+    values = np.asarray(values, float)
+    parts = [values[index] for index in _half_indices(matching).values() if index.size]
+    if not parts:
+        raise ValueError("balanced_mean needs at least one item")
+    rng = np.random.default_rng(seed)
+    draws = np.mean([p[rng.integers(0, p.size, size=(n_resamples, p.size))].mean(axis=1) for p in parts], axis=0)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"mean": float(np.mean([p.mean() for p in parts])), "ci_low": float(low), "ci_high": float(high)}

@@ -2,7 +2,7 @@
 
 This is what a user would try instead of a mask (the paper's SFT row): PEFT's own LoRA, rank 16 by default, on the
 same linear layers the masks target, trained with the causal-LM loss on every real token of the same texts the
-masks were calibrated on, then merged. Training is seeded and runs on the model's device.
+masks were calibrated on. Training is seeded and runs on the model's device.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def train_lora(
     target_modules: Sequence[str],
     budget: LoraBudget = LoraBudget(),
 ) -> tuple[nn.Module, list[float]]:
-    """A merged copy of ``base_model`` fine-tuned with LoRA on ``texts``, and the training loss of every step.
+    """A copy of ``base_model`` with a LoRA fine-tuned on ``texts`` (a ``PeftModel``; ``merge_and_unload()`` gives a
+    plain model), and the training loss of every step.
 
     ``base_model`` (a plain transformers model) is left unchanged; ``target_modules`` are module names or suffixes,
     as PEFT's ``LoraConfig`` takes them.
@@ -76,4 +77,4 @@ def train_lora(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    return model.merge_and_unload().eval(), losses
+    return model.eval(), losses

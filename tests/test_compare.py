@@ -1,0 +1,111 @@
+"""The method comparison: every arm's grid scored on validation, its best point within the NLL budget scored on
+test, resumable; the scores are the ones a direct computation gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DATA_ROOT, chat_tokenizer, tiny_llama
+from peft_persona.eval import compare, harness
+from peft_persona.eval.arms import RECIPES, CaaArm, Host, LoraArm, MaskArm, PromptArm, Statistics
+from peft_persona.eval.finetune import LoraBudget
+from peft_persona.eval.items import PERSONAS, calibration_texts, neutral_texts
+
+
+def test_choose_takes_the_best_switch_within_the_budget_else_the_cheapest():
+    points = [{"switch": 0.9, "cost": 0.5}, {"switch": 0.3, "cost": 0.1}, {"switch": 0.2, "cost": 0.0}]
+    assert compare.choose(points, 0.2) == ({"switch": 0.3, "cost": 0.1}, True)
+    assert compare.choose(points, -1.0) == ({"switch": 0.2, "cost": 0.0}, False)
+
+
+def test_difference_balances_two_choice_items_and_groups_statements():
+    a = {"margin": [1.0, 1.0, 1.0, -1.0], "matching": [0, 0, 0, 1]}
+    b = {"margin": [0.0, 0.0, 0.0, 0.0], "matching": [0, 0, 0, 1]}
+    assert compare.difference("yes_no", a, b)["mean"] == pytest.approx(0.0)  # +1 on one half, -1 on the other
+    s = {"logprob": [-1.0, -2.0, -3.0, -4.0], "trait": [True, True, False, False]}
+    t = {"logprob": [-1.0, -1.0, -1.0, -1.0], "trait": [True, True, False, False]}
+    assert compare.difference("statement", s, t)["mean"] == pytest.approx(-1.5 - (-3.5))
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    model, tokenizer = tiny_llama(0), chat_tokenizer()
+    persona = PERSONAS["extraversion"]
+    trait, opposite = calibration_texts(DATA_ROOT, persona)
+    texts = {"persona": trait[:6], "opposite": opposite[:6], "neutral": neutral_texts(DATA_ROOT, "calibration", 4, 2)}
+    data = compare.splits(persona, DATA_ROOT, n_validation=6, n_test=6, n_passages=2, seed=1)
+    return model, tokenizer, persona, texts, data, tmp_path_factory.mktemp("compare")
+
+
+def arms_of(host, persona, texts, folder):
+    statistics = Statistics(host, texts, layers=None, batch_size=4)
+    grid = {"targets": ("mlp",), "sparsities": (0.1, 0.5), "strengths": (1.0,)}
+    return [
+        PromptArm(host, persona),
+        CaaArm(host, texts, layers=[1], coefficients=[0.0, 2.0]),
+        MaskArm(host, RECIPES["contrastive"], statistics, persona, grid),
+        MaskArm(host, RECIPES["versus-neutral"], statistics, persona, grid),
+        LoraArm(host, texts, ["q_proj", "down_proj"], folder / "lora", lambda: tiny_llama(0), LoraBudget(steps=2)),
+    ]
+
+
+def test_every_arm_is_scored_chosen_and_tested_and_a_rerun_resumes(setting, monkeypatch):
+    model, tokenizer, persona, texts, data, folder = setting
+    host = Host(model, tokenizer)
+    state = compare.State(folder / "state.json", "fingerprint")
+    budget = compare.Budget(nll_budget=0.2, batch_size=4)
+    result = compare.run_arms(
+        arms_of(host, persona, texts, folder),
+        host.side(),
+        tokenizer,
+        data,
+        state,
+        budget,
+        log=lambda _: None,
+        progress=False,
+    )
+    assert set(result["test"]) == {"prompt", "caa", "mask:contrastive", "mask:versus-neutral", "lora"}
+    assert len(result["validation"]) == 1 + 2 + 2 + 2 + 1
+    for arm, tested in result["test"].items():
+        scored = [v for v in result["validation"].values() if v["arm"] == arm]
+        assert tested["validation"] == compare.choose(scored, 0.2)[0]
+        assert set(tested["formats"]) == set(persona.formats)
+    assert "vs neutral Wanda" in result["test"]["mask:contrastive"]["formats"]["yes_no"]
+    assert result["validation"]["caa/layer=1/coefficient=0"]["switch"] == 0.0  # adding nothing moves nothing
+    assert result["test"]["prompt"]["cost"] == 0.0 and result["test"]["lora"]["bytes"] > 0
+    assert not [
+        n for n in getattr(host.model, "peft_config", {}) if n.startswith("cmp-")
+    ]  # every arm released its adapters
+
+    calls = []
+    monkeypatch.setattr(compare, "measure", lambda *a, **k: calls.append(a) or pytest.fail("rescored"))
+    again = compare.run_arms(
+        arms_of(host, persona, texts, folder),
+        host.side(),
+        tokenizer,
+        data,
+        compare.State(folder / "state.json", "fingerprint"),
+        budget,
+        progress=False,
+    )
+    assert again == result and not calls
+
+
+def test_the_prompt_arm_scores_what_the_harness_scores_with_the_prompt(setting):
+    model, tokenizer, persona, _, data, _ = setting
+    host = Host(model, tokenizer)
+    persona_side, _ = PromptArm(host, persona).point({}).sides()
+    measured = compare.measure(persona_side, tokenizer, data[0], batch_size=4)
+    items = data[0].items["yes_no"]
+    direct = harness.item_values(items, harness.score_items(model, tokenizer, items, persona.prompt, 4))
+    assert measured["values"]["yes_no"] == direct
+    with torch.no_grad():
+        plain = harness.general_nll(model, tokenizer, data[0].passages, 4)["corpus_nll"]
+    assert measured["nll"] == plain
+
+
+def test_a_state_from_other_settings_is_refused(tmp_path):
+    compare.State(tmp_path / "s.json", "one").save()
+    with pytest.raises(ValueError, match="other settings"):
+        compare.State(tmp_path / "s.json", "two")
