@@ -91,6 +91,15 @@ def measure(side: Side, tokenizer: Any, split: Split, batch_size: int) -> dict[s
     return {"values": values, "nll": nll}
 
 
+def measure_pair(point: Point, tokenizer: Any, split: Split, batch_size: int) -> dict[str, dict[str, Any]]:
+    """Both sides of a point, measured."""
+    persona, opposite = point.sides()
+    return {
+        "persona": measure(persona, tokenizer, split, batch_size),
+        "opposite": measure(opposite, tokenizer, split, batch_size),
+    }
+
+
 def _per_item(fmt: str, values: dict[str, list]) -> tuple[np.ndarray, list[int]]:
     """The per-item persona margin of a format and the labels it is balanced or grouped over."""
     if fmt == "statement":
@@ -198,43 +207,42 @@ def run_arms(
     from tqdm.auto import tqdm
 
     validation, test = data
-    fmt = next(iter(validation.items))
     for phase, split in (("validation", validation), ("test", test)):
         if phase not in state.data["base"]:
             state.data["base"][phase] = measure(base, tokenizer, split, budget.batch_size)
             state.save()
     for arm in arms:
         bar = tqdm(desc=arm.name, unit="point", disable=not progress)
+        keys = []
         for point in arm.points():
+            keys.append(point.key)
             if point.key not in state.data["validation"]:
-                persona, opposite = point.sides()
-                measured = {
-                    s: measure(side, tokenizer, validation, budget.batch_size)
-                    for s, side in (("persona", persona), ("opposite", opposite))
-                }
-                score = validation_score(measured, state.data["base"]["validation"], fmt)
-                state.data["validation"][point.key] = {"arm": arm.name, "knobs": point.knobs, **score}
+                state.data["validation"][point.key] = _validate(arm, point, tokenizer, validation, state, budget)
                 state.save()
-                log(f"{point.key}: switch {score['switch']:+.3f}, cost {score['cost']:+.3f}")
+                log(f"{point.key}: switch {state.data['validation'][point.key]['switch']:+.3f}")
             bar.update(1)
         bar.close()
-        if arm.name not in state.data["test"]:
-            state.data["test"][arm.name] = _test_arm(arm, tokenizer, test, state, budget)
+        chosen, within = choose([state.data["validation"][k] for k in keys], budget.nll_budget)
+        if state.data["test"].get(arm.name, {}).get("validation") != chosen:
+            state.data["test"][arm.name] = _test_arm(arm, chosen, within, tokenizer, test, state, budget)
             state.save()
         arm.release()
     return state.data
 
 
-def _test_arm(arm: Arm, tokenizer: Any, test: Split, state: State, budget: Budget) -> dict[str, Any]:
+def _validate(arm: Arm, point: Point, tokenizer: Any, validation: Split, state: State, budget: Budget) -> dict:
+    """One point's validation scores."""
+    measured = measure_pair(point, tokenizer, validation, budget.batch_size)
+    fmt = next(iter(validation.items))
+    return {"arm": arm.name, "knobs": point.knobs, **validation_score(measured, state.data["base"]["validation"], fmt)}
+
+
+def _test_arm(
+    arm: Arm, chosen: dict[str, Any], within: bool, tokenizer: Any, test: Split, state: State, budget: Budget
+) -> dict[str, Any]:
     """The arm's chosen point (best validation switch within the budget) scored on the test split."""
-    scored = [v for v in state.data["validation"].values() if v["arm"] == arm.name]
-    chosen, within = choose(scored, budget.nll_budget)
     point = arm.point(chosen["knobs"])
-    persona, opposite = point.sides()
-    measured = {
-        s: measure(side, tokenizer, test, budget.batch_size)
-        for s, side in (("persona", persona), ("opposite", opposite))
-    }
+    measured = measure_pair(point, tokenizer, test, budget.batch_size)
     extra = {name: measure(side, tokenizer, test, budget.batch_size) for name, side in point.extra.items()}
     report = test_report(measured["persona"], measured["opposite"], state.data["base"]["test"], extra)
     return {"knobs": chosen["knobs"], "within_budget": within, "validation": chosen, **report, **arm.footprint()}
