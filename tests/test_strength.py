@@ -199,3 +199,24 @@ def test_gradients_reach_the_base_weight_through_the_mask(tokens):
     assert torch.equal(layer.get_base_layer().weight, tiny_llama().get_submodule("model.layers.0.mlp.up_proj").weight)
     with torch.no_grad():  # back in inference, the weight holds W * M again
         assert torch.equal(model(tokens).logits, logits(masked_reference(tiny_llama, 0, [masks]), tokens))
+
+
+def test_weight_mode_is_per_model(tokens):
+    """``in_place`` is each model's own switch: a model computing ``W_eff`` apart leaves its weights as loaded, gives
+    the same outputs, and its later adapters follow it, while another model keeps the default."""
+    from peft_persona.tuner import set_weight_mode
+
+    masks = random_masks(tiny_llama(), 1)
+    default = pp.add_mask_adapter(tiny_llama(), masks, "p")
+    apart = pp.add_mask_adapter(tiny_llama(), masks, "p")
+    set_weight_mode(apart, in_place=False)
+    pp.add_mask_adapter(apart, random_masks(tiny_llama(), 2), "q")
+    assert torch.equal(logits(default, tokens), logits(apart, tokens))
+    original = tiny_llama().state_dict()
+    for name, layer in mask_layers(apart).items():
+        assert not layer.in_place and layer.persona_dropped is None
+        assert torch.equal(layer.get_base_layer().weight, original[f"{name}.weight"])
+    assert all(layer.in_place and layer.persona_dropped is not None for layer in mask_layers(default).values())
+    set_weight_mode(apart, in_place=True)
+    assert torch.equal(logits(default, tokens), logits(apart, tokens))
+    assert all(layer.persona_dropped is not None for layer in mask_layers(apart).values())

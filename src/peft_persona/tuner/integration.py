@@ -47,7 +47,6 @@ from . import loading
 from .config import PERSONA_MASK, PersonaMaskConfig
 from .model import PersonaMaskModel
 
-CHECKED_AGAINST = {"peft": "0.21.2", "transformers": "5.23.0"}  # the versions the table above was checked against
 TRANSFORMERS_PEFT_LOGGER = "transformers.integrations.peft"
 REGISTRY_TABLES = (
     "PEFT_TYPE_TO_CONFIG_MAPPING",

@@ -24,8 +24,6 @@ from ..errors import StatsMismatchError
 from ..selection import ChannelSelection, mask_digest
 from ..targets import oriented_weight
 
-STATS_BUFFERS = ("persona_mask_channel", "persona_mask_tiebreak", "persona_mask_digest")
-
 
 def derive_packed(selection: ChannelSelection, weight: torch.Tensor, mismatch: Callable[[], str]) -> torch.Tensor:
     """The packed mask ``selection`` selects on ``weight`` ``(out, in)``; :class:`StatsMismatchError` with the
