@@ -71,7 +71,8 @@ json.dump({"imported": "peft_persona" in sys.modules}, open(sys.argv[1] + "/impo
 
 def _run_lora(folder, mode: str) -> dict:
     folder.mkdir()
-    env = dict(os.environ, PEFT_PERSONA_NO_AUTOLOAD="1" if mode == "without" else "0")
+    # PEFT writes target_modules from a set: a fixed hash seed gives both processes the same order
+    env = dict(os.environ, PEFT_PERSONA_NO_AUTOLOAD="1" if mode == "without" else "0", PYTHONHASHSEED="0")
     script = textwrap.dedent(LORA_SCRIPT)
     result = subprocess.run([sys.executable, "-c", script, str(folder), mode], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
