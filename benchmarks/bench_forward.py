@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 
 import peft_persona as pp
 from peft_persona.targets import decoder_linear_modules, oriented_weight
-from peft_persona.tuner import mask_layers
+from peft_persona.tuner import set_weight_mode
 
 SHAPES = ((1, 1), (1, 128), (8, 128))
 
@@ -37,9 +37,7 @@ def persona_model(base, masks_list, in_place=True, merged=False):
     for i, masks in enumerate(masks_list[1:]):
         pp.add_mask_adapter(model, masks, f"b{i}")
     model.set_adapter("a")
-    for layer in mask_layers(model).values():
-        layer.in_place = in_place
-        layer.sync()
+    set_weight_mode(model, in_place=in_place)
     if merged:
         model.merge_adapter()
     return model.eval()
@@ -88,15 +86,15 @@ def main() -> None:
     rows = []
     for batch, length in SHAPES:
         tokens = torch.randint(3, base.config.vocab_size, (batch, length), generator=generator).to(args.device)
-        runs = {name: (lambda m=m: (m(tokens, use_cache=False), sync())) for name, m in models.items()}
+        runs = {name: (lambda m=m, t=tokens: (m(t, use_cache=False), sync())) for name, m in models.items()}
         if batch > 1:
             names = ["a", "b0"] * (batch // 2)
-            runs["persona mixed (2 adapters)"] = lambda: (
-                models["persona"](tokens, use_cache=False, adapter_names=names),
+            runs["persona mixed (2 adapters)"] = lambda t=tokens, names=names: (
+                models["persona"](t, use_cache=False, adapter_names=names),
                 sync(),
             )
-            runs["LoRA mixed (2 adapters)"] = lambda: (
-                models["LoRA r=16"](tokens, use_cache=False, adapter_names=names),
+            runs["LoRA mixed (2 adapters)"] = lambda t=tokens, names=names: (
+                models["LoRA r=16"](t, use_cache=False, adapter_names=names),
                 sync(),
             )
         with torch.no_grad():

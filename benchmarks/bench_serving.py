@@ -11,6 +11,7 @@ Prints markdown tables; docs/benchmarks.md records them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import subprocess
@@ -59,10 +60,8 @@ def release_free_memory() -> None:
     import ctypes
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def rss_bytes() -> int:
@@ -75,10 +74,9 @@ def rss_bytes() -> int:
 def child(config: str, kind: str, count: int) -> None:
     """Print the RSS growth of building ``count`` adapters of ``kind`` on the model, after one forward."""
     torch.set_num_threads(1)
-    if kind == "persona-keep-original":
-        from peft_persona.tuner import PersonaMaskLayer
-
-        PersonaMaskLayer.keep_original, kind = True, "persona"
+    keep_original = kind == "persona-keep-original"
+    if keep_original:
+        kind = "persona"
     base = random_llama(config)
     tokens = torch.randint(3, base.config.vocab_size, (1, 1))
     with torch.no_grad():
@@ -86,6 +84,10 @@ def child(config: str, kind: str, count: int) -> None:
     release_free_memory()
     before = rss_bytes()
     model = build(kind, base, count)
+    if keep_original:
+        from peft_persona.tuner import set_weight_mode
+
+        set_weight_mode(model, keep_original=True)
     with torch.no_grad():
         model(tokens)
     release_free_memory()
@@ -113,8 +115,9 @@ def memory_table(config: str) -> str:
             rows.append([label, count, f"{growth[count] / 2**20:.1f}", f"{marginal / 2**20:.1f}" if count > 1 else "-"])
     header = ["adapter", "loaded", "RSS growth MiB", "each adapter beyond the first, MiB"]
     note = (
-        f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona adapter; "
-        f"the active adapter's dropped entries (20%) cost {targeted * 0.2 * 8 / 2**20:.1f} MiB once (fp32 value + int32 index)"
+        f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona "
+        f"adapter; the active adapter's dropped entries (20%) cost {targeted * 0.2 * 8 / 2**20:.1f} MiB once "
+        "(fp32 value + int32 index)"
     )
     return markdown_table(header, rows) + note
 
@@ -127,11 +130,10 @@ def switch_table(config: str, repeats: int) -> str:
     weights = [oriented_weight(m) for m in decoder_linear_modules(base).values()]
     copies = [w.clone() for w in weights]
     persona = build("persona", base, 2)
-    from peft_persona.tuner import mask_layers
+    from peft_persona.tuner import set_weight_mode
 
     dense = build("persona", random_llama(config), 2)
-    for layer in mask_layers(dense).values():
-        layer.keep_original = True
+    set_weight_mode(dense, keep_original=True)
     tokens = torch.randint(3, base.config.vocab_size, (1, 1))
     state = {"next": "p1"}
 
@@ -148,7 +150,7 @@ def switch_table(config: str, repeats: int) -> str:
         dense(tokens)
 
     def copy_weights():
-        for w, c in zip(weights, copies):
+        for w, c in zip(weights, copies, strict=True):
             c.copy_(w)
 
     with torch.no_grad():
@@ -179,7 +181,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"{args.config}: {n_params(random_llama(args.config)) / 1e6:.1f}M parameters, fp32, CPU {args.threads} threads\n"
+        f"{args.config}: {n_params(random_llama(args.config)) / 1e6:.1f}M parameters, fp32, "
+        f"CPU {args.threads} threads\n"
     )
     started = time.perf_counter()
     print(switch_table(args.config, args.repeats), end="\n\n")

@@ -41,7 +41,7 @@ class _AfterPeftImport:
             except Exception as err:  # never break `import peft` because of this package
                 import warnings
 
-                warnings.warn(f"peft_persona could not be loaded after peft: {err!r}")
+                warnings.warn(f"peft_persona could not be loaded after peft: {err!r}", stacklevel=2)
 
         spec.loader.exec_module = exec_then_register
         return spec

@@ -131,12 +131,11 @@ def test_only_the_packed_bits_are_kept_per_adapter():
 
 @pytest.mark.parametrize("keep_original", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_operation_sequences_keep_the_weight_exact(seed, keep_original, tokens, monkeypatch):
+def test_random_operation_sequences_keep_the_weight_exact(seed, keep_original, tokens):
     """Any mix of switches, strengths, merges, disables and mask swaps: outputs match W_eff computed apart, and the
     original weights come back bit-exactly (with the compact record of dropped entries, or a dense original copy)."""
-    from peft_persona.tuner import PersonaMaskLayer
+    from peft_persona.tuner import mask_layers, set_weight_mode
 
-    monkeypatch.setattr(PersonaMaskLayer, "keep_original", keep_original)
     rng = torch.Generator().manual_seed(seed)
     arch = sorted(MODEL_FACTORIES)[seed % 2]
     factory = MODEL_FACTORIES[arch]
@@ -144,8 +143,10 @@ def test_random_operation_sequences_keep_the_weight_exact(seed, keep_original, t
     masks = {n: random_masks(factory(0), s) for n, s in (("a", 1), ("b", 2), ("c", 3))}
     strengths = {"a": 1.0, "b": 1.0, "c": 1.0}
     model = pp.add_mask_adapter(factory(0), masks["a"], "a")
+    set_weight_mode(model, keep_original=keep_original)  # per model: other models keep the default
     for n in ("b", "c"):
         pp.add_mask_adapter(model, masks[n], n)
+    assert all(layer.keep_original is keep_original for layer in mask_layers(model).values())
     active, merged = ["a"], False
     for step in range(12):
         op = int(torch.randint(0, 5, (1,), generator=rng))
@@ -198,3 +199,24 @@ def test_gradients_reach_the_base_weight_through_the_mask(tokens):
     assert torch.equal(layer.get_base_layer().weight, tiny_llama().get_submodule("model.layers.0.mlp.up_proj").weight)
     with torch.no_grad():  # back in inference, the weight holds W * M again
         assert torch.equal(model(tokens).logits, logits(masked_reference(tiny_llama, 0, [masks]), tokens))
+
+
+def test_weight_mode_is_per_model(tokens):
+    """``in_place`` is each model's own switch: a model computing ``W_eff`` apart leaves its weights as loaded, gives
+    the same outputs, and its later adapters follow it, while another model keeps the default."""
+    from peft_persona.tuner import set_weight_mode
+
+    masks = random_masks(tiny_llama(), 1)
+    default = pp.add_mask_adapter(tiny_llama(), masks, "p")
+    apart = pp.add_mask_adapter(tiny_llama(), masks, "p")
+    set_weight_mode(apart, in_place=False)
+    pp.add_mask_adapter(apart, random_masks(tiny_llama(), 2), "q")
+    assert torch.equal(logits(default, tokens), logits(apart, tokens))
+    original = tiny_llama().state_dict()
+    for name, layer in mask_layers(apart).items():
+        assert not layer.in_place and layer.persona_dropped is None
+        assert torch.equal(layer.get_base_layer().weight, original[f"{name}.weight"])
+    assert all(layer.in_place and layer.persona_dropped is not None for layer in mask_layers(default).values())
+    set_weight_mode(apart, in_place=True)
+    assert torch.equal(logits(default, tokens), logits(apart, tokens))
+    assert all(layer.persona_dropped is not None for layer in mask_layers(apart).values())

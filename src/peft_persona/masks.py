@@ -18,15 +18,16 @@ from torch import nn
 
 from . import adapter_files
 from .adapter_files import check_adapter_name
-from .bits import pack_mask, unpack_mask
-from .errors import PersonaAdapterError, StatsMismatchError
+from .bits import unpack_mask
+from .errors import PersonaAdapterError
 from .fingerprint import base_model_fingerprint
-from .selection import ChannelSelection, mask_digest
+from .selection import ChannelSelection
 from .targets import clean_module_name, oriented_weight, why_not_maskable
 from .tuner import PersonaMaskConfig, PersonaMaskLayer, mask_layers, set_masks
-from .tuner.layer import check_packed
+from .tuner.layer import check_mask_tensor
 from .tuner.loading import attach_selections, detach_selections
 from .tuner.model import adapter_layers
+from .tuner.stats_format import derive_saved, stamp
 
 
 def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,16 +50,7 @@ def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[
         reason = why_not_maskable(base)
         if reason is not None:
             raise TypeError(f"mask for {name!r}: module is {reason}")
-        shape = tuple(oriented_weight(base).shape)
-        if isinstance(mask, torch.Tensor) and mask.dtype == torch.uint8:
-            checked[name] = check_packed(mask, shape, f"mask for {name!r}")
-            continue
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask for {name!r} must be a torch.bool tensor (or packed uint8), got {got}")
-        if tuple(mask.shape) != shape:
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight (out, in) is {shape}")
-        checked[name] = mask
+        checked[name] = check_mask_tensor(mask, tuple(oriented_weight(base).shape), repr(name))
     return checked
 
 
@@ -117,15 +109,7 @@ def add_selection_adapter(
     checked = validate_masks(base, masks)
     config = _complete_config(config, base, set(checked))
     config.save_format = "stats"
-    derived = {}
-    for name, mask in checked.items():
-        packed = mask if mask.dtype == torch.uint8 else pack_mask(mask)
-        selection = selections[name]
-        derived[name] = (
-            ChannelSelection(selection.sparsity, selection.channel, selection.tiebreak, mask_digest(packed)),
-            packed,
-        )
-    attach_selections(config, derived)
+    attach_selections(config, {name: stamp(selections[name], mask) for name, mask in checked.items()})
     try:
         return _inject(model, adapter_name, config, set(checked))
     finally:
@@ -161,27 +145,9 @@ def read_adapter_masks(path: str | os.PathLike, model: nn.Module) -> dict[str, t
     file = Path(path) / adapter_files.SAFETENSORS_WEIGHTS_NAME if Path(path).is_dir() else Path(path)
     if file.is_file() and adapter_files.weights_format(file) == "stats":
         return {
-            name: unpack_mask(packed, layers[name].in_features) for name, packed in _derive_stats(file, layers).items()
+            name: unpack_mask(packed, layers[name].in_features) for name, packed in derive_saved(file, layers).items()
         }
     return adapter_files.read_masks(path, {name: layer.in_features for name, layer in layers.items()})
-
-
-def _derive_stats(file: Path, layers: Mapping[str, PersonaMaskLayer]) -> dict[str, torch.Tensor]:
-    """The packed masks a ``stats`` file selects on ``layers``' original weights; the error names the layer."""
-    config = adapter_files.read_config(file.parent)
-    selections = adapter_files.read_selections(file, config.get("sparsity"))
-    derived = {}
-    for name, selection in selections.items():
-        if name not in layers:
-            raise KeyError(f"{file}: statistics for module {name!r}, which holds no persona mask layer")
-        try:
-            derived[name] = layers[name].derive(selection)
-        except StatsMismatchError as err:
-            raise StatsMismatchError(
-                f"{file}: layer {name!r}: {err}; the base weights differ from those it was "
-                "extracted on (another dtype or checkpoint)"
-            ) from None
-    return derived
 
 
 def hotswap_adapter(model: nn.Module, adapter_name: str, path: str | os.PathLike) -> None:
@@ -206,7 +172,7 @@ def hotswap_adapter(model: nn.Module, adapter_name: str, path: str | os.PathLike
         return
     tiebreak = next(iter(layers.values())).selection(adapter_name).tiebreak is not None
     adapter_files.check_stats_tensors(file, {n: layer.in_features for n, layer in layers.items()}, tiebreak)
-    _derive_stats(file, layers)  # every layer checked before any changes
+    derive_saved(file, layers)  # every layer checked before any changes
     config = adapter_files.read_config(file.parent)
     for name, selection in adapter_files.read_selections(file, config.get("sparsity")).items():
         layers[name].set_selection(adapter_name, selection)

@@ -1,44 +1,34 @@
 """The persona mask adapter type, laid out like ``peft/tuners/<method>/``; importing it registers it with PEFT.
 
-PEFT's ``PeftType`` is a closed Enum and ``register_peft_method`` rejects unknown names, so the type is a ``str``
-Enum member of the package's own (see :mod:`.config`) written into ``peft.mapping``'s four tables. Once registered,
-``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and transformers' ``model.load_adapter`` load persona
-masks like any other adapter.
+Modules, one job each:
+
+* :mod:`.config`: :class:`PersonaMaskConfig`, the adapter's config; :mod:`.validation` checks its fields;
+* :mod:`.layer`: :class:`PersonaMaskLayer` (adapter bookkeeping) and :class:`MaskedLinear` (merge, forward);
+* :mod:`.engine`: the in-place weight engine (``W_eff`` written into the base weight, exact restore);
+* :mod:`.stats_format`: masks re-derived from the selection statistics of the ``stats`` save format;
+* :mod:`.mixed`: mixed-persona batches (``adapter_names=``);
+* :mod:`.model`: :class:`PersonaMaskModel`, the PEFT tuner, and the model-level mask operations;
+* :mod:`.loading`: all-or-nothing loading (files checked before injection, rollback after a failure);
+* :mod:`.integration`: every patch of PEFT and transformers, applied by :func:`register` (here, on import).
+
+Once registered, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and transformers' ``model.load_adapter``
+load persona masks like any other adapter.
 """
 
-import logging
-
-from peft import mapping
-
 from .config import PERSONA_MASK, PersonaMaskConfig, PersonaPeftType
+from .integration import register
 from .layer import MaskedLinear, PersonaMaskLayer
-from .loading import guard_transformers_load_adapter
 from .mixed import mixed_batch
 from .model import (
     COMBINE_MODES,
-    REPORT_FILTER,
     PersonaMaskModel,
     combine_adapters,
     get_masks,
     mask_layers,
     set_masks,
     set_strength,
+    set_weight_mode,
 )
-
-TRANSFORMERS_PEFT_LOGGER = "transformers.integrations.peft"
-
-
-def register() -> None:
-    """Make PEFT (and transformers, through PEFT) know the ``PERSONA_MASK`` adapter type. Idempotent."""
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PERSONA_MASK] = PersonaMaskConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PERSONA_MASK] = PersonaMaskModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PERSONA_MASK] = PersonaMaskModel.prefix
-    mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING[PERSONA_MASK] = PersonaMaskModel
-    logger = logging.getLogger(TRANSFORMERS_PEFT_LOGGER)
-    if REPORT_FILTER not in logger.filters:
-        logger.addFilter(REPORT_FILTER)
-    guard_transformers_load_adapter()
-
 
 register()
 
@@ -57,4 +47,5 @@ __all__ = [
     "register",
     "set_masks",
     "set_strength",
+    "set_weight_mode",
 ]

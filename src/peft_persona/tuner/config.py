@@ -101,8 +101,8 @@ class PersonaMaskConfig(PeftConfig):
         metadata={
             "help": (
                 "How masks start when an adapter is created without saved ones: True (default) keeps every weight; "
-                "False draws seeded random masks keeping half of each layer's weights, a non-trivial adapter for tests, "
-                "as `init_weights=False` does for PEFT's own methods."
+                "False draws seeded random masks keeping half of each layer's weights, a non-trivial adapter for "
+                "tests, as `init_weights=False` does for PEFT's own methods."
             )
         },
     )

@@ -3,7 +3,7 @@ fails after injection is rolled back, so the model keeps exactly the adapters, a
 
 PEFT reads a persona adapter's config through :meth:`PersonaMaskConfig.from_pretrained`, which records the weights
 file it checked. transformers' ``load_adapter`` reads the config through PEFT's base class and then loads the weights
-itself, so :func:`guard_transformers_load_adapter` wraps it: it finds and checks the weights file first, and removes
+itself, so :mod:`.integration` wraps it with :func:`guarded`: it finds and checks the weights file first, and removes
 a persona adapter whose load failed. Both only act on persona mask adapters.
 """
 
@@ -23,13 +23,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
 from .. import adapter_files
-from ..bits import pack_mask
-from ..errors import PersonaAdapterError, StatsMismatchError
-from ..selection import mask_digest
+from ..errors import PersonaAdapterError
 from ..targets import clean_module_name, oriented_weight
+from . import stats_format
 
 WEIGHTS_ATTRIBUTE = "_persona_weights_file"  # set on a config by from_pretrained; not a dataclass field, never saved
 _pending = threading.local()  # weights file of the adapter transformers is loading in this thread
+INJECTING = threading.local()  # ``adapter``: name of the persona adapter last injected in this thread
 
 
 def weights_file(config: Any) -> str | None:
@@ -90,7 +90,8 @@ def check_weights_file(model: nn.Module, config: Any, file: str) -> None:
     found = adapter_files.weights_format(file)
     if found != config.save_format:
         raise PersonaAdapterError(
-            f"{file} holds a {found!r} adapter but its {adapter_files.CONFIG_NAME} says save_format={config.save_format!r}"
+            f"{file} holds a {found!r} adapter but its {adapter_files.CONFIG_NAME} says "
+            f"save_format={config.save_format!r}"
         )
     if found == "bits":
         adapter_files.check_mask_tensors(file, shapes)
@@ -104,22 +105,12 @@ def derive_from_file(model: nn.Module, config: Any, file: str, adapter_name: str
     Returns module name to ``(ChannelSelection, packed mask)``. Raises :class:`StatsMismatchError` naming the first
     layer whose re-derived mask does not match its saved digest, with the likely cause and what to do.
     """
-    from .layer import PersonaMaskLayer
-
     selections = adapter_files.read_selections(file, config.sparsity)
-    derived = {}
-    for name, module in targeted_modules(model, config).items():
-        selection = selections[name]
-        if isinstance(module, PersonaMaskLayer):
-            weight = module.original_weight()
-            weight = weight.T if module.fan_in_fan_out else weight
-        else:
-            weight = oriented_weight(module)
-        packed = pack_mask(selection.select(weight))
-        if not torch.equal(mask_digest(packed), selection.digest):
-            raise StatsMismatchError(_mismatch_message(adapter_name, file, name, weight.dtype, config))
-        derived[name] = (selection, packed)
-    return derived
+    return stats_format.derive_from_file(
+        targeted_modules(model, config),
+        selections,
+        lambda layer, dtype: _mismatch_message(adapter_name, file, layer, dtype, config),
+    )
 
 
 def _mismatch_message(adapter_name: str, file: str, layer: str, dtype: torch.dtype, config: Any) -> str:
@@ -259,16 +250,6 @@ def _is_persona_adapter(path: str | None, download: dict[str, Any]) -> bool:
     return peft_type == adapter_files.PEFT_TYPE
 
 
-def guard_transformers_load_adapter() -> None:
-    """Wrap transformers' ``PeftAdapterMixin.load_adapter`` once (see the module docstring). Idempotent."""
-    from transformers.integrations import peft as hf_peft
-
-    original = hf_peft.PeftAdapterMixin.load_adapter
-    if getattr(original, "_persona_guarded", False):
-        return
-    hf_peft.PeftAdapterMixin.load_adapter = _guarded(original)
-
-
 def _sync_layers(model: nn.Module) -> None:
     from .layer import PersonaMaskLayer
 
@@ -277,7 +258,9 @@ def _sync_layers(model: nn.Module) -> None:
             module.sync()
 
 
-def _guarded(original: Callable) -> Callable:
+def guarded(original: Callable) -> Callable:
+    """transformers' ``load_adapter`` made all or nothing for persona adapters (see the module docstring); other
+    adapters go straight to ``original``. :mod:`.integration` installs it."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)

@@ -4,8 +4,10 @@ Through PEFT, ``PeftModel.forward`` and ``generate`` pass the names to :meth:`Pe
 ._enable_peft_forward_hooks`, as they do for LoRA. A transformers model that loaded persona adapters with
 ``load_adapter`` keeps no tuner object, so a forward pre-hook on the model itself takes the argument out of the call
 (transformers would otherwise ignore it) and opens the same context for the length of that forward, and the model's
-``generate`` is wrapped to open it for the whole generation (transformers refuses the unknown argument). Either way, forward pre-hooks give each persona mask layer the names, and the layer runs one
-matmul per distinct adapter on its own rows. The errors are PEFT's for LoRA.
+``generate`` is wrapped to open it for the whole generation (transformers refuses the unknown argument); both are
+listed with the package's other patches in :mod:`.integration`. Either way, forward pre-hooks give each persona mask
+layer the names, and the layer runs one matmul per distinct adapter on its own rows
+(:meth:`.MaskedLinear._mixed_batch_forward`). The errors are PEFT's for LoRA.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_na
 
 
 def accept_adapter_names(model: nn.Module) -> None:
-    """Make ``model(..., adapter_names=[...])`` (and ``generate``) work on a model without a PEFT wrapper. Idempotent."""
+    """Make ``model(..., adapter_names=[...])`` (and ``generate``) work on a model without a PEFT wrapper.
+
+    Patch 4 of :mod:`.integration`: it changes only this model instance. Idempotent."""
     if getattr(model, HOOKS_ATTRIBUTE, None):
         return
     model.register_forward_pre_hook(_open, with_kwargs=True)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
-import re
-import threading
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,7 +22,8 @@ from torch import nn
 from .. import adapter_files, fingerprint, targets
 from . import loading, mixed
 from .config import PersonaMaskConfig
-from .layer import MaskedLinear, PersonaMaskLayer, check_strength
+from .engine import DEFAULT_WEIGHT_MODE
+from .layer import MaskedLinear, PersonaMaskLayer, check_adapter_strength
 
 CombineMode = Literal["intersection", "union", "majority"]
 COMBINE_MODES: tuple[str, ...] = ("intersection", "union", "majority")
@@ -69,6 +67,7 @@ class PersonaMaskModel(BaseTuner):
             if config.save_format == "stats":  # re-derive and check every mask before the model is touched
                 loading.attach_selections(config, loading.derive_from_file(model, config, weights, adapter_name))
         before = loading.snapshot(model)
+        self._weight_mode = weight_mode(model)  # new layers follow the model's persona layers
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
@@ -77,7 +76,7 @@ class PersonaMaskModel(BaseTuner):
         finally:
             loading.detach_selections(config)
         mixed.accept_adapter_names(model)  # for transformers' load_adapter, which keeps no tuner
-        REPORT_FILTER.loading.adapter = adapter_name
+        loading.INJECTING.adapter = adapter_name  # read by the load-report filter (see integration.py)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -111,7 +110,8 @@ class PersonaMaskModel(BaseTuner):
         stats = {}
         if peft_config.save_format == "stats":
             mask = None
-            stats = dict(zip(("selection", "packed"), loading.take_selection(peft_config, adapter_name, current_key)))
+            selection, packed = loading.take_selection(peft_config, adapter_name, current_key)
+            stats = {"selection": selection, "packed": packed}
         if isinstance(target, PersonaMaskLayer):
             target.update_layer(adapter_name, mask, peft_config.strength, **stats)
             return
@@ -122,7 +122,8 @@ class PersonaMaskModel(BaseTuner):
                 f"module {current_key!r} is {reason}; persona masks wrap only dense torch.nn.Linear and "
                 "transformers Conv1D layers. Narrow `target_modules` so that it does not match this module."
             )
-        new_module = MaskedLinear(target, adapter_name, mask, peft_config.strength, **stats)
+        mode = getattr(self, "_weight_mode", DEFAULT_WEIGHT_MODE)
+        new_module = MaskedLinear(target, adapter_name, mask, peft_config.strength, **stats, **mode)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new_module, target)
@@ -148,46 +149,15 @@ class PersonaMaskModel(BaseTuner):
         """Set ``adapter_name``'s strength at run time. See :func:`set_strength`."""
         set_strength(self.model, adapter_name, strength)
 
+    def set_weight_mode(self, in_place: bool | None = None, keep_original: bool | None = None) -> None:
+        """Set how every persona mask layer holds ``W_eff``. See :func:`set_weight_mode`."""
+        set_weight_mode(self.model, in_place=in_place, keep_original=keep_original)
+
     def combine_adapters(
         self, adapters: Iterable[str], new_adapter_name: str, how: CombineMode = "intersection", strength: float = 1.0
     ) -> None:
         """Create ``new_adapter_name`` from existing adapters, the analogue of LoRA's ``add_weighted_adapter``."""
         combine_adapters(self.model, adapters, new_adapter_name, how=how, strength=strength)
-
-
-class OtherAdaptersReportFilter(logging.Filter):
-    """Drops transformers' load report when all it lists is the masks of adapters loaded earlier.
-
-    transformers' ``load_adapter`` reports every buffer of the adapters already on the model as MISSING from the new
-    adapter's checkpoint, "newly initialized" (it does the same for LoRA), although nothing was touched. A report
-    that lists anything else (a mask of the adapter being loaded, an unexpected or mismatched key) is kept whole.
-    """
-
-    _row = re.compile(
-        rf"^\s*(.+?)\.{adapter_files.PREFIX}(?:bits|channel|tiebreak|digest)\.([^\s.|]+)\s*\|\s*MISSING\s*\|"
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.loading = threading.local()  # name of the adapter being injected in this thread
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.getMessage())
-        current = getattr(self.loading, "adapter", None)
-        if "LOAD REPORT" not in message or current is None:
-            return True
-        rows = [
-            line for line in _strip_styles(message).splitlines() if "|" in line and not line.startswith(("Key", "-"))
-        ]
-        others = [m for m in map(self._row.match, rows) if m is not None and m.group(2) != current]
-        return not rows or len(others) != len(rows)
-
-
-def _strip_styles(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-REPORT_FILTER = OtherAdaptersReportFilter()
 
 
 def _random_mask(target: nn.Module, key: str) -> torch.Tensor:
@@ -252,7 +222,7 @@ def set_strength(model: nn.Module, adapter_name: str, strength: float) -> None:
 
     The weights of an adapter in effect follow at once, in place: a ``torch.compile``d model does not recompile.
     """
-    strength = check_strength(strength, adapter_name)
+    strength = check_adapter_strength(strength, adapter_name)
     layers = adapter_layers(model, adapter_name)
     merged = [n for n, layer in layers.items() if adapter_name in layer.merged_adapters]
     if merged:
@@ -264,6 +234,27 @@ def set_strength(model: nn.Module, adapter_name: str, strength: float) -> None:
     config = getattr(model, "peft_config", {}).get(adapter_name)
     if config is not None:
         config.strength = strength
+
+
+def weight_mode(model: nn.Module) -> dict[str, bool]:
+    """The weight engine's switches of ``model``'s persona mask layers (the defaults if it has none)."""
+    layer = next((m for m in model.modules() if isinstance(m, PersonaMaskLayer)), None)
+    return layer.weight_mode() if layer is not None else dict(DEFAULT_WEIGHT_MODE)
+
+
+def set_weight_mode(model: nn.Module, in_place: bool | None = None, keep_original: bool | None = None) -> None:
+    """Set how every persona mask layer of ``model`` holds ``W_eff`` (``None`` keeps a switch as it is).
+
+    ``in_place`` (default ``True``) writes ``W_eff`` into the base weight, with an exact restore; ``False`` computes
+    it apart in every forward. ``keep_original`` (default ``False``) keeps a dense copy of the original weight, for
+    faster switching at the cost of one more copy. The weights follow at once; layers injected into the model later
+    take the model's switches. See :mod:`peft_persona.tuner.engine`.
+    """
+    layers = mask_layers(model)
+    if not layers:
+        raise TypeError(f"{type(model).__name__} holds no persona mask layers")
+    for layer in layers.values():
+        layer.set_weight_mode(in_place=in_place, keep_original=keep_original)
 
 
 def combine_adapters(
@@ -278,7 +269,7 @@ def combine_adapters(
     ``intersection`` keeps a weight every adapter keeps, ``union`` one any adapter keeps, and ``majority`` one that
     strictly more than half of the adapters keep.
     """
-    strength = check_strength(strength, new_adapter_name)
+    strength = check_adapter_strength(strength, new_adapter_name)
     adapters = list(adapters)
     if not adapters:
         raise ValueError("combine_adapters needs at least one adapter")

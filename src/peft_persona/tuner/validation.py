@@ -7,10 +7,10 @@ branches, such as ``(a+)+`` or ``(a|a)*``), because PEFT matches them against ev
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
+from ..checks import check_sparsity, check_strength
 from ..errors import PersonaAdapterError
 from ..options import CONFIG_METHODS
 
@@ -29,8 +29,12 @@ SAVE_FORMATS: tuple[str, ...] = ("bits", "stats")
 STATS_METHODS: tuple[str, ...] = ("wanda", "contrastive", "magnitude")
 
 
+def _field(field: str) -> str:
+    return f"PersonaMaskConfig: `{field}`"
+
+
 def _fail(field: str, message: str) -> PersonaAdapterError:
-    return PersonaAdapterError(f"PersonaMaskConfig: `{field}` {message}")
+    return PersonaAdapterError(f"{_field(field)} {message}")
 
 
 def check_regex(field: str, pattern: str) -> None:
@@ -60,9 +64,8 @@ def _nested_repeat(items: Any, inside: bool) -> bool:
         elif name == "BRANCH":
             if inside or any(_nested_repeat(branch, inside) for branch in argument[1]):
                 return True
-        elif name in ("SUBPATTERN", "ATOMIC_GROUP"):
-            if _nested_repeat(argument[-1], inside):
-                return True
+        elif name in ("SUBPATTERN", "ATOMIC_GROUP") and _nested_repeat(argument[-1], inside):
+            return True
     return False
 
 
@@ -108,18 +111,9 @@ def _check_provenance(config: Any) -> None:
     for field in ("calibration", "base_model_fingerprint"):
         if getattr(config, field) is not None and not isinstance(getattr(config, field), dict):
             raise _fail(field, f"must be null or an object, got {type(getattr(config, field)).__name__}")
-    sparsity = config.sparsity
-    if sparsity is not None and (
-        isinstance(sparsity, bool)
-        or not isinstance(sparsity, (int, float))
-        or not math.isfinite(sparsity)
-        or not 0.0 <= float(sparsity) < 1.0
-    ):
-        raise _fail("sparsity", f"must lie in [0, 1), got {sparsity!r}")
-    strength = config.strength
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
-        raise _fail("strength", f"must be a number in [0, 1], got {strength!r}")
-    config.strength = float(strength)
+    if config.sparsity is not None:
+        check_sparsity(config.sparsity, _field("sparsity"), error=PersonaAdapterError)
+    config.strength = check_strength(config.strength, _field("strength"), error=PersonaAdapterError)
     if config.method is not None and config.method not in CONFIG_METHODS:
         raise _fail("method", f"is {config.method!r}; expected one of {CONFIG_METHODS}")
     _check_save_format(config)

@@ -1,0 +1,243 @@
+"""The in-place weight engine: the base weight holds ``W_eff`` of the adapters in effect, with an exact restore.
+
+``W_eff = W * (M + (1 - s) * (1 - M))`` for an adapter with mask ``M`` and strength ``s``: strength 1 removes the
+dropped weights (``W * M``), strength 0 is the base layer. Several adapters in effect multiply their factors.
+
+How the forward gets ``W_eff`` at base speed: the engine writes it *into the base weight, in place*, and keeps the
+original values of the entries it changed (the "dropped" entries) for an exact restore. The forward is then the base
+layer's own ``F.linear``: no ``W * M`` per call and no dense cache. The weight always holds the adapters in effect,
+which are the merged adapters plus, while adapters are enabled, the active ones; a change of that set rewrites only
+the entries whose value changes. Merging is therefore free, and an unmerge followed by a merge of another adapter
+touches only the entries where the two masks differ. ``disable_adapter()``, ``unload()`` and ``delete_adapter``
+restore the original weight bit-exactly.
+
+The layer computes ``W_eff`` apart instead, leaving the weight alone, where writing into it would be wrong: when the
+weight needs gradients, when accelerate offloads it, for a mixed-persona batch (``adapter_names=``), and when the
+layer's ``in_place`` switch is off. Both switches are per layer (and so per model), set when the layer is created
+and changed with :meth:`WeightEngine.set_weight_mode` (for a whole model, :func:`~peft_persona.tuner.model
+.set_weight_mode`):
+
+* ``in_place`` (default ``True``): write ``W_eff`` into the base weight; ``False`` computes it apart in every forward,
+  the smallest memory (no per-weight state but the masks);
+* ``keep_original`` (default ``False``): keep a dense copy of the original weight and rewrite the weight from it:
+  faster switching, one more copy of the weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..bits import byte_table, full_mask_packed, unpack_mask, unpack_to
+
+DEFAULT_WEIGHT_MODE: dict[str, bool] = {"in_place": True, "keep_original": False}
+
+
+class WeightEngine:
+    """Mixin of :class:`~peft_persona.tuner.layer.PersonaMaskLayer` that keeps the base weight equal to ``W_eff``.
+
+    It reads the layer's ``persona_mask_bits``, ``persona_strength``, ``merged_adapters``, ``active_adapters``,
+    ``in_features``, ``fan_in_fan_out`` and base layer, and owns the buffers ``persona_dropped`` /
+    ``persona_dropped_index`` (the original values of the changed entries and their flat indices) and
+    ``persona_original`` (the dense original copy, only with ``keep_original``).
+    """
+
+    in_place: bool
+    keep_original: bool
+
+    def init_engine(self, in_place: bool = True, keep_original: bool = False) -> None:
+        """Register the engine's (non-persistent) buffers and set the layer's switches."""
+        self.register_buffer("persona_dropped_index", None, persistent=False)
+        self.register_buffer("persona_original", None, persistent=False)
+        self.register_buffer("persona_dropped", None, persistent=False)
+        self._in_effect: tuple = ()  # the (adapter, strength, mask version) that the base weight holds
+        self.in_place, self.keep_original = bool(in_place), bool(keep_original)
+
+    def set_weight_mode(self, in_place: bool | None = None, keep_original: bool | None = None) -> None:
+        """Change the layer's switches (``None`` keeps one); the weight follows at once, exactly."""
+        if in_place is not None:
+            self.in_place = bool(in_place)
+        if keep_original is not None:
+            self.keep_original = bool(keep_original)
+        self.sync()
+
+    def weight_mode(self) -> dict[str, bool]:
+        """The layer's switches, as keyword arguments for a new layer or :meth:`set_weight_mode`."""
+        return {"in_place": self.in_place, "keep_original": self.keep_original}
+
+    # ------------------------------------------------------------------------------------------ what to hold
+    def effect(self) -> tuple:
+        """What the weight should hold now: ``(adapter, strength, mask version)`` for each adapter in effect."""
+        names = list(self.merged_adapters)
+        if not self._disable_adapters and self._writes_in_place():
+            names += [n for n in self.active_adapters if n not in names]
+        bits = self.persona_mask_bits
+        return tuple(
+            (n, self.persona_strength[n], bits[n]._version, id(bits[n]))
+            for n in names
+            if n in bits and self.persona_strength[n] > 0
+        )
+
+    def sync_weight(self) -> None:
+        """Bring the base weight to :meth:`effect`, rewriting only the entries whose value changes."""
+        target = self.effect()
+        if target != self._in_effect:
+            self._transition(target)
+        bits = self.persona_mask_bits
+        self._synced = (self._writes_in_place(), [(bits[n], bits[n]._version) for n, *_ in target])
+
+    def _maybe_stale(self) -> bool:
+        """A cheap per-call check (a few microseconds) that the last sync still holds: same grad mode, and no mask of
+        the adapters in effect written since. Every public operation syncs by itself."""
+        synced = getattr(self, "_synced", None)
+        if synced is None or synced[0] != self._writes_in_place():
+            return True
+        return any(tensor._version != version for tensor, version in synced[1])
+
+    def _writes_in_place(self) -> bool:
+        base = self.base_layer
+        weight = base.weight
+        return (
+            self.in_place
+            and not (weight.requires_grad and torch.is_grad_enabled())
+            and weight.is_contiguous()
+            and weight.device.type != "meta"
+            and "_hf_hook" not in base.__dict__  # accelerate offload swaps the weight in and out around each call
+        )
+
+    def _plan(self, effect: Sequence[tuple]) -> list[tuple[str, float]]:
+        """``(adapter, strength)`` of the adapters in ``effect`` that change the weight."""
+        return [(n, s) for n, s, *_ in effect if s > 0 and not self._keeps_everything(n)]
+
+    def _keeps_everything(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name``'s mask is all ones (a freshly injected adapter), read from the packed bits."""
+        packed = self.persona_mask_bits[adapter_name]
+        if packed.device.type == "meta":
+            return False
+        if self.in_features % 8 == 0:
+            return bool((packed == 255).all())
+        return torch.equal(packed, full_mask_packed((self.out_features, self.in_features), device=packed.device))
+
+    # ------------------------------------------------------------------------------------------ writing it
+    def _dropped_index(self, plan: list[tuple[str, float]]) -> torch.Tensor:
+        """Flat indices (into the weight's own layout) of the entries that some adapter of ``plan`` drops."""
+        kept = self.persona_mask_bits[plan[0][0]]
+        for name, _ in plan[1:]:
+            kept = kept & self.persona_mask_bits[name]
+        dropped = ~unpack_mask(kept, self.in_features)
+        if self.fan_in_fan_out:
+            dropped = dropped.T.contiguous()
+        index = torch.nonzero(dropped.view(-1)).squeeze(1)
+        return index.to(torch.int32) if dropped.numel() < 2**31 else index
+
+    def factors(self, name: str, strength: float, dtype: torch.dtype) -> torch.Tensor:
+        """Dense per-weight factor of one adapter in the weight's layout: 1 where kept, ``1 - strength`` elsewhere."""
+        off = torch.tensor(1.0 - strength, dtype=dtype) if strength < 1.0 else torch.tensor(0, dtype=dtype)
+        table = byte_table(off, torch.tensor(1, dtype=dtype), dtype)
+        factors = unpack_to(self.persona_mask_bits[name], self.in_features, table)
+        return factors.T if self.fan_in_fan_out else factors
+
+    def _scaled(self, values: torch.Tensor, index: torch.Tensor, plan: list[tuple[str, float]]) -> torch.Tensor:
+        """``values`` (original weights at ``index``) times each adapter's factor where it drops them."""
+        if all(s == 1.0 for _, s in plan):
+            return torch.zeros_like(values)
+        for name, strength in plan:
+            values = values * self.factors(name, strength, values.dtype).reshape(-1)[index.long()]
+        return values
+
+    @torch.no_grad()
+    def _transition(self, target: tuple) -> None:
+        """Make the weight hold ``target``: restore the entries changed before, then change those ``target`` drops.
+
+        Only dropped entries are written, by index; the original values of the entries changed are kept, in the
+        weight's dtype, with their flat indices, for an exact restore.
+        """
+        weight = self.get_base_weight()
+        if weight.device.type == "meta" or any(self.persona_mask_bits[n].device.type == "meta" for n, *_ in target):
+            self._in_effect = ()  # nothing written; applied once the weights are real
+            return
+        if self.keep_original or self.persona_original is not None:
+            self._transition_from_copy(weight, target)
+            return
+        flat = weight.view(-1)
+        if self.persona_dropped_index is not None:
+            flat.index_copy_(0, self.persona_dropped_index.long(), self.persona_dropped)
+            self.persona_dropped_index = self.persona_dropped = None
+        plan = self._plan(target)
+        if plan:
+            index = self._dropped_index(plan)
+            stash = flat.index_select(0, index.long())
+            if all(s == 1.0 for _, s in plan):
+                flat.index_fill_(0, index.long(), 0)
+            else:
+                flat.index_copy_(0, index.long(), self._scaled(stash, index, plan))
+            self.persona_dropped, self.persona_dropped_index = stash, index
+        self._in_effect = target
+
+    def _transition_from_copy(self, weight: torch.Tensor, target: tuple) -> None:
+        """:meth:`_transition` with ``keep_original``: rewrite the weight from the dense original copy."""
+        if self.persona_original is None:
+            self.persona_original = self.original_weight()
+            self.persona_dropped = self.persona_dropped_index = None
+        plan = self._plan(target)
+        if not plan:
+            weight.copy_(self.persona_original)
+        else:
+            torch.mul(self.persona_original, self.factors(*plan[0], weight.dtype), out=weight)
+            for name, strength in plan[1:]:
+                weight.mul_(self.factors(name, strength, weight.dtype))
+        if not self.keep_original and not plan:
+            self.persona_original = None
+        self._in_effect = target
+
+    def release_weight(self, keep_effect: bool) -> None:
+        """Leave the weight holding ``W_eff`` (``keep_effect``) or the original, and forget how to restore it."""
+        if keep_effect:
+            self._in_effect = ()
+        else:
+            self._transition(())
+        self.persona_dropped = self.persona_dropped_index = self.persona_original = None
+
+    # ------------------------------------------------------------------------------------------ reading it
+    def original_weight(self) -> torch.Tensor:
+        """A copy of the base weight as loaded, without any adapter (in the weight's own layout)."""
+        if self.persona_original is not None:
+            return self.persona_original.clone()
+        weight = self.get_base_weight().detach().clone()
+        if self.persona_dropped_index is not None:
+            weight.view(-1).index_copy_(0, self.persona_dropped_index.long(), self.persona_dropped)
+        return weight
+
+    def effective_weight(self, adapters: Sequence[str]) -> torch.Tensor:
+        """``W_eff`` for ``adapters`` (``[]`` for the base weight), computed apart from the base weight."""
+        weight = self.original_weight()
+        for name, strength in self._plan([(n, self.persona_strength[n]) for n in adapters]):
+            weight.mul_(self.factors(name, strength, weight.dtype))
+        return weight
+
+    def functional_weight(self) -> torch.Tensor:
+        """``W_eff`` of the active adapters as a differentiable function of the (unmodified) base weight."""
+        weight = self.base_layer.weight  # the parameter itself, not ``get_base_weight()``'s detached data
+        active = [(n, self.persona_strength[n]) for n in self.active_adapters if n in self.persona_mask_bits]
+        for name, strength in self._plan(active):
+            weight = weight * self.factors(name, strength, weight.dtype)
+        return weight
+
+    def product_weight(self) -> torch.Tensor:
+        """``W * M`` (or ``W`` scaled by ``1 - s`` off the mask) for the adapters in effect, computed apart as plain
+        products: NaN where a dropped ``W`` is inf, which zeroing in place cannot represent."""
+        expected = self.original_weight()
+        for name, strength in self._plan(self._in_effect):
+            if strength == 1.0:
+                mask = unpack_mask(self.persona_mask_bits[name], self.in_features)
+                expected = expected * (mask.T if self.fan_in_fan_out else mask)
+            else:
+                expected = expected * self.factors(name, strength, expected.dtype)
+        return expected
+
+
+def sync_after_load(layer: Any, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post hook: loaded masks reach the weight at once."""
+    layer.sync()
