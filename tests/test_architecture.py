@@ -37,7 +37,7 @@ RANKS: dict[str, int] = {
     "tuner.mixed": 2,
     "tuner": 2,
     "masks": 3,
-    "calibrate": 3,
+    "activation_stats": 3,
     "distributed": 1,
     "scoring": 4,
     "card": 4,

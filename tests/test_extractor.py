@@ -11,7 +11,7 @@ from peft import PeftModel
 import peft_persona as pp
 from conftest import logits, tiny_gpt2, tiny_llama, tiny_tokenizer, word_texts
 from peft_persona import scoring
-from peft_persona.calibrate import LayerStats, PersonaStats
+from peft_persona.activation_stats import LayerStats, PersonaStats
 from peft_persona.cli import main as cli_main
 from peft_persona.extractor import PersonaExtractor, mask_overlap
 from peft_persona.fingerprint import base_model_fingerprint

@@ -1,7 +1,7 @@
 """PersonaExtractor: calibrate on persona texts, score weights, select masks, hand them back as PEFT adapters.
 
 Glue only: texts become tokens, tokens become padded batches, batches go through the model's forward pass. The
-statistics are accumulated in :mod:`peft_persona.calibrate`, the scores and the selection are
+statistics are accumulated in :mod:`peft_persona.activation_stats`, the scores and the selection are
 :mod:`peft_persona.scoring`'s, the recipe is an :class:`~peft_persona.options.ExtractionOptions`, and the masks become
 adapters through :func:`peft_persona.masks.add_mask_adapter`.
 """
@@ -20,7 +20,7 @@ from torch import nn
 
 from . import distributed, scoring, selection
 from .bits import count_kept, pack_mask
-from .calibrate import (
+from .activation_stats import (
     Accumulator,
     ActivationRecorder,
     BatchLayout,

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .calibrate import LayerStats
+from .activation_stats import LayerStats
 from .selection import kept_per_row, order_keys, select_lexicographic, select_top_per_row
 
 __all__ = [
