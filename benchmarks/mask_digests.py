@@ -55,7 +55,11 @@ def saved(peft_model, name: str) -> tuple[dict, str]:
         root = Path(folder) / (name if name != "default" else "")
         config = json.loads((root / "adapter_config.json").read_text())
         weights = hashlib.sha256((root / "adapter_model.safetensors").read_bytes()).hexdigest()
-    return {k: v for k, v in config.items() if k not in VOLATILE}, weights
+    config = {k: v for k, v in config.items() if k not in VOLATILE}
+    config["target_modules"] = sorted(config["target_modules"])  # a set: its order varies with the hash seed
+    if str(config.get("base_model_name_or_path")).startswith(tempfile.gettempdir()):
+        config["base_model_name_or_path"] = "<temporary checkpoint folder>"
+    return config, weights
 
 
 def extract(extractor, personas: dict, strength: float | None = None, **kw):
