@@ -153,6 +153,8 @@ class PersonaExtractor:
         """
         options = resolve_options(options, method=method, sparsity=sparsity, **recipe)
         check_personas(options, list(stats))
+        if options.method == "obs":  # as before: its inputs are Gram matrices, which PersonaStats do not hold
+            raise ValueError("method 'obs' does not score from per-channel statistics")
         return select_all_layers(self.runner, options, {n: s.layers if s else None for n, s in stats.items()}, packed)
 
     def extract(
