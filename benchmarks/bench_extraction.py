@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from _common import markdown_table, n_params, random_llama, random_texts, word_tokenizer
 
-from peft_persona import PersonaExtractor
+from peft_persona import PersonaExtractor, tokens
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -51,8 +51,8 @@ def workloads(name: str):
 def bare_forward(extractor: PersonaExtractor, personas: dict) -> None:
     with torch.no_grad():
         for name, texts in personas.items():
-            resolved, _ = extractor._resolve_texts(name, texts)
-            for input_ids, attention in extractor._batches(extractor._encode(name, resolved)):
+            encoded, _ = tokens.prepare(extractor.tokenizer, name, texts, extractor.max_length)
+            for input_ids, attention in tokens.batches(encoded, extractor.tokenizer.pad_token_id, extractor.batch_size):
                 extractor.base_model(input_ids=input_ids, attention_mask=attention, use_cache=False)
 
 

@@ -15,7 +15,7 @@ import argparse
 import torch
 from _common import interleaved_medians, markdown_table
 
-from peft_persona import scoring
+from peft_persona import selection
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
 
@@ -34,26 +34,28 @@ def main() -> None:
     z = [torch.randn(s[1], generator=generator).to(args.device) for s in SHAPES]
 
     def per_row_loop():
-        for w, n in zip(weights, norms):
-            scores = scoring.wanda_scores(w, n)
-            k = scoring.kept_per_row(w.shape[1], args.sparsity)
+        for w, n in zip(weights, norms, strict=True):
+            scores = selection.channel_scores(w, n)
+            k = selection.kept_per_row(w.shape[1], args.sparsity)
             mask = torch.zeros_like(scores, dtype=torch.bool)
             for i in range(scores.shape[0]):
                 mask[i, torch.topk(scores[i], k).indices] = True
 
     def whole_topk():
-        for w, n in zip(weights, norms):
-            scoring.select_topk_reference(scoring.wanda_scores(w, n), scoring.kept_per_row(w.shape[1], args.sparsity))
+        for w, n in zip(weights, norms, strict=True):
+            selection.select_topk_reference(
+                selection.channel_scores(w, n), selection.kept_per_row(w.shape[1], args.sparsity)
+            )
 
     def ours_wanda():
-        for w, n in zip(weights, norms):
-            keys = scoring.order_keys(scoring.wanda_scores(w, n))
-            scoring.select_top_per_row(keys, scoring.kept_per_row(w.shape[1], args.sparsity))
+        for w, n in zip(weights, norms, strict=True):
+            keys = selection.order_keys(selection.channel_scores(w, n))
+            selection.select_top_per_row(keys, selection.kept_per_row(w.shape[1], args.sparsity))
 
     def ours_contrastive():
-        for w, n, zz in zip(weights, norms, z):
-            primary, secondary = scoring.contrastive_scores(w, zz.clamp_min(0)), scoring.wanda_scores(w, n)
-            scoring.select_lexicographic(primary, secondary, scoring.kept_per_row(w.shape[1], args.sparsity))
+        for w, n, zz in zip(weights, norms, z, strict=True):
+            primary, secondary = selection.channel_scores(w, zz.clamp_min(0)), selection.channel_scores(w, n)
+            selection.select_lexicographic(primary, secondary, selection.kept_per_row(w.shape[1], args.sparsity))
 
     def copy_floor():
         for w in weights:

@@ -44,13 +44,10 @@ def extract_pair(
     """A ``PeftModel`` with the adapters ``extravert`` and ``introvert`` extracted from the built-in data, at
     ``strength`` (default: sparsity 0.2, strength 0.5, what ``peft-persona tune`` chose for extraversion on
     SmolLM2-135M-Instruct)."""
-    from peft_persona import PersonaExtractor, set_strength
+    from peft_persona import PersonaExtractor
 
     extractor = PersonaExtractor(model, tokenizer, max_length=max_length, batch_size=16)
-    peft_model = extractor.extract(PAIR, method=method, sparsity=sparsity)
-    for name in PAIR:
-        set_strength(peft_model, name, strength)
-    return peft_model
+    return extractor.extract(PAIR, method=method, sparsity=sparsity, strength=strength)
 
 
 def _answer_ids(tokenizer) -> tuple[int, int]:

@@ -26,16 +26,16 @@ MARKERS = ("<!-- three-replies -->", "<!-- /three-replies -->")
 
 def replies(max_new_tokens: int = 40) -> dict[str, str]:
     """``{"base", "extravert", "introvert"}`` -> greedy reply to :data:`QUESTION`."""
-    from peft_persona import PersonaExtractor, set_strength
+    from peft_persona import PersonaExtractor
     from peft_persona.models import load_model
 
     torch.set_num_threads(1)
     model, tokenizer = load_model()
     extractor = PersonaExtractor(model, tokenizer, target=SETTINGS["target"], max_length=64, batch_size=16)
     pair = {"extravert": "builtin:extraversion#yes", "introvert": "builtin:extraversion#no"}
-    peft_model = extractor.extract(pair, method=SETTINGS["method"], sparsity=SETTINGS["sparsity"])
-    for name in pair:
-        set_strength(peft_model, name, SETTINGS["strength"])
+    peft_model = extractor.extract(
+        pair, method=SETTINGS["method"], sparsity=SETTINGS["sparsity"], strength=SETTINGS["strength"]
+    )
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
     )

@@ -10,10 +10,10 @@ from peft import PeftModel
 
 import peft_persona as pp
 from conftest import logits, tiny_gpt2, tiny_llama, tiny_tokenizer, word_texts
-from peft_persona import scoring
-from peft_persona.calibrate import LayerStats, PersonaStats
+from peft_persona import recipes, selection
+from peft_persona.activation_stats import LayerStats, PersonaStats
 from peft_persona.cli import main as cli_main
-from peft_persona.extractor import PersonaExtractor, mask_overlap
+from peft_persona.extractor import PersonaExtractor, shared_kept_fraction
 from peft_persona.fingerprint import base_model_fingerprint
 from peft_persona.targets import oriented_weight
 
@@ -52,7 +52,7 @@ def brute_force_select(primary, k, secondary=None):
     rows, cols = primary.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for i in range(rows):
-        key = lambda j: (-float(primary[i, j]), -float(secondary[i, j]) if secondary is not None else 0.0, j)  # noqa: E731
+        key = lambda j, i=i: (-float(primary[i, j]), -float(secondary[i, j]) if secondary is not None else 0.0, j)  # noqa: E731
         for j in sorted(range(cols), key=key)[:k]:
             mask[i, j] = True
     return mask
@@ -121,7 +121,7 @@ def test_stats_save_load_roundtrip_gives_same_masks(extractor, tmp_path):
 # ------------------------------------------------------------------------------------------------ selection
 def test_selection_breaks_ties_by_lower_column():
     scores = torch.tensor([[1.0, 2, 2, 2, 0], [0, 0, 0, 0, 0], [3, 1, 1, 2, 2], [-0.0, 0.0, 1, 0, 0]])
-    got = scoring.select_top_per_row(scoring.order_keys(scores), 2)
+    got = selection.select_top_per_row(selection.order_keys(scores), 2)
     assert got.tolist() == [
         [False, True, True, False, False],
         [True, True, False, False, False],
@@ -135,17 +135,17 @@ def test_selection_equals_brute_force_with_many_ties(sparsity):
     generator = torch.Generator().manual_seed(0)
     primary = torch.randint(0, 4, (13, 17), generator=generator).float()  # heavy ties
     secondary = torch.randint(0, 3, (13, 17), generator=generator).float()
-    k = scoring.kept_per_row(17, sparsity)
-    assert torch.equal(scoring.select_top_per_row(scoring.order_keys(primary), k), brute_force_select(primary, k))
+    k = selection.kept_per_row(17, sparsity)
+    assert torch.equal(selection.select_top_per_row(selection.order_keys(primary), k), brute_force_select(primary, k))
     expected = brute_force_select(primary, k, secondary)
-    assert torch.equal(scoring.select_lexicographic(primary, secondary, k), expected)
+    assert torch.equal(selection.select_lexicographic(primary, secondary, k), expected)
 
 
 def test_kept_per_row_and_sparsity_range():
-    assert scoring.kept_per_row(10, 0.55) == 4 and scoring.kept_per_row(7, 0.0) == 7
+    assert selection.kept_per_row(10, 0.55) == 4 and selection.kept_per_row(7, 0.0) == 7
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="sparsity"):
-            scoring.kept_per_row(10, bad)
+            selection.kept_per_row(10, bad)
 
 
 def _weights(extractor):
@@ -181,7 +181,7 @@ def test_contrastive_softplus_and_one_vs_rest(extractor):
     name, weight = next(iter(_weights(extractor).items()))
     rest = LayerStats.pooled(stats[p].layers[name] for p in "bcd")
     assert rest.n_seqs == 18  # the union of the other three calibration sets
-    z = scoring.contrastive_z(stats["a"].layers[name], rest)
+    z = recipes.contrastive_z(stats["a"].layers[name], rest)
     primary = weight.abs() * torch.nn.functional.softplus(z / 0.5).float()
     secondary = weight.abs() * stats["a"].layers[name].feature_norm.float()
     assert torch.equal(masks["a"][name], brute_force_select(primary, weight.shape[1] // 2, secondary))
@@ -248,7 +248,7 @@ def test_extract_returns_adapters_with_provenance_and_summary(tokens):
     assert config.base_model_fingerprint == base_model_fingerprint(tiny_llama())
     summary = extractor.summary
     assert summary.kept_fraction == 0.5 and 0 <= summary.overlap < 1
-    assert summary.overlap == mask_overlap(pp.get_masks(peft_model, "extro"), pp.get_masks(peft_model, "intro"))
+    assert summary.overlap == shared_kept_fraction(pp.get_masks(peft_model, "extro"), pp.get_masks(peft_model, "intro"))
     assert "overlap" in str(summary)
     peft_model.set_adapter("intro")
     masked = logits(peft_model, tokens)
@@ -416,7 +416,9 @@ def test_masks_can_be_returned_packed(extractor):
         assert pp.bits.count_kept(packed[name]["model.layers.0.mlp.down_proj"]) == int(
             plain[name]["model.layers.0.mlp.down_proj"].sum()
         )
-    assert pp.extractor.mask_overlap(packed["a"], packed["b"]) == pp.extractor.mask_overlap(plain["a"], plain["b"])
+    assert pp.extractor.shared_kept_fraction(packed["a"], packed["b"]) == pp.extractor.shared_kept_fraction(
+        plain["a"], plain["b"]
+    )
 
 
 def test_adapters_made_inside_inference_mode_keep_working_outside_it():

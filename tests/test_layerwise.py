@@ -106,7 +106,7 @@ def test_checkpoints_it_cannot_read_are_named(tmp_path):
 def test_cli_layerwise_matches_whole_model_and_saves_statistics(tmp_path):
     from peft import PeftModel
 
-    from peft_persona.calibrate import PersonaStats
+    from peft_persona.activation_stats import PersonaStats
     from peft_persona.cli import main
 
     folder = tmp_path / "model"

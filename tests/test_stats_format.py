@@ -123,8 +123,8 @@ def test_selection_matches_scoring_and_digest_is_sha256():
     assert (mask.sum(1) == k).all()
     assert torch.equal(
         mask,
-        pp.scoring.select_lexicographic(
-            pp.scoring.wanda_scores(weight, channel), pp.scoring.wanda_scores(weight, tiebreak), k
+        pp.selection.select_lexicographic(
+            pp.selection.channel_scores(weight, channel), pp.selection.channel_scores(weight, tiebreak), k
         ),
     )
     packed = pp.bits.pack_mask(mask)
@@ -342,5 +342,5 @@ def test_selection_in_row_blocks_equals_one_pass(monkeypatch):
     assert torch.equal(select_by_channels(weight, 9, channel, tiebreak), whole)
     assert torch.equal(
         select_by_channels(weight, 9, channel),
-        pp.scoring.select_top_per_row(pp.scoring.order_keys(pp.scoring.wanda_scores(weight, channel)), 9),
+        pp.selection.select_top_per_row(pp.selection.order_keys(pp.selection.channel_scores(weight, channel)), 9),
     )

@@ -164,7 +164,7 @@ def test_model_with_nan_weights_fails_the_fingerprint(tmp_path):
     directory = saved_adapter(tmp_path)
     model = tiny_llama()
     with torch.no_grad():
-        for module in mask_layers(pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1))).keys():
+        for module in mask_layers(pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1))):
             model.get_submodule(module).weight.fill_(float("nan"))
     with pytest.raises(pp.FingerprintMismatchError, match="NaN"):
         model.load_adapter(str(directory))
@@ -301,7 +301,7 @@ def test_pickle_is_never_reachable(tmp_path, monkeypatch):
     [(2560, 0.9, 256), (10, 0.55, 4), (7, 0.0, 7), (100, 0.7, 30), (4096, 0.3, 2867), (10, 0.25, 7)],
 )
 def test_kept_per_row_is_exact(in_features, sparsity, kept):
-    from peft_persona.scoring import kept_per_row
+    from peft_persona.selection import kept_per_row
 
     assert kept_per_row(in_features, sparsity) == kept
 

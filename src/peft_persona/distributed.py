@@ -27,6 +27,7 @@ def world() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
+    """Whether this is rank 0 (or the only process)."""
     return world()[0] == 0
 
 
@@ -35,7 +36,15 @@ def owner(index: int) -> int:
     return index % world()[1]
 
 
+def mine(names: Sequence[str], split: bool = True) -> list[str]:
+    """The ``names`` (layers) this process selects: all of them in one process or without ``split``, else every N-th
+    of N ranks."""
+    rank = world()[0]
+    return [name for index, name in enumerate(names) if not split or owner(index) == rank]
+
+
 def barrier() -> None:
+    """Wait for every process (nothing to wait for in one)."""
     if world()[1] > 1:
         torch.distributed.barrier()
 
@@ -63,7 +72,7 @@ def add_in_batch_order(
         else:
             flat = torch.empty(sum(sizes), dtype=torch.float64, device=device)
         torch.distributed.broadcast(flat, src=owner(batch))
-        for total, part in zip(totals, flat.split(sizes)):
+        for total, part in zip(totals, flat.split(sizes), strict=True):
             total += part.view(total.shape).to(total.device, total.dtype)
 
 
@@ -81,6 +90,18 @@ def share_masks(
             bits = torch.empty(out_features, (in_features + 7) // 8, dtype=torch.uint8, device=device)
         torch.distributed.broadcast(bits, src=owner(index))
         masks[layer] = bits.cpu() if packed else unpack_mask(bits.cpu(), in_features)
+
+
+def share_all_masks(
+    masks: dict[str, dict[str, torch.Tensor]], shapes: Mapping[str, tuple[int, int]], packed: bool = False
+) -> None:
+    """Give every rank every persona's mask of every layer of ``shapes`` (in place, layers in that order), each from
+    the rank that selected it; nothing to do in one process."""
+    if world()[1] == 1:
+        return
+    for persona, persona_masks in masks.items():
+        share_masks(persona_masks, list(shapes), shapes, packed=packed)
+        masks[persona] = {layer: persona_masks[layer] for layer in shapes}
 
 
 def init_from_environment() -> bool:

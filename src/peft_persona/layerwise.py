@@ -42,7 +42,7 @@ class Checkpoint:
             self.files = {k: self.directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
         elif (self.directory / SAFETENSORS_SINGLE).is_file():
             with safe_open(str(self.directory / SAFETENSORS_SINGLE), framework="pt") as handle:
-                self.files = {k: self.directory / SAFETENSORS_SINGLE for k in handle.keys()}
+                self.files = {k: self.directory / SAFETENSORS_SINGLE for k in handle.keys()}  # noqa: SIM118
         else:
             raise PersonaAdapterError(
                 f"{self.directory} holds neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}: layer-by-layer "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
+
+from .checks import check_sparsity
 
 Method = Literal["wanda", "contrastive", "obs", "magnitude", "random"]
 CALIBRATED_METHODS: tuple[str, ...] = ("wanda", "contrastive", "obs")
@@ -37,8 +40,7 @@ class ExtractionOptions:
     def __post_init__(self) -> None:
         if self.method not in EXTRACTION_METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of {EXTRACTION_METHODS}")
-        if not 0.0 <= float(self.sparsity) < 1.0:
-            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        check_sparsity(self.sparsity)
         if self.phi not in PHI_KINDS:
             raise ValueError(f"phi must be one of {PHI_KINDS}, got {self.phi!r}")
         if not self.tau > 0:
@@ -61,4 +63,26 @@ class ExtractionOptions:
         return record
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field by name."""
         return asdict(self)
+
+
+def resolve_options(options: ExtractionOptions | None, **keywords: Any) -> ExtractionOptions:
+    """``options``, or one built from the keywords that were given; giving both is a ``TypeError``."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in fields(ExtractionOptions)})
+    if unknown:
+        raise TypeError(
+            f"unknown recipe keyword(s) {unknown}; ExtractionOptions has {[f.name for f in fields(ExtractionOptions)]}"
+        )
+    if options is not None and given:
+        raise TypeError(f"pass either `options` or the keywords {sorted(given)}, not both")
+    return options if options is not None else ExtractionOptions(**given)
+
+
+def check_personas(options: ExtractionOptions, names: Sequence[str]) -> None:
+    """Raise a ``ValueError`` if ``names`` do not suit the method: none at all, or fewer than two to contrast."""
+    if not names:
+        raise ValueError("no personas given")
+    if options.method == "contrastive" and len(names) < 2:
+        raise ValueError(f"contrastive extraction needs at least two personas, got {list(names)}")

@@ -21,7 +21,8 @@ from fractions import Fraction
 
 import torch
 
-DIGEST_BYTES = 32  # SHA-256
+from .checks import check_sparsity
+
 CHUNK_ELEMENTS = 1 << 22  # entries per block of rows in select_by_channels (16 MiB of float32 scores)
 
 
@@ -31,9 +32,7 @@ def kept_per_row(in_features: int, sparsity: float) -> int:
     Computed exactly, with ``sparsity`` taken as the shortest decimal that round-trips to it (``repr``), so float
     rounding never drops a weight: ``kept_per_row(2560, 0.9) == 256``, where ``int(2560 * (1 - 0.9))`` gives 255.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
-    pruned = Fraction(repr(float(sparsity))) * in_features
+    pruned = Fraction(repr(check_sparsity(sparsity))) * in_features
     return in_features - math.ceil(pruned)
 
 
@@ -61,6 +60,14 @@ def select_top_per_row(keys: torch.Tensor, k: int) -> torch.Tensor:
         from_right = at_threshold.flip(1).cumsum(1).flip(1)
         keep[tied_rows] &= ~(at_threshold & (from_right <= surplus[tied_rows, None]))
     return keep
+
+
+def select_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The paper code's selection: ``torch.topk`` per row, ties resolved however torch returns them."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, torch.topk(scores.float(), k, dim=1).indices, True)
+    return mask
 
 
 def select_lexicographic(primary: torch.Tensor, secondary: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,81 +9,102 @@ from pathlib import Path
 from typing import Any
 
 from .. import adapter_files, distributed
+from ..checks import check_strength
 from ..models import DEFAULT_MODEL
 from ..options import EXTRACTION_METHODS, PHI_KINDS, ExtractionOptions
 from ..targets import TARGET_PRESETS, parse_layers
 
+# Flag, then add_argument's keywords: one row per option, in the order --help lists them.
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--model", dict(default=DEFAULT_MODEL, help=f"Hub id, local path or embedded name (default: {DEFAULT_MODEL})")),
+    ("--gguf-file", dict(default=None, help="GGUF file inside --model to load (dequantised to float32)")),
+    (
+        "--layerwise",
+        dict(
+            action="store_true",
+            help="calibrate one decoder block at a time, reading each block's weights from the checkpoint's "
+            "safetensors shards, for models larger than memory (masks bit-identical to a whole-model run; not for "
+            "GGUF)",
+        ),
+    ),
+    (
+        "--cache-gb",
+        dict(
+            type=float,
+            default=2.0,
+            help="with --layerwise: memory for the cached hidden states, in GiB; more spills to a temporary folder",
+        ),
+    ),
+    (
+        "--persona",
+        dict(
+            action="append",
+            required=True,
+            metavar="NAME=SOURCE",
+            help="persona name and its texts, e.g. extravert=builtin:extraversion#yes (repeat for each persona)",
+        ),
+    ),
+    (
+        "--method",
+        dict(default="contrastive", choices=EXTRACTION_METHODS, help="how masks are found (default contrastive)"),
+    ),
+    ("--sparsity", dict(type=float, default=0.5, help="fraction of each row's weights removed (default 0.5)")),
+    (
+        "--strength",
+        dict(
+            type=float,
+            default=1.0,
+            help="strength saved with the adapters, in [0, 1]: 1 removes the dropped weights, lower values scale "
+            "them by 1 - strength",
+        ),
+    ),
+    (
+        "--target",
+        dict(
+            default="all",
+            choices=TARGET_PRESETS,
+            help="which sub-layers of the decoder blocks to mask: all (default), mlp (the paper's prune_only_mlp), "
+            "attention",
+        ),
+    ),
+    ("--layers", dict(default=None, help="decoder blocks to mask, e.g. 8-23 or 0,2,5-7 (default: all)")),
+    (
+        "--modules",
+        dict(
+            default=None,
+            help="comma-separated module names to mask (e.g. model.layers.3.mlp.up_proj); replaces --target and "
+            "--layers",
+        ),
+    ),
+    ("--phi", dict(default="relu", choices=PHI_KINDS, help="contrastive channel weight")),
+    ("--tau", dict(type=float, default=1.0, help="softplus temperature")),
+    ("--reference", dict(action="store_true", help="reproduce the paper code's statistics (comparison only)")),
+    ("--max-length", dict(type=int, default=256, help="truncate calibration texts to this many tokens")),
+    ("--batch-size", dict(type=int, default=8)),
+    ("--seed", dict(type=int, default=0, help="seed of the random control")),
+    (
+        "--save-format",
+        dict(
+            default="bits",
+            choices=("bits", "stats"),
+            help="bits (default): each mask, 1 bit per weight; stats: only the per-channel statistics that select "
+            "it and a SHA-256 per layer, re-derived from the base weights on load (wanda, contrastive, magnitude)",
+        ),
+    ),
+    ("--save-stats", dict(action="store_true", help="also save each persona's statistics (safetensors)")),
+    ("--out", dict(required=True, type=Path, help="output directory: one sub-directory per persona")),
+]
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``extract`` sub-command and its options."""
     parser = subparsers.add_parser(
         "extract",
         help="extract persona masks and save them as PEFT adapters",
         description="Extract persona masks from calibration texts and save one adapter per persona under --out.",
     )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id, local path or embedded name (default: {DEFAULT_MODEL})"
-    )
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantised to float32)")
-    parser.add_argument(
-        "--layerwise",
-        action="store_true",
-        help="calibrate one decoder block at a time, reading each block's weights from the checkpoint's safetensors "
-        "shards, for models larger than memory (masks bit-identical to a whole-model run; not for GGUF)",
-    )
-    parser.add_argument(
-        "--cache-gb",
-        type=float,
-        default=2.0,
-        help="with --layerwise: memory for the cached hidden states, in GiB; more spills to a temporary folder",
-    )
-    parser.add_argument(
-        "--persona",
-        action="append",
-        required=True,
-        metavar="NAME=SOURCE",
-        help="persona name and its texts, e.g. extravert=builtin:extraversion#yes (repeat for each persona)",
-    )
-    parser.add_argument(
-        "--method", default="contrastive", choices=EXTRACTION_METHODS, help="how masks are found (default contrastive)"
-    )
-    parser.add_argument(
-        "--sparsity", type=float, default=0.5, help="fraction of each row's weights removed (default 0.5)"
-    )
-    parser.add_argument(
-        "--strength",
-        type=float,
-        default=1.0,
-        help="strength saved with the adapters, in [0, 1]: 1 removes the dropped weights, lower values scale them by 1 - strength",
-    )
-    parser.add_argument(
-        "--target",
-        default="all",
-        choices=TARGET_PRESETS,
-        help="which sub-layers of the decoder blocks to mask: all (default), mlp (the paper's prune_only_mlp), attention",
-    )
-    parser.add_argument("--layers", default=None, help="decoder blocks to mask, e.g. 8-23 or 0,2,5-7 (default: all)")
-    parser.add_argument(
-        "--modules",
-        default=None,
-        help="comma-separated module names to mask (e.g. model.layers.3.mlp.up_proj); replaces --target and --layers",
-    )
-    parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight")
-    parser.add_argument("--tau", type=float, default=1.0, help="softplus temperature")
-    parser.add_argument(
-        "--reference", action="store_true", help="reproduce the paper code's statistics (comparison only)"
-    )
-    parser.add_argument("--max-length", type=int, default=256, help="truncate calibration texts to this many tokens")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random control")
-    parser.add_argument(
-        "--save-format",
-        default="bits",
-        choices=("bits", "stats"),
-        help="bits (default): each mask, 1 bit per weight; stats: only the per-channel statistics that select it and "
-        "a SHA-256 per layer, re-derived from the base weights on load (wanda, contrastive, magnitude)",
-    )
-    parser.add_argument("--save-stats", action="store_true", help="also save each persona's statistics (safetensors)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory: one sub-directory per persona")
+    for flag, keywords in OPTIONS:
+        parser.add_argument(flag, **keywords)
     parser.set_defaults(func=run)
 
 
@@ -104,8 +125,7 @@ def parse_personas(specs: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from ..extractor import PersonaExtractor
     from ..models import load_model
-    from ..tuner import PersonaMaskConfig, set_strength
-    from ..tuner.layer import check_strength
+    from ..tuner import PersonaMaskConfig
 
     distributed.init_from_environment()  # torchrun / accelerate launch: join the process group
     personas = parse_personas(args.persona)
@@ -135,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             for name, stats in personas.items():
                 stats.save(args.out / f"{name}.stats.safetensors")
-    peft_model = extractor.extract(personas, options=options, save_format=args.save_format)
-    for name in personas:
-        set_strength(peft_model, name, args.strength)
+    peft_model = extractor.extract(personas, options=options, save_format=args.save_format, strength=args.strength)
     if distributed.is_main_process():  # under torchrun every rank holds the same masks; one writes them
         save_adapters(peft_model, list(personas), args.out)
         print(extractor.summary)

@@ -1,4 +1,4 @@
-"""Calibration: stream a persona's texts through the model and keep O(d_in) activation statistics per layer.
+"""Activation statistics: stream a persona's texts through the model and keep O(d_in) statistics per layer.
 
 For a targeted linear layer with input ``x_t`` (one non-padding token ``t``) and calibration sequences ``s``:
 
