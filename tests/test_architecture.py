@@ -71,6 +71,7 @@ RANKS: dict[str, int] = {
     "eval.finetune": 7,
     "eval.compare": 7,
     "eval.arms": 7,
+    "eval.compare_report": 7,
     "commands": 8,
     "commands.extract": 8,
     "commands.eval": 8,
