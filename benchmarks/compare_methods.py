@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
 
 def render(results: Path) -> Path:
     """Rewrite ``comparison.md`` beside ``results`` from its intro and every model's state files."""
-    lines = [line.rstrip() for line in (RESULTS / "intro.md").read_text().splitlines()]
+    lines = [line.rstrip() for line in (ROOT / "benchmarks" / "comparison_intro.md").read_text().splitlines()]
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
         personas = compare_report.load_model_states(folder)
         if not personas:

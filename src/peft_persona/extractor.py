@@ -28,9 +28,17 @@ from .fingerprint import base_model_fingerprint, probe_modules
 from .layerwise import DEFAULT_CACHE_BYTES, Checkpoint, empty_model, resolve_checkpoint
 from .masks import add_mask_adapter, add_selection_adapter
 from .models import ensure_pad_token
-from .options import ExtractionOptions, Method, check_personas, resolve_options
+from .options import CONTRASTING_METHODS, ExtractionOptions, Method, check_personas, resolve_options
 from .selection import ChannelSelection
-from .targets import in_features_of, modules_by_name, oriented_weight, parse_layers, select_targets, why_not_maskable
+from .targets import (
+    BANDS,
+    in_features_of,
+    modules_by_name,
+    oriented_weight,
+    parse_layers,
+    select_targets,
+    why_not_maskable,
+)
 from .tuner.config import PersonaMaskConfig
 
 __all__ = ["ExtractionSummary", "PersonaExtractor", "TextsLike", "shared_kept_fraction"]
@@ -244,7 +252,7 @@ def resolve_targets(
     record = (
         {"target_modules": "explicit"}
         if target_modules is not None
-        else {"target": target, "layers": parse_layers(layers)}
+        else {"target": target, "layers": layers if layers in BANDS else parse_layers(layers)}
     )
     names = list(target_modules) if target_modules is not None else select_targets(model, target, layers)
     modules = modules_by_name(model, names)
@@ -361,7 +369,7 @@ def adapter_config(
     return PersonaMaskConfig(
         target_modules=set(extractor.modules),
         persona=name,
-        opposite_persona=_opposite(name, names) if options.method == "contrastive" else None,
+        opposite_persona=_opposite(name, names) if options.method in CONTRASTING_METHODS else None,
         method=options.method,
         sparsity=options.sparsity,
         calibration={**record, **options.record(), "targets": extractor.targets},

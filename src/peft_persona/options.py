@@ -8,13 +8,15 @@ from typing import Any, Literal
 
 from .checks import check_sparsity
 
-Method = Literal["wanda", "contrastive", "obs", "magnitude", "random"]
-CALIBRATED_METHODS: tuple[str, ...] = ("wanda", "contrastive", "obs")
+Method = Literal["wanda", "contrastive", "difference", "obs", "magnitude", "random"]
+CALIBRATED_METHODS: tuple[str, ...] = ("wanda", "contrastive", "difference", "obs")
+CONTRASTING_METHODS: tuple[str, ...] = ("contrastive", "difference")  # need two or more personas
 CONTROL_METHODS: tuple[str, ...] = ("magnitude", "random")
 EXTRACTION_METHODS: tuple[str, ...] = CALIBRATED_METHODS + CONTROL_METHODS
 # A config's `method` may also say how a mask was made without extraction.
 CONFIG_METHODS: tuple[str, ...] = EXTRACTION_METHODS + ("explicit", "combined")
-PHI_KINDS: tuple[str, ...] = ("relu", "softplus")
+PHI_KINDS: tuple[str, ...] = ("relu", "softplus", "sigmoid")
+STRUCTURES: tuple[str, ...] = ("row", "channel")
 
 
 @dataclass(frozen=True)
@@ -22,20 +24,24 @@ class ExtractionOptions:
     """The recipe of an extraction; validated on construction.
 
     Args:
-        method: ``wanda``, ``contrastive``, ``obs``, or the controls ``magnitude`` and ``random``.
+        method: ``wanda``, ``contrastive``, ``difference``, ``obs``, or the controls ``magnitude`` and ``random``.
         sparsity: fraction of each output row's weights removed, in [0, 1).
-        phi: contrastive channel weight, ``relu(z)`` or ``softplus(z / tau)``.
-        tau: softplus temperature, positive.
+        phi: contrastive channel weight: ``relu(z)``, ``softplus(z / tau)`` or ``sigmoid(z / tau)`` (z-ordered: the
+            persona signal ranks every channel, not only those with ``z > 0``).
+        tau: softplus and sigmoid temperature, positive.
+        structure: ``row`` (each output row keeps its best weights) or ``channel`` (whole input channels are
+            removed from every row, the mask analogue of ablating directions).
         reference: reproduce the paper code's statistics and tie handling (comparison only).
         seed: seed of the ``random`` control.
     """
 
     method: Method = "wanda"
     sparsity: float = 0.5
-    phi: Literal["relu", "softplus"] = "relu"
+    phi: Literal["relu", "softplus", "sigmoid"] = "relu"
     tau: float = 1.0
     reference: bool = False
     seed: int = 0
+    structure: Literal["row", "channel"] = "row"
 
     def __post_init__(self) -> None:
         if self.method not in EXTRACTION_METHODS:
@@ -45,6 +51,10 @@ class ExtractionOptions:
             raise ValueError(f"phi must be one of {PHI_KINDS}, got {self.phi!r}")
         if not self.tau > 0:
             raise ValueError(f"tau must be positive, got {self.tau}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        if self.structure == "channel" and (self.method in ("obs", "random") or self.reference):
+            raise ValueError(f"structure 'channel' needs a per-channel score; method {self.method!r} has none")
 
     @property
     def calibrated(self) -> bool:
@@ -56,6 +66,8 @@ class ExtractionOptions:
         record: dict[str, Any] = {}
         if self.method == "contrastive":
             record.update(phi=self.phi, tau=self.tau)
+        if self.structure != "row":
+            record["structure"] = self.structure
         if self.method == "random":
             record["seed"] = self.seed
         if self.reference:
@@ -84,5 +96,5 @@ def check_personas(options: ExtractionOptions, names: Sequence[str]) -> None:
     """Raise a ``ValueError`` if ``names`` do not suit the method: none at all, or fewer than two to contrast."""
     if not names:
         raise ValueError("no personas given")
-    if options.method == "contrastive" and len(names) < 2:
-        raise ValueError(f"contrastive extraction needs at least two personas, got {list(names)}")
+    if options.method in CONTRASTING_METHODS and len(names) < 2:
+        raise ValueError(f"{options.method} extraction needs at least two personas, got {list(names)}")

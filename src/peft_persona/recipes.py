@@ -6,9 +6,12 @@ weights of highest score (:mod:`peft_persona.selection`):
 * ``wanda``: ``|W_ij| * n_j``, ``n_j`` the norm of input channel ``j`` over the persona's tokens;
 * ``contrastive``: ``|W_ij| * phi(z_j)``, ``z_j`` the persona's standardised difference from the other persona (or
   from the pooled rest of k > 2), ties broken by the Wanda score;
+* ``difference``: ``|W_ij| * (n_j - m_j)``, the persona's Wanda importance minus the other's (``m_j`` their channel
+  norm), ties broken by the Wanda score: what the other persona needs most is pruned first;
 * ``magnitude``: ``|W_ij|``, and ``random``: uniform scores from one seeded stream (the controls);
 * ``obs``: ``W_ij^2 / [H^-1]_jj``, SparseGPT's saliency, from the persona's ``diag(H^-1)``.
 
+With ``structure="channel"`` whole input channels are kept or removed, the same in every row (:func:`whole_channels`).
 With ``reference`` the paper code's statistic and ``torch.topk`` tie handling are used instead. The first three are
 described by one ``float32`` vector per layer (:func:`channels`), which the ``stats`` adapter format stores.
 :func:`layer_masks` is the entry point for one layer; :func:`select_masks` is the one loop over layers that the
@@ -31,6 +34,7 @@ from .selection import (
     kept_per_row,
     order_keys,
     select_by_channels,
+    select_lexicographic,
     select_top_per_row,
     select_topk_reference,
 )
@@ -46,15 +50,21 @@ def contrastive_z(positive: LayerStats, negative: LayerStats, eps: float = CONTR
     return (positive.seq_mean - negative.seq_mean) / (positive.seq_var + negative.seq_var + eps).sqrt()
 
 
-def phi(z: torch.Tensor, kind: Literal["relu", "softplus"] = "relu", tau: float = 1.0) -> torch.Tensor:
-    """Channel weighting of contrastive scores: ``relu(z)`` or ``softplus(z / tau)``."""
+def phi(z: torch.Tensor, kind: Literal["relu", "softplus", "sigmoid"] = "relu", tau: float = 1.0) -> torch.Tensor:
+    """Channel weighting of contrastive scores: ``relu(z)``, ``softplus(z / tau)`` or ``sigmoid(z / tau)``.
+
+    ``relu`` gives every channel with ``z <= 0`` the score 0, so below sparsity 0.5 most pruned weights are ranked by
+    the Wanda tie-break alone; ``sigmoid`` is positive and strictly increasing, so ``z`` orders every channel.
+    """
     if kind == "relu":
         return z.clamp_min(0)
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
     if kind == "softplus":
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
         return F.softplus(z / tau)
-    raise ValueError(f"phi must be 'relu' or 'softplus', got {kind!r}")
+    if kind == "sigmoid":
+        return torch.sigmoid(z / tau)
+    raise ValueError(f"phi must be 'relu', 'softplus' or 'sigmoid', got {kind!r}")
 
 
 def obs_hessian_inverse_diagonal(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -85,6 +95,17 @@ def _contrastive_channels(
     return channel, None if recipe.reference else own.feature_norm.float()
 
 
+def _difference_channels(
+    recipe: ExtractionOptions, persona: str, stats: Mapping[str, Any], in_features: int
+) -> Channels:
+    """``n_self - n_other``: a weight's Wanda importance to this persona minus its importance to the other (or the
+    pooled rest), per unit ``|W|``; the most negative scores, the weights the other side needs most, go first."""
+    own = stats[persona]
+    others = [s for name, s in stats.items() if name != persona]
+    rest = others[0] if len(others) == 1 else LayerStats.pooled(others)
+    return (own.feature_norm - rest.feature_norm).float(), own.feature_norm.float()
+
+
 def _magnitude_channels(
     recipe: ExtractionOptions, persona: str, stats: Mapping[str, Any], in_features: int
 ) -> Channels:
@@ -94,6 +115,7 @@ def _magnitude_channels(
 CHANNEL_RECIPES: dict[str, Callable[..., Channels]] = {
     "wanda": _wanda_channels,
     "contrastive": _contrastive_channels,
+    "difference": _difference_channels,
     "magnitude": _magnitude_channels,
 }
 
@@ -109,6 +131,8 @@ def channels(recipe: ExtractionOptions, persona: str, stats: Mapping[str, LayerI
 # ----------------------------------------------------------------------------------- one mask
 def _channel_mask(recipe: ExtractionOptions, weight: torch.Tensor, k: int, persona: str, stats: Any, _: Any) -> Any:
     channel, tiebreak = channels(recipe, persona, stats, weight.shape[1])
+    if recipe.structure == "channel":
+        return whole_channels(weight, k, channel, tiebreak)
     if recipe.reference:
         return select_topk_reference(channel_scores(weight, channel), k)
     return select_by_channels(weight, k, channel, tiebreak)
@@ -125,9 +149,21 @@ def _obs_mask(recipe: ExtractionOptions, weight: torch.Tensor, k: int, persona: 
     return select_top_per_row(order_keys(obs_scores(weight, stats[persona])), k)
 
 
+def whole_channels(weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: torch.Tensor | None) -> torch.Tensor:
+    """Keep the same ``k`` input channels in every row: those of highest ``c_j * sum_i |W_ij|`` (ties by the
+    tie-break vector, then the lower index); the other channels are removed whole."""
+    column = channel_scores(weight, channel).sum(0, keepdim=True)
+    if tiebreak is None:
+        keep = select_top_per_row(order_keys(column), k)
+    else:
+        keep = select_lexicographic(column, channel_scores(weight, tiebreak).sum(0, keepdim=True), k)
+    return keep.expand(weight.shape[0], -1).clone()
+
+
 MASK_RECIPES: dict[str, Callable[..., torch.Tensor]] = {
     "wanda": _channel_mask,
     "contrastive": _channel_mask,
+    "difference": _channel_mask,
     "magnitude": _channel_mask,
     "random": _random_mask,
     "obs": _obs_mask,

@@ -26,6 +26,9 @@ from .checks import check_sparsity
 CHUNK_ELEMENTS = 1 << 22  # entries per block of rows in select_by_channels (16 MiB of float32 scores)
 
 
+SIGN_FLIP = 0x7FFFFFFF  # flips the exponent and mantissa bits of a negative float's int32 view
+
+
 def kept_per_row(in_features: int, sparsity: float) -> int:
     """The number of weights each output row keeps: ``in_features - ceil(in_features * sparsity)``.
 
@@ -37,11 +40,14 @@ def kept_per_row(in_features: int, sparsity: float) -> int:
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """``int32`` keys ordered like the non-negative ``float32`` ``scores``: their IEEE bit patterns.
+    """``int32`` keys ordered like the ``float32`` ``scores``: their IEEE bit patterns, with the magnitude bits of
+    negative scores flipped so that they order below every non-negative score and among themselves.
 
-    ``-0.0`` is mapped to ``+0.0``; a NaN ranks above every number. Scores must not be negative.
+    ``-0.0`` is mapped to ``+0.0``; a (positive) NaN ranks above every number. A non-negative score's key is its bit
+    pattern, unchanged.
     """
-    return (scores.float() + 0.0).view(torch.int32)
+    keys = (scores.float() + 0.0).view(torch.int32)
+    return torch.where(keys < 0, keys ^ SIGN_FLIP, keys)
 
 
 def select_top_per_row(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,7 +88,7 @@ def select_lexicographic(primary: torch.Tensor, secondary: torch.Tensor, k: int)
     first = order_keys(primary)
     threshold = torch.kthvalue(first, cols - k + 1, dim=1, keepdim=True).values
     above, tied = first > threshold, first == threshold
-    second = torch.where(tied, order_keys(secondary), torch.full_like(first, -1))
+    second = torch.where(tied, order_keys(secondary), torch.full_like(first, torch.iinfo(torch.int32).min))
     second = second.masked_fill_(above, torch.iinfo(torch.int32).max)  # above entries: kept; never tied with others
     return select_top_per_row(second, k)
 

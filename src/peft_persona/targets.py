@@ -136,10 +136,27 @@ def module_role(name: str) -> str:
     )
 
 
-def parse_layers(spec: str | Iterable[int] | None) -> list[int] | None:
-    """Decoder block indices from ``"8-23"``, ``"0,2,5-7"`` or a list of ints; ``None`` stays ``None`` (every block)."""
+BANDS: tuple[str, ...] = ("early", "middle", "late")
+
+
+def band_layers(band: str, n_blocks: int) -> list[int]:
+    """The blocks of a band: the first, middle or last third of ``n_blocks`` (rounded to the nearest block)."""
+    if band not in BANDS:
+        raise ValueError(f"layer band {band!r} is unknown; use one of {BANDS}")
+    bounds = [round(n_blocks * i / 3) for i in range(4)]
+    index = BANDS.index(band)
+    return list(range(bounds[index], bounds[index + 1]))
+
+
+def parse_layers(spec: str | Iterable[int] | None, n_blocks: int | None = None) -> list[int] | None:
+    """Decoder block indices from ``"8-23"``, ``"0,2,5-7"``, a list of ints or, given the model's ``n_blocks``, a
+    band (``"early"``, ``"middle"``, ``"late"``: a third of the blocks); ``None`` stays ``None`` (every block)."""
     if spec is None:
         return None
+    if isinstance(spec, str) and spec in BANDS:
+        if n_blocks is None:
+            return None  # resolved against the model by select_targets
+        return band_layers(spec, n_blocks)
     if not isinstance(spec, str):
         values = list(spec)
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
@@ -162,9 +179,9 @@ def select_targets(model: nn.Module, preset: str = "all", layers: str | Iterable
     the paper's ``prune_only_mlp`` being ``mlp``) of the decoder blocks ``layers`` (default: every block)."""
     if preset not in TARGET_PRESETS:
         raise ValueError(f"target preset {preset!r} is unknown; use one of {TARGET_PRESETS}")
-    blocks = parse_layers(layers)
     names = list(decoder_linear_modules(model))
     present = sorted({block_index(n) for n in names if block_index(n) is not None})
+    blocks = parse_layers(layers, present[-1] + 1 if present else 0)
     if blocks is not None:
         missing = sorted(set(blocks) - set(present))
         if missing:

@@ -11,7 +11,7 @@ from typing import Any
 from .. import adapter_files, distributed
 from ..checks import check_strength
 from ..models import DEFAULT_MODEL
-from ..options import EXTRACTION_METHODS, PHI_KINDS, ExtractionOptions
+from ..options import EXTRACTION_METHODS, PHI_KINDS, STRUCTURES, ExtractionOptions
 from ..targets import TARGET_PRESETS, parse_layers
 
 # Flag, then add_argument's keywords: one row per option, in the order --help lists them.
@@ -67,7 +67,14 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "attention",
         ),
     ),
-    ("--layers", dict(default=None, help="decoder blocks to mask, e.g. 8-23 or 0,2,5-7 (default: all)")),
+    (
+        "--layers",
+        dict(
+            default=None,
+            help="decoder blocks to mask, e.g. 8-23 or 0,2,5-7, or a band: early, middle, late (a third of the "
+            "blocks each; default: all)",
+        ),
+    ),
     (
         "--modules",
         dict(
@@ -76,8 +83,24 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "--layers",
         ),
     ),
-    ("--phi", dict(default="relu", choices=PHI_KINDS, help="contrastive channel weight")),
-    ("--tau", dict(type=float, default=1.0, help="softplus temperature")),
+    (
+        "--phi",
+        dict(
+            default="relu",
+            choices=PHI_KINDS,
+            help="contrastive channel weight: relu(z) (the paper's), softplus(z/tau), or sigmoid(z/tau), which lets "
+            "z order every channel",
+        ),
+    ),
+    ("--tau", dict(type=float, default=1.0, help="softplus and sigmoid temperature")),
+    (
+        "--structure",
+        dict(
+            default="row",
+            choices=STRUCTURES,
+            help="row (default): each output row keeps its best weights; channel: whole input channels are removed",
+        ),
+    ),
     ("--reference", dict(action="store_true", help="reproduce the paper code's statistics (comparison only)")),
     ("--max-length", dict(type=int, default=256, help="truncate calibration texts to this many tokens")),
     ("--batch-size", dict(type=int, default=8)),
@@ -129,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
 
     distributed.init_from_environment()  # torchrun / accelerate launch: join the process group
     personas = parse_personas(args.persona)
-    options = ExtractionOptions(args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed)
+    options = ExtractionOptions(
+        args.method, args.sparsity, args.phi, args.tau, args.reference, args.seed, structure=args.structure
+    )
     PersonaMaskConfig(
         method=args.method, sparsity=args.sparsity, save_format=args.save_format, calibration=options.record()
     )  # fail before loading

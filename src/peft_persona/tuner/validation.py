@@ -134,6 +134,8 @@ def _check_save_format(config: Any) -> None:
             "'stats' cannot hold obs masks: their selection reads a Cholesky inverse of the Hessian, which is not "
             "reproducible bit for bit; save obs masks in the 'bits' format",
         )
+    if isinstance(config.calibration, dict) and config.calibration.get("structure", "row") != "row":
+        raise _fail("save_format", "'stats' re-derives masks row by row; channel-structured masks need 'bits'")
     if config.method not in STATS_METHODS:
         raise _fail(
             "save_format",
