@@ -20,6 +20,7 @@ from torch import nn
 
 from . import adapter_files
 from .adapter_files import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, adapter_dirs
+from .atomic import atomic_dir
 from .card import DEFAULT_LICENSE, HUB_ID, StagedAdapter, build_model_card, check_card, embedded_base
 from .errors import PersonaAdapterError
 from .tuner import PersonaMaskConfig, mask_layers
@@ -132,17 +133,11 @@ def export_repo(
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists; export_repo writes a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = adapter_files.staging_dir(out)
-    try:
+    with atomic_dir(out) as partial:
         staged = stage_adapters(model_or_dir, partial, adapter_names, base_model)
         card = build_model_card(repo_id, staged, eval_report, license, revision)
         check_card(card, repo_id)
         card.save(partial / CARD_NAME)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return staged
 
 

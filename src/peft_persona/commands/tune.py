@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_dir
 from . import personas as persona_options
 
 
@@ -160,16 +161,10 @@ def rewrite_report(out: Path) -> int:
 def save_chosen(model: Any, results: dict[str, Any], folder: Path, repo_id: str) -> None:
     """The chosen persona and opposite adapters (strength in their configs) and a card carrying the tune scores.
     An earlier ``folder`` is replaced only once the new one is complete."""
-    import shutil
-
     from ..eval.tune_report import card_report
     from ..hub import export_repo
 
     persona = results["persona"]
-    fresh = folder.with_name(folder.name + ".new")
-    shutil.rmtree(fresh, ignore_errors=True)  # left by an interrupted save
-    export_repo(
-        model, fresh, repo_id, adapter_names=[persona["name"], persona["opposite"]], eval_report=card_report(results)
-    )
-    shutil.rmtree(folder, ignore_errors=True)
-    fresh.replace(folder)
+    names = [persona["name"], persona["opposite"]]
+    with atomic_dir(folder, create=False) as fresh:
+        export_repo(model, fresh, repo_id, adapter_names=names, eval_report=card_report(results))

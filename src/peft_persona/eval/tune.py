@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import atomic
 from ..extractor import PersonaExtractor
 from ..tuner import set_strength
 from . import harness
@@ -140,9 +141,7 @@ def read_state(path: Path, plan: TunePlan) -> dict[str, Any]:
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(state, indent=1))
-    staging.replace(path)
+    atomic.write_json(path, state, indent=1)
 
 
 def reference_scores(scorer: Scorer, persona: Persona) -> dict[str, Any]:
