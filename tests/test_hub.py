@@ -19,6 +19,7 @@ from conftest import logits, random_masks, tiny_llama
 from hub_server import TOKENS
 from peft_persona import cli
 from peft_persona.card import CITATION, usage_snippet
+from peft_persona.errors import PersonaAdapterError
 from peft_persona.hub import PersonaHubError, export_repo, push_to_hub
 from peft_persona.inspection import count_ones, format_summaries, inspect_adapters
 
@@ -281,6 +282,19 @@ def test_inspect_hub_repo_matches_local(hub, pushed, tmp_path):
     assert [s.name for s in single] == ["extravert"]
     only = inspect_adapters("user/pair", subfolder="introvert", endpoint=hub.endpoint, cache_dir=tmp_path / "c")
     assert [s.name for s in only] == ["introvert"]
+
+
+def test_one_rule_for_adapter_downloads(hub, pushed, tmp_path):
+    from peft_persona.adapter_files import download_adapter_file, hub_download_options
+
+    options = {"revision": "dev", "cache_dir": tmp_path / "c", "adapter_name": "x", "subfolder": "ignored"}
+    assert hub_download_options(options) == {"revision": "dev", "cache_dir": tmp_path / "c"}
+    file = download_adapter_file("user/single", "adapter_config.json", None, options, hub.endpoint)
+    assert json.loads(Path(file).read_text())["persona"] == "extravert"
+    weights = download_adapter_file("user/pair", "adapter_model.safetensors", "introvert", {}, hub.endpoint)
+    assert Path(weights).parent.name == "introvert"
+    with pytest.raises(PersonaAdapterError, match=r"Hub repo 'user/pair' folder 'nobody' has no adapter_model"):
+        download_adapter_file("user/pair", "adapter_model.safetensors", "nobody", {"cache_dir": tmp_path}, hub.endpoint)
 
 
 def test_inspect_rejects_what_is_not_a_persona_mask(tmp_path):

@@ -58,6 +58,8 @@ __all__ = [
     "check_safetensors",
     "check_stats_tensors",
     "digest",
+    "download_adapter_file",
+    "hub_download_options",
     "mask_tensor_key",
     "mask_tensor_module",
     "read_config",
@@ -307,3 +309,37 @@ def digest(directory: PathLike) -> str:
         while chunk := handle.read(1 << 20):
             sha.update(chunk)
     return sha.hexdigest()[:16]
+
+
+HUB_DOWNLOAD_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")  # what an adapter download honours
+
+
+def hub_download_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options among ``options`` (a loader's keyword arguments) that a Hub adapter download honours."""
+    return {k: v for k, v in options.items() if k in HUB_DOWNLOAD_OPTIONS}
+
+
+def download_adapter_file(
+    repo_id: str,
+    filename: str,
+    subfolder: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Local path of ``filename`` (:data:`CONFIG_NAME` or :data:`SAFETENSORS_WEIGHTS_NAME`) of the adapter in Hub
+    repo ``repo_id`` (folder ``subfolder``, ``None`` or ``""`` for the root), downloaded into the Hub cache.
+
+    ``options`` are a loader's keyword arguments, of which only :data:`HUB_DOWNLOAD_OPTIONS` are passed on;
+    ``endpoint`` overrides ``HF_ENDPOINT``. A file the repo does not hold raises :class:`PersonaAdapterError`
+    naming the repo, folder and file.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(
+            repo_id, filename, subfolder=subfolder or None, endpoint=endpoint, **hub_download_options(options or {})
+        )
+    except EntryNotFoundError:
+        folder = f" folder {subfolder!r}" if subfolder else ""
+        raise PersonaAdapterError(f"Hub repo {repo_id!r}{folder} has no {filename}") from None

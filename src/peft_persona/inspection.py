@@ -24,6 +24,7 @@ from .adapter_files import (
     CONFIG_NAME,
     SAFETENSORS_WEIGHTS_NAME,
     adapter_dirs,
+    download_adapter_file,
     mask_tensor_module,
     read_config,
     validate_weights,
@@ -148,22 +149,13 @@ def inspect_adapters(
             for name, path in adapter_dirs(root).items()
         ]
     repo_id = str(dir_or_repo)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     if not HUB_ID.match(repo_id):
         raise FileNotFoundError(f"{repo_id} is neither a local directory nor a Hub repo id (namespace/name)")
-    download = dict(revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    download = dict(revision=revision, token=token, cache_dir=cache_dir)
     summaries = []
     for folder, path in sorted(_hub_files(repo_id, revision, subfolder, token, endpoint).items()):
-        sub = path or None
-        try:
-            config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=sub, **download)
-            weights = hf_hub_download(repo_id, SAFETENSORS_WEIGHTS_NAME, subfolder=sub, **download)
-        except EntryNotFoundError:
-            raise PersonaAdapterError(
-                f"Hub repo {repo_id!r}: {path or '/'} has no {SAFETENSORS_WEIGHTS_NAME}"
-            ) from None
+        config = download_adapter_file(repo_id, CONFIG_NAME, path, download, endpoint)
+        weights = download_adapter_file(repo_id, SAFETENSORS_WEIGHTS_NAME, path, download, endpoint)
         location = f"{repo_id}/{path}" if path else repo_id
         try:
             name = folder or (read_config(Path(config).parent).get("persona") or "default")
