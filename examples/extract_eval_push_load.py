@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from _common import EXTRAVERT_STATEMENTS, INTROVERT_STATEMENTS, extract_pair, load_embedded, reply, write_json
 
-from peft_persona.eval.scoring import score_continuations
+from peft_persona.eval.likelihood import score_continuations
 from peft_persona.hub import export_repo, push_to_hub
 from peft_persona.metrics import persona_alignment, persona_margin
 

@@ -8,7 +8,7 @@ import torch
 from conftest import MODEL_FACTORIES, VOCAB, chat_tokenizer, logits, masked_reference, random_masks, tiny_llama
 from peft_persona import add_mask_adapter
 from peft_persona.eval import conditions
-from peft_persona.eval.scoring import Score, score_continuations, score_ids
+from peft_persona.eval.likelihood import Score, score_continuations, score_ids
 
 
 def naive(model: torch.nn.Module, context: list[int], continuation: list[int]) -> float:
