@@ -162,7 +162,7 @@ def builtin_path(name: str) -> Path:
     """Path of a calibration file shipped with the package."""
     if name not in BUILTIN:
         raise KeyError(f"no built-in persona data {name!r}; available: {sorted(BUILTIN)}")
-    return Path(str(resources.files("peft_persona") / "data" / BUILTIN[name]))
+    return Path(str(resources.files("peft_persona") / "resources" / BUILTIN[name]))
 
 
 ROW_SUFFIXES = (".jsonl", ".csv", ".json", ".txt")
