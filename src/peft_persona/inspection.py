@@ -1,7 +1,7 @@
 """Summaries of saved persona mask adapters, local or on the Hub, read from their files without loading a model.
 
 Only ``adapter_config.json`` and ``adapter_model.safetensors`` are read. For a ``bits`` adapter, density (the fraction
-of weights a mask keeps) is counted on the packed bytes with a popcount table; it assumes each layer's
+of weights a mask keeps) is counted on the packed bytes (:func:`peft_persona.bits.count_kept`); it assumes each layer's
 ``in_features`` is 8 times its bytes per row, which holds for every layer width that is a multiple of 8 (otherwise
 the padding bits, always zero, make the density a slight under-estimate). A ``stats`` adapter holds no masks: its
 density is exact from the sparsity, per row, since every row keeps the same count.
@@ -29,11 +29,11 @@ from .adapter_files import (
     read_config,
     validate_weights,
 )
+from .bits import count_kept
 from .card import HUB_ID
+from .checks import check_sparsity
 from .errors import PersonaAdapterError
 from .selection import kept_per_row
-
-POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 @dataclass
@@ -59,8 +59,8 @@ def _natural(key: str) -> list:
 
 
 def count_ones(packed: torch.Tensor) -> int:
-    """Number of set bits in a ``uint8`` tensor."""
-    return int(POPCOUNT[packed.reshape(-1).long()].sum())
+    """Number of set bits in a ``uint8`` tensor (the popcount of :func:`peft_persona.bits.count_kept`)."""
+    return count_kept(packed)
 
 
 def summarize_files(name: str, config_file: Path, weights_file: Path, location: str) -> AdapterSummary:
@@ -83,13 +83,13 @@ def summarize_files(name: str, config_file: Path, weights_file: Path, location: 
 
 def _summarize_stats(summary: AdapterSummary, weights_file: Path) -> None:
     summary.save_format = "stats"
-    sparsity = summary.config.get("sparsity")
-    if not isinstance(sparsity, (int, float)):
-        raise PersonaAdapterError(f"{weights_file.parent / CONFIG_NAME}: a 'stats' adapter needs a numeric `sparsity`")
+    what = f"{weights_file.parent / CONFIG_NAME}: a 'stats' adapter's `sparsity`"
+    sparsity = check_sparsity(summary.config.get("sparsity"), what, PersonaAdapterError)
     with safe_open(str(weights_file), framework="pt") as handle:
-        for key in sorted((k for k in handle.keys() if k.endswith(CHANNEL_SUFFIX)), key=_natural):
+        names = handle.keys()
+        for key in sorted((k for k in names if k.endswith(CHANNEL_SUFFIX)), key=_natural):
             in_features = handle.get_slice(key).get_shape()[0]
-            kept = kept_per_row(in_features, float(sparsity))
+            kept = kept_per_row(in_features, sparsity)
             summary.density[mask_tensor_module(key[: -len(CHANNEL_SUFFIX)])] = kept / in_features
             summary.kept += kept
             summary.total += in_features
@@ -138,8 +138,9 @@ def inspect_adapters(
 ) -> list[AdapterSummary]:
     """Summaries of every persona mask adapter in a local directory or a Hub repo (``namespace/name``).
 
-    A local path wins over a Hub id of the same spelling. Raises :class:`PersonaAdapterError` naming the file or field for
-    anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``; ``cache_dir`` the HF cache.
+    A local path wins over a Hub id of the same spelling. Raises :class:`PersonaAdapterError` naming the file or field
+    for anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``; ``cache_dir`` the HF
+    cache.
     """
     local = Path(dir_or_repo)
     if local.exists():
