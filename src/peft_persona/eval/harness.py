@@ -66,7 +66,11 @@ def summarize(fmt: str, values: dict[str, list], seed: int = 0) -> dict[str, Any
     """Accuracy (Wilson CI), AUC, first-choice share and margin (bootstrap CI) of one format under one condition."""
     if fmt == "statement":
         margin = significance.group_difference(values["logprob"], values["trait"], seed=seed)
-        return {"margin": margin, "auc": significance.auc(values["logprob"], values["trait"]), "n": len(values["trait"])}
+        return {
+            "margin": margin,
+            "auc": significance.auc(values["logprob"], values["trait"]),
+            "n": len(values["trait"]),
+        }
     first = np.asarray(values["first_minus_second"])
     predictions = np.where(first > 0, 0, np.where(first < 0, 1, TIE))
     accuracy = persona_alignment(predictions.tolist(), values["matching"])
