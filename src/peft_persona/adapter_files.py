@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -41,7 +41,7 @@ CHANNEL_SUFFIX = f".{PREFIX}channel"  # stats format: the float32 channel vector
 TIEBREAK_SUFFIX = f".{PREFIX}tiebreak"  # stats format: the float32 tie-break vector (contrastive masks)
 DIGEST_SUFFIX = f".{PREFIX}digest"  # stats format: SHA-256 of the packed mask, 32 uint8 values
 ROOT_ADAPTER = "default"  # name of an adapter saved at a directory's root that records no persona
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 __all__ = [
     "BITS_SUFFIX",
@@ -145,7 +145,8 @@ def validate_weights(file: PathLike) -> list[str]:
         raise PersonaAdapterError(f"no {SAFETENSORS_WEIGHTS_NAME} at {file.parent}")
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
-        found = {key: handle.get_slice(key) for key in handle.keys()}
+        names = handle.keys()
+        found = {key: handle.get_slice(key) for key in names}
     expected = {
         BITS_SUFFIX: ("U8", 2),
         CHANNEL_SUFFIX: ("F32", 1),
@@ -184,7 +185,8 @@ def check_mask_tensors(file: PathLike, expected: Mapping[str, tuple[int, int]]) 
 
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
-        found = {key: handle.get_slice(key) for key in handle.keys()}
+        names = handle.keys()
+        found = {key: handle.get_slice(key) for key in names}
     wanted = {mask_tensor_key(module): module for module in expected}
     unexpected = sorted(set(found) - set(wanted))
     missing = sorted(set(wanted) - set(found))
@@ -212,7 +214,8 @@ def check_stats_tensors(file: PathLike, expected: Mapping[str, int], tiebreak: b
 
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
-        found = {key: handle.get_slice(key) for key in handle.keys()}
+        names = handle.keys()
+        found = {key: handle.get_slice(key) for key in names}
     wanted: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     for module, in_features in expected.items():
         suffixes = [(CHANNEL_SUFFIX, "F32", (in_features,)), (DIGEST_SUFFIX, "U8", (32,))]

@@ -21,10 +21,10 @@ import random
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 Message = dict[str, str]
-Text = Union[str, list[Message]]
+Text = str | list[Message]
 
 BUILTIN = {
     "extraversion": "extraversion_calibration.jsonl",
@@ -169,7 +169,8 @@ ROW_SUFFIXES = (".jsonl", ".csv", ".json", ".txt")
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one ``{"text": line}`` per non-empty line) file."""
+    """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one ``{"text": line}`` per non-empty line)
+    file."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -27,7 +27,7 @@ from .tuner import PersonaMaskConfig, mask_layers
 from .tuner.model import peft_configs
 
 CARD_NAME = "README.md"
-ModelOrDir = Union[nn.Module, str, os.PathLike]
+ModelOrDir = nn.Module | str | os.PathLike
 
 
 def _select(available: Sequence[str], adapter_names: Sequence[str] | None, where: str) -> list[str]:

@@ -131,6 +131,8 @@ def ensure_pad_token(tokenizer: Any) -> int:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set pad_token")
         import warnings
 
-        warnings.warn(f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding")
+        warnings.warn(
+            f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding", stacklevel=2
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return int(tokenizer.pad_token_id)

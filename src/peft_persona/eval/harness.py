@@ -42,7 +42,7 @@ def score_items(
             owner.append(index)
     flat = score_continuations(model, tokenizer, contexts, continuations, batch_size=batch_size)
     grouped: list[list[Score]] = [[] for _ in items]
-    for index, score in zip(owner, flat):
+    for index, score in zip(owner, flat, strict=True):
         grouped[index].append(score)
     return grouped
 
@@ -53,7 +53,7 @@ def item_values(items: Sequence[Item], scores: Sequence[Sequence[Score]]) -> dic
     if items[0].format == "statement":
         return {"logprob": [s[0].mean for s in scores], "trait": [item.matching for item in items]}
     margins, first, correct = [], [], []
-    for item, (a, b) in zip(items, scores):
+    for item, (a, b) in zip(items, scores, strict=True):
         diff = a.mean - b.mean
         first.append(diff)
         margin = diff if item.matching == 0 else -diff

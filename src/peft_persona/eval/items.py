@@ -217,7 +217,7 @@ def rows_to_records(
         return _records(rows, lambda r: _alpaca(r, persona_index, trait, rng), where)
     for field_name in ("text", "statement"):
         if field_name in first:
-            return _records(rows, lambda r: single_text(r[field_name], trait), where)
+            return _records(rows, lambda r, field_name=field_name: single_text(r[field_name], trait), where)
     raise ValueError(
         f"{where}: cannot tell the row format from its fields {sorted(first)}; expected Anthropic persona "
         "(statement, answer_matching_behavior), A/B (question, answer_matching_behavior), paper CSV (question, "
