@@ -88,14 +88,14 @@ def main() -> None:
     rows = []
     for batch, length in SHAPES:
         tokens = torch.randint(3, base.config.vocab_size, (batch, length), generator=generator).to(args.device)
-        runs = {name: (lambda m=m: (m(tokens, use_cache=False), sync())) for name, m in models.items()}
+        runs = {name: (lambda m=m, tokens=tokens: (m(tokens, use_cache=False), sync())) for name, m in models.items()}
         if batch > 1:
             names = ["a", "b0"] * (batch // 2)
-            runs["persona mixed (2 adapters)"] = lambda: (
+            runs["persona mixed (2 adapters)"] = lambda tokens=tokens, names=names: (
                 models["persona"](tokens, use_cache=False, adapter_names=names),
                 sync(),
             )
-            runs["LoRA mixed (2 adapters)"] = lambda: (
+            runs["LoRA mixed (2 adapters)"] = lambda tokens=tokens, names=names: (
                 models["LoRA r=16"](tokens, use_cache=False, adapter_names=names),
                 sync(),
             )

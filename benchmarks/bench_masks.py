@@ -34,7 +34,7 @@ def main() -> None:
     z = [torch.randn(s[1], generator=generator).to(args.device) for s in SHAPES]
 
     def per_row_loop():
-        for w, n in zip(weights, norms):
+        for w, n in zip(weights, norms, strict=True):
             scores = scoring.wanda_scores(w, n)
             k = scoring.kept_per_row(w.shape[1], args.sparsity)
             mask = torch.zeros_like(scores, dtype=torch.bool)
@@ -42,16 +42,16 @@ def main() -> None:
                 mask[i, torch.topk(scores[i], k).indices] = True
 
     def whole_topk():
-        for w, n in zip(weights, norms):
+        for w, n in zip(weights, norms, strict=True):
             scoring.select_topk_reference(scoring.wanda_scores(w, n), scoring.kept_per_row(w.shape[1], args.sparsity))
 
     def ours_wanda():
-        for w, n in zip(weights, norms):
+        for w, n in zip(weights, norms, strict=True):
             keys = scoring.order_keys(scoring.wanda_scores(w, n))
             scoring.select_top_per_row(keys, scoring.kept_per_row(w.shape[1], args.sparsity))
 
     def ours_contrastive():
-        for w, n, zz in zip(weights, norms, z):
+        for w, n, zz in zip(weights, norms, z, strict=True):
             primary, secondary = scoring.contrastive_scores(w, zz.clamp_min(0)), scoring.wanda_scores(w, n)
             scoring.select_lexicographic(primary, secondary, scoring.kept_per_row(w.shape[1], args.sparsity))
 

@@ -56,13 +56,12 @@ def build(kind, base, count):
 
 def release_free_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc), so that RSS shows what is live."""
+    import contextlib
     import ctypes
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def rss_bytes() -> int:
@@ -113,8 +112,9 @@ def memory_table(config: str) -> str:
             rows.append([label, count, f"{growth[count] / 2**20:.1f}", f"{marginal / 2**20:.1f}" if count > 1 else "-"])
     header = ["adapter", "loaded", "RSS growth MiB", "each adapter beyond the first, MiB"]
     note = (
-        f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona adapter; "
-        f"the active adapter's dropped entries (20%) cost {targeted * 0.2 * 8 / 2**20:.1f} MiB once (fp32 value + int32 index)"
+        f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona "
+        f"adapter; the active adapter's dropped entries (20%) cost {targeted * 0.2 * 8 / 2**20:.1f} MiB once "
+        "(fp32 value + int32 index)"
     )
     return markdown_table(header, rows) + note
 
@@ -148,7 +148,7 @@ def switch_table(config: str, repeats: int) -> str:
         dense(tokens)
 
     def copy_weights():
-        for w, c in zip(weights, copies):
+        for w, c in zip(weights, copies, strict=True):
             c.copy_(w)
 
     with torch.no_grad():
@@ -179,7 +179,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"{args.config}: {n_params(random_llama(args.config)) / 1e6:.1f}M parameters, fp32, CPU {args.threads} threads\n"
+        f"{args.config}: {n_params(random_llama(args.config)) / 1e6:.1f}M parameters, fp32, "
+        f"CPU {args.threads} threads\n"
     )
     started = time.perf_counter()
     print(switch_table(args.config, args.repeats), end="\n\n")

@@ -57,7 +57,7 @@ def evaluate(peft_model, tokenizer) -> dict:
                 peft_model.set_adapter(name)
             match = score_continuations(peft_model, tokenizer, contexts, extravert_answer)
             other = score_continuations(peft_model, tokenizer, contexts, other_answer)
-        choices = [0 if m.logprob > o.logprob else 1 for m, o in zip(match, other)]
+        choices = [0 if m.logprob > o.logprob else 1 for m, o in zip(match, other, strict=True)]
         results.append(
             {
                 "adapter": name or "(base model)",

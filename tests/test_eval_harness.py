@@ -22,7 +22,8 @@ def test_anthropic_items_are_held_out_and_balanced(name):
     assert [i.matching for i in yes_no].count(0) == 50 and {i.choices for i in yes_no} == {(" Yes", " No")}
     calibration_statements = {r["statement"] for r in calibration}
     assert not calibration_statements & {i.choices[0] for i in statements}
-    assert all(i.choices[0] in i2.user for i, i2 in zip(statements, yes_no))  # the same rows in both formats
+    # the same rows in both formats
+    assert all(i.choices[0] in i2.user for i, i2 in zip(statements, yes_no, strict=True))
     trait, opposite = items.calibration_texts(DATA_ROOT, persona)
     assert set(trait) | set(opposite) == calibration_statements
     assert items.load_items(DATA_ROOT, persona, "yes_no", 100) == yes_no  # seeded

@@ -106,7 +106,8 @@ def test_fresh_process_loads_from_hub_with_plain_transformers(hub, hub_env, push
             out["transformers_single_dev"] = plain(tokens).logits
         save_file(out, {str(tmp_path / "out.safetensors")!r})
         try:
-            AutoModelForCausalLM.from_pretrained("user/tiny-llama").load_adapter("user/secret", adapter_kwargs={{"subfolder": "extravert"}})
+            secret = AutoModelForCausalLM.from_pretrained("user/tiny-llama")
+            secret.load_adapter("user/secret", adapter_kwargs={{"subfolder": "extravert"}})
         except Exception as err:
             print("PRIVATE-ERROR", type(err).__name__, repr(str(err)))
         print("imported-by-hook" if "peft_persona" in sys.modules else "not-imported")

@@ -164,7 +164,7 @@ def test_model_with_nan_weights_fails_the_fingerprint(tmp_path):
     directory = saved_adapter(tmp_path)
     model = tiny_llama()
     with torch.no_grad():
-        for module in mask_layers(pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1))).keys():
+        for module in mask_layers(pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1))):
             model.get_submodule(module).weight.fill_(float("nan"))
     with pytest.raises(pp.FingerprintMismatchError, match="NaN"):
         model.load_adapter(str(directory))
