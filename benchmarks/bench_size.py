@@ -7,7 +7,8 @@ divided by the number of masked weights. The paper's code saves ``torch.bool`` t
 per weight.
 
 Table 2: the same layers as ``bits``, ``stats`` (contrastive: two float32 vectors and a digest per layer; wanda:
-one vector and a digest) and PEFT LoRA r=16 on the same modules (PEFT keeps LoRA weights in float32). For the random-init models the three files are written by the real code (contrastive
+one vector and a digest) and PEFT LoRA r=16 on the same modules (PEFT keeps LoRA weights in float32). For the
+random-init models the three files are written by the real code (contrastive
 extraction on random texts, then ``save_pretrained``). The Llama-2-7B-shaped row is built on the meta device, so no
 7B weights are allocated: the LoRA file is PEFT's own state dict of that model written as zeros, and the two persona
 files are written from tensors of exactly the shapes and dtypes the formats prescribe (file size does not depend on
@@ -113,7 +114,7 @@ def shaped_files(name: str, tmp: Path) -> list[object]:
         for n, (o, i) in layers.items()
     }
     stats, wanda = {}, {}
-    for n, (o, i) in layers.items():
+    for n, (_, i) in layers.items():
         for tensors in (stats, wanda):
             tensors[f"{prefix}{n}.persona_mask_channel"] = torch.zeros(i)
             tensors[f"{prefix}{n}.persona_mask_digest"] = torch.zeros(32, dtype=torch.uint8)

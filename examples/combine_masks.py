@@ -52,9 +52,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "density": round(density(peft_model, name), 6),
             **persona_probe(peft_model, tokenizer),
         }
-        print(
-            f"{name:>10}: keeps {summary['adapters'][name]['density']:.3f} of the weights, probe {summary['adapters'][name]}"
-        )
+        adapter = summary["adapters"][name]
+        print(f"{name:>10}: keeps {adapter['density']:.3f} of the weights, probe {adapter}")
     summary["vote_config"] = peft_model.peft_config["vote"].calibration
     write_json(args.summary_json, summary)
     return summary

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from _common import EXTRAVERT_STATEMENTS, INTROVERT_STATEMENTS, extract_pair, load_embedded, reply, write_json
 
-from peft_persona.eval.scoring import score_continuations
+from peft_persona.eval.likelihood import score_continuations
 from peft_persona.hub import export_repo, push_to_hub
 from peft_persona.metrics import persona_alignment, persona_margin
 
@@ -57,7 +57,7 @@ def evaluate(peft_model, tokenizer) -> dict:
                 peft_model.set_adapter(name)
             match = score_continuations(peft_model, tokenizer, contexts, extravert_answer)
             other = score_continuations(peft_model, tokenizer, contexts, other_answer)
-        choices = [0 if m.logprob > o.logprob else 1 for m, o in zip(match, other)]
+        choices = [0 if m.logprob > o.logprob else 1 for m, o in zip(match, other, strict=True)]
         results.append(
             {
                 "adapter": name or "(base model)",

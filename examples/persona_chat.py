@@ -71,7 +71,7 @@ class PersonaChat:
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         replies = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [{"persona": p, "message": m, "reply": r.strip()} for (p, m), r in zip(checked, replies)]
+        return [{"persona": p, "message": m, "reply": r.strip()} for (p, m), r in zip(checked, replies, strict=True)]
 
 
 def make_server(chat: PersonaChat, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:

@@ -4,8 +4,8 @@
     python examples/serve_two_personas.py --adapters out/extraversion-repo   # masks saved by the first example
 
 One copy of the base weights serves both personas: each request activates its persona's mask (``set_adapter``
-rewrites only the weight entries the two masks drop) and generates at base speed. A lock makes ``set_adapter`` + ``generate``
-atomic, as a web server handling requests on several threads needs.
+rewrites only the weight entries the two masks drop) and generates at base speed. A lock makes ``set_adapter`` +
+``generate`` atomic, as a web server handling requests on several threads needs.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def extract(model_dir: Path, out: Path, method: str, processes: int) -> subproce
         "--out",
         str(out),
     ]
-    for name, file in zip(personas, ("e", "i")):
+    for name, file in zip(personas, ("e", "i"), strict=False):
         args += ["--persona", f"{name}={model_dir / (file + '.csv')}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the same BLAS threads in every process
     if processes > 1:

@@ -72,7 +72,7 @@ def test_api_reference_names_every_public_function():
         "usage_snippet",
         "adapter_dirs",
         "template_path",
-        "PersonaHubError",
+        "PersonaAdapterError",
         "inspect_adapters",
         "format_summaries",
         "summarize_files",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import DATA_ROOT, chat_tokenizer, random_masks, tiny_llama
-from peft_persona import add_mask_adapter, data, stats
+from peft_persona import add_mask_adapter, data, significance
 from peft_persona.eval import harness, items, plots, report
 from peft_persona.eval.conditions import CONDITIONS
 
@@ -22,7 +22,8 @@ def test_anthropic_items_are_held_out_and_balanced(name):
     assert [i.matching for i in yes_no].count(0) == 50 and {i.choices for i in yes_no} == {(" Yes", " No")}
     calibration_statements = {r["statement"] for r in calibration}
     assert not calibration_statements & {i.choices[0] for i in statements}
-    assert all(i.choices[0] in i2.user for i, i2 in zip(statements, yes_no))  # the same rows in both formats
+    # the same rows in both formats
+    assert all(i.choices[0] in i2.user for i, i2 in zip(statements, yes_no, strict=True))
     trait, opposite = items.calibration_texts(DATA_ROOT, persona)
     assert set(trait) | set(opposite) == calibration_statements
     assert items.load_items(DATA_ROOT, persona, "yes_no", 100) == yes_no  # seeded
@@ -59,11 +60,11 @@ def test_neutral_halves_are_disjoint():
 
 
 def test_group_difference_hand_computed():
-    result = stats.group_difference([3.0, 5.0, 1.0, 1.0], [1, 1, 0, 0])
+    result = significance.group_difference([3.0, 5.0, 1.0, 1.0], [1, 1, 0, 0])
     assert result["diff"] == 3.0 and result["ci_low"] >= 2.0 and result["p_value"] == 0.0
-    assert stats.group_difference([1.0, 1.0], [1, 0])["p_value"] == 1.0
+    assert significance.group_difference([1.0, 1.0], [1, 0])["p_value"] == 1.0
     with pytest.raises(ValueError, match="both groups"):
-        stats.group_difference([1.0, 2.0], [1, 1])
+        significance.group_difference([1.0, 2.0], [1, 1])
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_margins_and_accuracy_match_a_hand_scored_item(tiny_run):
     model, tokenizer, personas, results = tiny_run
     item = items.load_items(DATA_ROOT, personas[0], "yes_no", 6)[0]
     from peft_persona.eval.conditions import active, render
-    from peft_persona.eval.scoring import score_continuations
+    from peft_persona.eval.likelihood import score_continuations
 
     with active(model, None):
         yes, no = score_continuations(model, tokenizer, [render(tokenizer, item.user)] * 2, [" Yes", " No"])

@@ -24,7 +24,7 @@ def test_smollm2_scores_twenty_items_per_format(smollm2, persona, fmt):
         scores = harness.score_items(model, tokenizer, chosen, batch_size=8)
     values = harness.item_values(chosen, scores)
     summary = harness.summarize(fmt, values)
-    assert len(scores) == 20 and all(len(s) == len(i.choices) for s, i in zip(scores, chosen))
+    assert len(scores) == 20 and all(len(s) == len(i.choices) for s, i in zip(scores, chosen, strict=True))
     assert all(math.isfinite(s.logprob) and s.logprob < 0 for group in scores for s in group)
     if fmt == "statement":
         assert summary["margin"]["n"] == 20 and 0 <= summary["auc"] <= 1
@@ -33,7 +33,7 @@ def test_smollm2_scores_twenty_items_per_format(smollm2, persona, fmt):
     # the first item, scored alone without padding or cache, gives the same numbers
     item = chosen[0]
     context = tokenizer(render(tokenizer, item.user), add_special_tokens=False)["input_ids"]
-    for choice, score in zip(item.choices, scores[0]):
+    for choice, score in zip(item.choices, scores[0], strict=True):
         continuation = tokenizer(choice, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             logprobs = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0].float(), -1)

@@ -107,57 +107,59 @@ def test_persona_chat_over_http(pushed_example, tmp_path):
 
     _, repo, env = pushed_example
     env = dict(env, OMP_NUM_THREADS="1")
-    log = open(tmp_path / "stderr.txt", "w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(EXAMPLES / "persona_chat.py"),
-            "--adapters",
-            str(repo),
-            "--port",
-            "0",
-            "--max-new-tokens",
-            "10",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env=env,
-        cwd=repo.parent,
-    )
-    try:
-        line = server.stdout.readline()
-        assert "serving" in line, (tmp_path / "stderr.txt").read_text()[-3000:]
-        url = line.split(" on ")[1].split()[0]
-
-        def call(path, payload=None):
-            data = None if payload is None else json.dumps(payload).encode()
-            try:
-                with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=300) as response:
-                    return response.status, json.loads(response.read())
-            except urllib.error.HTTPError as err:
-                return err.code, json.loads(err.read())
-
-        assert call("/personas") == (200, {"personas": ["extravert", "introvert", "__base__"]})
-        message = "What are you doing this weekend?"
-        single = {p: call("/chat", {"persona": p, "message": message}) for p in ("extravert", "introvert", "__base__")}
-        assert all(status == 200 and body["reply"] for status, body in single.values())
-        assert len({body["reply"] for _, body in single.values()}) >= 2  # the personas answer differently
-        status, batch = call(
-            "/batch", {"requests": [{"persona": p, "message": message} for p in ("introvert", "__base__", "extravert")]}
+    with open(tmp_path / "stderr.txt", "w") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                str(EXAMPLES / "persona_chat.py"),
+                "--adapters",
+                str(repo),
+                "--port",
+                "0",
+                "--max-new-tokens",
+                "10",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+            cwd=repo.parent,
         )
-        assert status == 200
-        assert [r["reply"] for r in batch["replies"]] == [
-            single[p][1]["reply"] for p in ("introvert", "__base__", "extravert")
-        ]
-        status, error = call("/chat", {"persona": "pirate", "message": message})
-        assert status == 400 and "pirate" in error["error"]
-        status, error = call("/batch", {"requests": [{"persona": "introvert", "message": ""}]})
-        assert status == 400 and "`message`" in error["error"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+        try:
+            line = server.stdout.readline()
+            assert "serving" in line, (tmp_path / "stderr.txt").read_text()[-3000:]
+            url = line.split(" on ")[1].split()[0]
+
+            def call(path, payload=None):
+                data = None if payload is None else json.dumps(payload).encode()
+                try:
+                    with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=300) as response:
+                        return response.status, json.loads(response.read())
+                except urllib.error.HTTPError as err:
+                    return err.code, json.loads(err.read())
+
+            assert call("/personas") == (200, {"personas": ["extravert", "introvert", "__base__"]})
+            message = "What are you doing this weekend?"
+            single = {
+                p: call("/chat", {"persona": p, "message": message}) for p in ("extravert", "introvert", "__base__")
+            }
+            assert all(status == 200 and body["reply"] for status, body in single.values())
+            assert len({body["reply"] for _, body in single.values()}) >= 2  # the personas answer differently
+            status, batch = call(
+                "/batch",
+                {"requests": [{"persona": p, "message": message} for p in ("introvert", "__base__", "extravert")]},
+            )
+            assert status == 200
+            assert [r["reply"] for r in batch["replies"]] == [
+                single[p][1]["reply"] for p in ("introvert", "__base__", "extravert")
+            ]
+            status, error = call("/chat", {"persona": "pirate", "message": message})
+            assert status == 400 and "pirate" in error["error"]
+            status, error = call("/batch", {"requests": [{"persona": "introvert", "message": ""}]})
+            assert status == 400 and "`message`" in error["error"]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 def test_three_replies_match_the_readme(tmp_path):

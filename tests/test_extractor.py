@@ -52,7 +52,10 @@ def brute_force_select(primary, k, secondary=None):
     rows, cols = primary.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for i in range(rows):
-        key = lambda j, i=i: (-float(primary[i, j]), -float(secondary[i, j]) if secondary is not None else 0.0, j)  # noqa: E731
+
+        def key(j, i=i):
+            return -float(primary[i, j]), -float(secondary[i, j]) if secondary is not None else 0.0, j
+
         for j in sorted(range(cols), key=key)[:k]:
             mask[i, j] = True
     return mask

@@ -19,7 +19,8 @@ from conftest import logits, random_masks, tiny_llama
 from hub_server import TOKENS
 from peft_persona import cli
 from peft_persona.card import CITATION, usage_snippet
-from peft_persona.hub import PersonaHubError, export_repo, push_to_hub
+from peft_persona.errors import PersonaAdapterError
+from peft_persona.hub import export_repo, push_to_hub
 from peft_persona.inspection import count_ones, format_summaries, inspect_adapters
 
 OWNER, OTHER = (t for t, _ in TOKENS.items())
@@ -105,7 +106,8 @@ def test_fresh_process_loads_from_hub_with_plain_transformers(hub, hub_env, push
             out["transformers_single_dev"] = plain(tokens).logits
         save_file(out, {str(tmp_path / "out.safetensors")!r})
         try:
-            AutoModelForCausalLM.from_pretrained("user/tiny-llama").load_adapter("user/secret", adapter_kwargs={{"subfolder": "extravert"}})
+            secret = AutoModelForCausalLM.from_pretrained("user/tiny-llama")
+            secret.load_adapter("user/secret", adapter_kwargs={{"subfolder": "extravert"}})
         except Exception as err:
             print("PRIVATE-ERROR", type(err).__name__, repr(str(err)))
         print("imported-by-hook" if "peft_persona" in sys.modules else "not-imported")
@@ -197,14 +199,14 @@ def test_eval_report_from_json_file_and_bad_report(tmp_path):
     card = (tmp_path / "repo" / "README.md").read_text()
     assert "| persona_agreement.extravert | 0.8 |" in card and "| persona_agreement.ci | 0.7, 0.9 |" in card
     assert "persona_agreement.items" not in card and "runtime_s" not in card  # per-item lists stay in the report
-    with pytest.raises(PersonaHubError, match="missing.json"):
+    with pytest.raises(PersonaAdapterError, match="missing.json"):
         export_repo(model, tmp_path / "repo2", "user/x", eval_report=tmp_path / "missing.json")
     assert not (tmp_path / "repo2").exists() and not list(tmp_path.glob(".repo2.partial-*"))
 
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_private_repo_needs_token(hub, pushed, tmp_path):
-    with pytest.raises(PersonaHubError, match="private"):
+    with pytest.raises(PersonaAdapterError, match="private"):
         inspect_adapters("user/secret", endpoint=hub.endpoint, token=False)
     assert [
         s.name for s in inspect_adapters("user/secret", endpoint=hub.endpoint, token=OWNER, cache_dir=tmp_path)
@@ -213,11 +215,11 @@ def test_private_repo_needs_token(hub, pushed, tmp_path):
 
 def test_push_without_token_or_with_foreign_token_fails_clearly(hub, pushed, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(PersonaHubError, match="needs a Hub token"):
+    with pytest.raises(PersonaAdapterError, match="needs a Hub token"):
         push_to_hub(pushed["model"], "user/pair2", endpoint=hub.endpoint)
-    with pytest.raises(PersonaHubError, match="no write access"):
+    with pytest.raises(PersonaAdapterError, match="no write access"):
         push_to_hub(pushed["model"], "user/pair", endpoint=hub.endpoint, token=OTHER)
-    with pytest.raises(PersonaHubError, match="refused the token"):
+    with pytest.raises(PersonaAdapterError, match="refused the token"):
         push_to_hub(pushed["model"], "user/pair", endpoint=hub.endpoint, token="hf_not_a_token")
 
 
@@ -242,12 +244,12 @@ def test_invalid_adapter_is_never_pushed(hub, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     (tmp_path / "saved" / "introvert" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00not safetensors")
     hub.log.clear()
-    with pytest.raises(PersonaHubError, match=r"introvert.*adapter_model\.safetensors"):
+    with pytest.raises(PersonaAdapterError, match=r"introvert.*adapter_model\.safetensors"):
         push_to_hub(tmp_path / "saved", "user/broken", token=OWNER, endpoint=hub.endpoint)
     assert hub.log == [] and "user/broken" not in hub.hub.repos
-    with pytest.raises(PersonaHubError, match="no persona mask adapter.*'nobody'"):
+    with pytest.raises(PersonaAdapterError, match="no persona mask adapter.*'nobody'"):
         push_to_hub(model, "user/broken", adapter_names=["nobody"], token=OWNER, endpoint=hub.endpoint)
-    with pytest.raises(PersonaHubError, match="not of the form"):
+    with pytest.raises(PersonaAdapterError, match="not of the form"):
         push_to_hub(model, "no-namespace", token=OWNER, endpoint=hub.endpoint)
 
 
@@ -283,13 +285,26 @@ def test_inspect_hub_repo_matches_local(hub, pushed, tmp_path):
     assert [s.name for s in only] == ["introvert"]
 
 
+def test_one_rule_for_adapter_downloads(hub, pushed, tmp_path):
+    from peft_persona.adapter_files import download_adapter_file, hub_download_options
+
+    options = {"revision": "dev", "cache_dir": tmp_path / "c", "adapter_name": "x", "subfolder": "ignored"}
+    assert hub_download_options(options) == {"revision": "dev", "cache_dir": tmp_path / "c"}
+    file = download_adapter_file("user/single", "adapter_config.json", None, options, hub.endpoint)
+    assert json.loads(Path(file).read_text())["persona"] == "extravert"
+    weights = download_adapter_file("user/pair", "adapter_model.safetensors", "introvert", {}, hub.endpoint)
+    assert Path(weights).parent.name == "introvert"
+    with pytest.raises(PersonaAdapterError, match=r"Hub repo 'user/pair' folder 'nobody' has no adapter_model"):
+        download_adapter_file("user/pair", "adapter_model.safetensors", "nobody", {"cache_dir": tmp_path}, hub.endpoint)
+
+
 def test_inspect_rejects_what_is_not_a_persona_mask(tmp_path):
     lora = tmp_path / "lora"
     lora.mkdir()
     (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(PersonaHubError, match=r"lora/adapter_config\.json: peft_type is 'LORA'"):
+    with pytest.raises(PersonaAdapterError, match=r"lora/adapter_config\.json: peft_type is 'LORA'"):
         inspect_adapters(lora)
-    with pytest.raises(PersonaHubError, match="no adapter_config.json"):
+    with pytest.raises(PersonaAdapterError, match="no adapter_config.json"):
         inspect_adapters((tmp_path / "empty").mkdir() or tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="neither a local directory nor a Hub repo"):
         inspect_adapters("not a repo")
@@ -301,11 +316,11 @@ def test_inspect_hub_repo_that_is_not_a_persona_mask(hub, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     save_file({"x.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "adapter_model.safetensors")
     api.upload_folder(repo_id="user/a-lora", folder_path=str(tmp_path), commit_message="a LoRA")
-    with pytest.raises(PersonaHubError, match=r"Hub repo 'user/a-lora'.*peft_type is 'LORA'"):
+    with pytest.raises(PersonaAdapterError, match=r"Hub repo 'user/a-lora'.*peft_type is 'LORA'"):
         inspect_adapters("user/a-lora", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
-    with pytest.raises(PersonaHubError, match="'user/missing' not found, or private"):
+    with pytest.raises(PersonaAdapterError, match="'user/missing' not found, or private"):
         inspect_adapters("user/missing", endpoint=hub.endpoint)
-    with pytest.raises(PersonaHubError, match="no revision 'nope'"):
+    with pytest.raises(PersonaAdapterError, match="no revision 'nope'"):
         inspect_adapters("user/a-lora", revision="nope", endpoint=hub.endpoint)
 
 

@@ -15,7 +15,8 @@ import pytest
 from peft import PeftModel
 
 from conftest import tiny_llama, tiny_tokenizer
-from peft_persona.adapter_files import STAGING_MARK, validate_weights
+from peft_persona.adapter_files import validate_weights
+from peft_persona.atomic import STAGING_MARK
 
 KILLERS = {
     # the second persona's calibration is cut short
@@ -32,7 +33,7 @@ KILLERS = {
     """,
     # the first adapter is in place, the second is not yet
     "between adapters": """
-        import peft_persona.adapter_files as target
+        import peft_persona.atomic as target
         original = target.move_into_place
         calls = []
         def patched(*args, **kwargs):

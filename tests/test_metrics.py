@@ -7,63 +7,63 @@ import math
 import pytest
 import torch
 
-from peft_persona import metrics, stats
+from peft_persona import metrics, significance
 
 
 def test_wilson_interval_matches_hand_computation():
     # p = 0.5, n = 100, z = 1.96: centre 0.5, half-width 1.96*sqrt(0.0025 + 0.96^2/40000)/1.0384
-    low, high = stats.wilson_ci(50, 100)
+    low, high = significance.wilson_ci(50, 100)
     half = 1.959963984540054 * math.sqrt(0.25 / 100 + 1.959963984540054**2 / 40000) / (1 + 1.959963984540054**2 / 100)
     assert low == pytest.approx(0.5 - half) and high == pytest.approx(0.5 + half)
-    assert stats.wilson_ci(0, 10)[0] == 0.0 and stats.wilson_ci(10, 10)[1] == pytest.approx(1.0)
-    assert stats.wilson_ci(10, 10)[0] == pytest.approx(10 / (10 + 1.959963984540054**2))  # p = 1: n / (n + z^2)
+    assert significance.wilson_ci(0, 10)[0] == 0.0 and significance.wilson_ci(10, 10)[1] == pytest.approx(1.0)
+    assert significance.wilson_ci(10, 10)[0] == pytest.approx(10 / (10 + 1.959963984540054**2))  # p = 1: n / (n + z^2)
     with pytest.raises(ValueError, match="n > 0"):
-        stats.wilson_ci(0, 0)
+        significance.wilson_ci(0, 0)
 
 
 def test_auc_counts_ties_half():
-    assert stats.auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
-    assert stats.auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
-    assert stats.auc([0.5, 0.5, 0.5], [1, 0, 0]) == 0.5  # all ties
+    assert significance.auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert significance.auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    assert significance.auc([0.5, 0.5, 0.5], [1, 0, 0]) == 0.5  # all ties
     # positives {3, 2}, negatives {1, 2}: 3>1, 3>2, 2>1 and one tie (2, 2) -> 3.5 of 4 pairs
-    assert stats.auc([3, 1, 2, 2], [1, 0, 1, 0]) == 0.875
+    assert significance.auc([3, 1, 2, 2], [1, 0, 1, 0]) == 0.875
     with pytest.raises(ValueError, match="both classes"):
-        stats.auc([0.1, 0.2], [1, 1])
+        significance.auc([0.1, 0.2], [1, 1])
     with pytest.raises(ValueError, match="differ in length: 2 vs 3"):
-        stats.auc([0.1, 0.2], [1, 0, 1])
+        significance.auc([0.1, 0.2], [1, 0, 1])
 
 
 def test_sign_test_and_paired_bootstrap():
     # 8 wins, 2 losses, 1 tie: p = 2 * P(X <= 2 | n=10) = 2 * (1 + 10 + 45) / 1024
     a = [1] * 8 + [0] * 2 + [1]
     b = [0] * 8 + [1] * 2 + [1]
-    result = stats.sign_test(a, b)
+    result = significance.sign_test(a, b)
     assert (result["wins"], result["losses"]) == (8, 2)
     assert result["p_value"] == pytest.approx(2 * 56 / 1024)
-    assert stats.sign_test([1, 1], [1, 1])["p_value"] == 1.0
-    boot = stats.paired_bootstrap([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert significance.sign_test([1, 1], [1, 1])["p_value"] == 1.0
+    boot = significance.paired_bootstrap([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
     assert boot == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0}
-    boot = stats.paired_bootstrap([2.0] * 20, [1.0] * 20)
+    boot = significance.paired_bootstrap([2.0] * 20, [1.0] * 20)
     assert boot["diff"] == 1.0 and boot["p_value"] == 0.0
     with pytest.raises(ValueError, match="empty"):
-        stats.paired_bootstrap([], [])
+        significance.paired_bootstrap([], [])
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
     values = [0.0, 1.0, 2.0, 3.0, 4.0]
-    low, high = stats.bootstrap_ci(values, seed=3)
-    assert low < 2.0 < high and (low, high) == stats.bootstrap_ci(values, seed=3)
-    assert stats.bootstrap_ci([2.5] * 7) == (2.5, 2.5)
+    low, high = significance.bootstrap_ci(values, seed=3)
+    assert low < 2.0 < high and (low, high) == significance.bootstrap_ci(values, seed=3)
+    assert significance.bootstrap_ci([2.5] * 7) == (2.5, 2.5)
     with pytest.raises(ValueError, match="values is empty"):
-        stats.bootstrap_ci([])
+        significance.bootstrap_ci([])
     with pytest.raises(ValueError, match="non-finite"):
-        stats.bootstrap_ci([1.0, float("nan")])
+        significance.bootstrap_ci([1.0, float("nan")])
 
 
 def test_persona_alignment_values_ties_and_breakdown():
     result = metrics.persona_alignment([0, 1, 1, 0], [0, 1, 0, 1], personas=["e", "e", "a", "a"])
     assert result["accuracy"] == 0.5 and result["n"] == 4
-    assert (result["ci_low"], result["ci_high"]) == pytest.approx(stats.wilson_ci(2, 4))
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(significance.wilson_ci(2, 4))
     assert result["per_persona"]["e"]["accuracy"] == 1.0 and result["per_persona"]["a"]["accuracy"] == 0.0
     assert metrics.persona_alignment([-1, -1, -1], [0, 1, 0])["accuracy"] == 0.5  # all ties: half credit
     with pytest.raises(ValueError, match="predictions and references differ in length: 3 vs 4"):

@@ -35,7 +35,7 @@ def each_row_alone(model, tokens, names):
     """Row ``i`` run by itself with ``names[i]`` as the active adapter (adapters disabled for ``__base__``)."""
     rows = []
     with torch.no_grad():
-        for row, name in zip(tokens, names):
+        for row, name in zip(tokens, names, strict=True):
             if name == "__base__":
                 with base_only(model):
                     rows.append(model(row[None]).logits[0])

@@ -135,10 +135,10 @@ class PersonaStats:
             "meta": json.dumps(self.meta),
             "counts": json.dumps(counts),
         }
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        save_file(tensors, str(partial), metadata=metadata)
-        partial.replace(path)
+        from .atomic import atomic_path
+
+        with atomic_path(path) as partial:
+            save_file(tensors, str(partial), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> PersonaStats:

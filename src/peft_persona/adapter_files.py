@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -41,7 +41,7 @@ CHANNEL_SUFFIX = f".{PREFIX}channel"  # stats format: the float32 channel vector
 TIEBREAK_SUFFIX = f".{PREFIX}tiebreak"  # stats format: the float32 tie-break vector (contrastive masks)
 DIGEST_SUFFIX = f".{PREFIX}digest"  # stats format: SHA-256 of the packed mask, 32 uint8 values
 ROOT_ADAPTER = "default"  # name of an adapter saved at a directory's root that records no persona
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 __all__ = [
     "BITS_SUFFIX",
@@ -58,6 +58,8 @@ __all__ = [
     "check_safetensors",
     "check_stats_tensors",
     "digest",
+    "download_adapter_file",
+    "hub_download_options",
     "mask_tensor_key",
     "mask_tensor_module",
     "read_config",
@@ -143,7 +145,8 @@ def validate_weights(file: PathLike) -> list[str]:
         raise PersonaAdapterError(f"no {SAFETENSORS_WEIGHTS_NAME} at {file.parent}")
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
-        found = {key: handle.get_slice(key) for key in handle.keys()}
+        names = handle.keys()
+        found = {key: handle.get_slice(key) for key in names}
     expected = {
         BITS_SUFFIX: ("U8", 2),
         CHANNEL_SUFFIX: ("F32", 1),
@@ -182,7 +185,8 @@ def check_mask_tensors(file: PathLike, expected: Mapping[str, tuple[int, int]]) 
 
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
-        found = {key: handle.get_slice(key) for key in handle.keys()}
+        names = handle.keys()
+        found = {key: handle.get_slice(key) for key in names}
     wanted = {mask_tensor_key(module): module for module in expected}
     unexpected = sorted(set(found) - set(wanted))
     missing = sorted(set(wanted) - set(found))
@@ -210,7 +214,8 @@ def check_stats_tensors(file: PathLike, expected: Mapping[str, int], tiebreak: b
 
     check_safetensors(file)
     with safe_open(str(file), framework="pt") as handle:
-        found = {key: handle.get_slice(key) for key in handle.keys()}
+        names = handle.keys()
+        found = {key: handle.get_slice(key) for key in names}
     wanted: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     for module, in_features in expected.items():
         suffixes = [(CHANNEL_SUFFIX, "F32", (in_features,)), (DIGEST_SUFFIX, "U8", (32,))]
@@ -309,57 +314,35 @@ def digest(directory: PathLike) -> str:
     return sha.hexdigest()[:16]
 
 
-STAGING_MARK = ".staging-"  # staging folders sit beside an output folder: .<out name>.staging-<pid>-<random>
+HUB_DOWNLOAD_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")  # what an adapter download honours
 
 
-def staging_dir(out: PathLike) -> Path:
-    """A new, empty staging folder beside ``out`` (on the same file system, so a rename moves its content into
-    ``out`` atomically); stale ones left by killed runs are removed first."""
-    import tempfile
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}{os.getpid()}-", dir=out.parent))
+def hub_download_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options among ``options`` (a loader's keyword arguments) that a Hub adapter download honours."""
+    return {k: v for k, v in options.items() if k in HUB_DOWNLOAD_OPTIONS}
 
 
-def remove_stale_staging(out: PathLike) -> list[Path]:
-    """Delete staging folders beside ``out`` whose process is gone; return them."""
-    import shutil
+def download_adapter_file(
+    repo_id: str,
+    filename: str,
+    subfolder: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Local path of ``filename`` (:data:`CONFIG_NAME` or :data:`SAFETENSORS_WEIGHTS_NAME`) of the adapter in Hub
+    repo ``repo_id`` (folder ``subfolder``, ``None`` or ``""`` for the root), downloaded into the Hub cache.
 
-    out = Path(out)
-    removed = []
-    for folder in out.parent.glob(f".{out.name}{STAGING_MARK}*"):
-        pid = folder.name[len(f".{out.name}{STAGING_MARK}") :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def move_into_place(source: PathLike, target: PathLike) -> None:
-    """Move the complete folder ``source`` to ``target`` by renames, replacing an older ``target``.
-
-    ``target`` is at every moment either absent, the old complete folder or the new one, never a partial one.
+    ``options`` are a loader's keyword arguments, of which only :data:`HUB_DOWNLOAD_OPTIONS` are passed on;
+    ``endpoint`` overrides ``HF_ENDPOINT``. A file the repo does not hold raises :class:`PersonaAdapterError`
+    naming the repo, folder and file.
     """
-    import shutil
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    source, target = Path(source), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if target.exists():
-        old = source.with_name(source.name + ".old")
-        os.replace(target, old)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        return hf_hub_download(
+            repo_id, filename, subfolder=subfolder or None, endpoint=endpoint, **hub_download_options(options or {})
+        )
+    except EntryNotFoundError:
+        folder = f" folder {subfolder!r}" if subfolder else ""
+        raise PersonaAdapterError(f"Hub repo {repo_id!r}{folder} has no {filename}") from None

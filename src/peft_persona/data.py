@@ -21,10 +21,10 @@ import random
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 Message = dict[str, str]
-Text = Union[str, list[Message]]
+Text = str | list[Message]
 
 BUILTIN = {
     "extraversion": "extraversion_calibration.jsonl",
@@ -162,14 +162,15 @@ def builtin_path(name: str) -> Path:
     """Path of a calibration file shipped with the package."""
     if name not in BUILTIN:
         raise KeyError(f"no built-in persona data {name!r}; available: {sorted(BUILTIN)}")
-    return Path(str(resources.files("peft_persona") / "data" / BUILTIN[name]))
+    return Path(str(resources.files("peft_persona") / "resources" / BUILTIN[name]))
 
 
 ROW_SUFFIXES = (".jsonl", ".csv", ".json", ".txt")
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one ``{"text": line}`` per non-empty line) file."""
+    """Rows of a ``.jsonl``, ``.csv``, ``.json`` (a list) or ``.txt`` (one ``{"text": line}`` per non-empty line)
+    file."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

@@ -119,7 +119,9 @@ def check_base_model_fingerprint(
     if not isinstance(expected, Mapping):
         raise FingerprintMismatchError(f"adapter {adapter_name!r}: base_model_fingerprint must be an object")
     if any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules()):
-        warnings.warn(f"adapter {adapter_name!r}: base model fingerprint not checked, the model has merged adapters")
+        warnings.warn(
+            f"adapter {adapter_name!r}: base model fingerprint not checked, the model has merged adapters", stacklevel=2
+        )
         return
     if any(p.device.type == "meta" for p in model.parameters()):
         return
@@ -138,7 +140,7 @@ def check_base_model_fingerprint(
         )
     if not all(math.isfinite(v) for v in actual["weight_probe"]):
         raise FingerprintMismatchError(f"adapter {adapter_name!r}: this model's probed weights hold NaN or inf. {hint}")
-    diffs = [abs(a - b) for a, b in zip(actual["weight_probe"], probe)]
+    diffs = [abs(a - b) for a, b in zip(actual["weight_probe"], probe, strict=False)]  # lengths checked next
     if len(probe) != len(actual["weight_probe"]) or max(diffs) > PROBE_TOLERANCE:
         raise FingerprintMismatchError(
             f"adapter {adapter_name!r} was extracted on a base model with the same architecture but different "

@@ -14,20 +14,20 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
 from . import adapter_files
 from .adapter_files import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, adapter_dirs
+from .atomic import atomic_dir
 from .card import DEFAULT_LICENSE, HUB_ID, StagedAdapter, build_model_card, check_card, embedded_base
 from .errors import PersonaAdapterError
 from .tuner import PersonaMaskConfig, mask_layers
 from .tuner.model import peft_configs
 
 CARD_NAME = "README.md"
-ModelOrDir = Union[nn.Module, str, os.PathLike]
-PersonaHubError = PersonaAdapterError  # the package's one error class, under the name this module has always used
+ModelOrDir = nn.Module | str | os.PathLike
 
 
 def _select(available: Sequence[str], adapter_names: Sequence[str] | None, where: str) -> list[str]:
@@ -35,9 +35,9 @@ def _select(available: Sequence[str], adapter_names: Sequence[str] | None, where
         return list(available)
     unknown = [n for n in adapter_names if n not in available]
     if unknown:
-        raise PersonaHubError(f"{where} has no persona mask adapter(s) {unknown}; it has {list(available)}")
+        raise PersonaAdapterError(f"{where} has no persona mask adapter(s) {unknown}; it has {list(available)}")
     if not adapter_names:
-        raise PersonaHubError("adapter_names is empty: name at least one adapter")
+        raise PersonaAdapterError("adapter_names is empty: name at least one adapter")
     return list(adapter_names)
 
 
@@ -87,7 +87,7 @@ def stage_adapters(
         available = [n for n, c in configs.items() if isinstance(c, PersonaMaskConfig)]
         names = _select(available, adapter_names, type(model_or_dir).__name__)
         if not names:
-            raise PersonaHubError(f"{type(model_or_dir).__name__} holds no persona mask adapter")
+            raise PersonaAdapterError(f"{type(model_or_dir).__name__} holds no persona mask adapter")
         sources: dict[str, Any] = {n: model_or_dir for n in names}
     else:
         dirs = adapter_dirs(model_or_dir)
@@ -132,29 +132,23 @@ def export_repo(
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists; export_repo writes a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = adapter_files.staging_dir(out)
-    try:
+    with atomic_dir(out) as partial:
         staged = stage_adapters(model_or_dir, partial, adapter_names, base_model)
         card = build_model_card(repo_id, staged, eval_report, license, revision)
         check_card(card, repo_id)
         card.save(partial / CARD_NAME)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return staged
 
 
-def _explain_http_error(err: Exception, repo_id: str, action: str) -> PersonaHubError:
+def _explain_http_error(err: Exception, repo_id: str, action: str) -> PersonaAdapterError:
     status = getattr(getattr(err, "response", None), "status_code", None)
     if status == 401:
-        return PersonaHubError(
+        return PersonaAdapterError(
             f"{action} {repo_id!r}: the Hub refused the token (401); check HF_TOKEN or `hf auth login`"
         )
     if status == 403:
-        return PersonaHubError(f"{action} {repo_id!r}: the token has no write access to this namespace (403)")
-    return PersonaHubError(f"{action} {repo_id!r} failed: {err}")
+        return PersonaAdapterError(f"{action} {repo_id!r}: the token has no write access to this namespace (403)")
+    return PersonaAdapterError(f"{action} {repo_id!r} failed: {err}")
 
 
 def push_to_hub(
@@ -180,10 +174,10 @@ def push_to_hub(
     from huggingface_hub.errors import HfHubHTTPError
 
     if not HUB_ID.match(repo_id):
-        raise PersonaHubError(f"repo_id {repo_id!r} is not of the form 'namespace/name'")
+        raise PersonaAdapterError(f"repo_id {repo_id!r} is not of the form 'namespace/name'")
     token = token or get_token()
     if token is None:
-        raise PersonaHubError(
+        raise PersonaAdapterError(
             f"pushing to {repo_id!r} needs a Hub token with write access: pass token=..., set HF_TOKEN, "
             "or run `hf auth login`"
         )

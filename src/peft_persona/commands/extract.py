@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import adapter_files, distributed
+from .. import adapter_files, atomic, distributed
 from ..checks import check_strength
 from ..models import DEFAULT_MODEL
 from ..options import EXTRACTION_METHODS, PHI_KINDS, STRUCTURES, ExtractionOptions
@@ -206,7 +206,7 @@ def save_adapters(peft_model: Any, names: list[str], out: Path) -> None:
     out = Path(out)
     for name in names:
         adapter_files.check_adapter_name(name, "persona name")
-    staging = adapter_files.staging_dir(out)
+    staging = atomic.staging_dir(out)
     try:
         written = {}
         for index, name in enumerate(names):  # PEFT writes "default" at the root of the folder it is given
@@ -214,6 +214,6 @@ def save_adapters(peft_model: Any, names: list[str], out: Path) -> None:
             written[name] = staging / str(index) / (name if name != "default" else "")
         out.mkdir(parents=True, exist_ok=True)
         for name, folder in written.items():
-            adapter_files.move_into_place(folder, out / name)
+            atomic.move_into_place(folder, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from . import personas as persona_options
 
 
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     command = shlex.join(["peft-persona", *getattr(args, "argv", sys.argv[1:])])
     results["command"], results["model"] = command, args.model
     results["runtime_s"] = time.time() - started
-    (out / "tune.json").write_text(json.dumps(results, indent=1))
+    atomic.write_json(out / "tune.json", results, indent=1)
     write_report(results, out)
     save_chosen(model, results, out / "adapters", args.repo_id or f"peft-persona/{plan.persona.name}-mask")
     chosen = results["chosen"]
@@ -145,7 +146,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         plots.pareto_plot(results, out / "pareto.png")
     except ImportError as err:
         print(f"peft-persona tune: no plot ({err}); pip install 'peft-persona[plots]'", file=sys.stderr)
-    (out / "report.md").write_text(tune_report.render(results, results.get("command", "")))
+    atomic.write_text(out / "report.md", tune_report.render(results, results.get("command", "")))
 
 
 def rewrite_report(out: Path) -> int:
@@ -160,16 +161,10 @@ def rewrite_report(out: Path) -> int:
 def save_chosen(model: Any, results: dict[str, Any], folder: Path, repo_id: str) -> None:
     """The chosen persona and opposite adapters (strength in their configs) and a card carrying the tune scores.
     An earlier ``folder`` is replaced only once the new one is complete."""
-    import shutil
-
     from ..eval.tune_report import card_report
     from ..hub import export_repo
 
     persona = results["persona"]
-    fresh = folder.with_name(folder.name + ".new")
-    shutil.rmtree(fresh, ignore_errors=True)  # left by an interrupted save
-    export_repo(
-        model, fresh, repo_id, adapter_names=[persona["name"], persona["opposite"]], eval_report=card_report(results)
-    )
-    shutil.rmtree(folder, ignore_errors=True)
-    fresh.replace(folder)
+    names = [persona["name"], persona["opposite"]]
+    with atomic.atomic_dir(folder, create=False) as fresh:
+        export_repo(model, fresh, repo_id, adapter_names=names, eval_report=card_report(results))

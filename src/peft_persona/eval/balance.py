@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import stats
+from .. import significance
 
 HALVES = ("first_matches", "second_matches")
 
@@ -58,7 +58,9 @@ def half_shifts(
     margin, ref_margin = np.asarray(values["margin"], float), np.asarray(reference["margin"], float)
     result: dict[str, Any] = {}
     for half, index in _half_indices(values["matching"]).items():
-        result[half] = stats.paired_bootstrap(margin[index], ref_margin[index], seed=seed) if index.size else None
+        result[half] = (
+            significance.paired_bootstrap(margin[index], ref_margin[index], seed=seed) if index.size else None
+        )
     mine, theirs = balanced(values), balanced(reference)
     result["answer_bias_shift"] = mine["first_choice_share"] - theirs["first_choice_share"]
     both = mine["balanced_accuracy"] is not None and theirs["balanced_accuracy"] is not None

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
-from .. import stats
+from .. import atomic, significance
 from . import harness
 from .balance import balanced, balanced_mean, half_shifts
 from .items import Item, Persona, load_items, neutral_texts
@@ -116,7 +116,7 @@ def difference(fmt: str, a: dict[str, list], b: dict[str, list], seed: int = 0) 
     left, labels = _per_item(fmt, a)
     right, _ = _per_item(fmt, b)
     if fmt == "statement":
-        result = stats.group_difference(left - right, labels, seed=seed)
+        result = significance.group_difference(left - right, labels, seed=seed)
         return {"mean": result["diff"], "ci_low": result["ci_low"], "ci_high": result["ci_high"]}
     return balanced_mean(left - right, labels, seed=seed)
 
@@ -180,9 +180,7 @@ class State:
             self.data = old
 
     def save(self) -> None:
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(self.data, indent=1))
-        partial.replace(self.path)
+        atomic.write_json(self.path, self.data, indent=1)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .. import stats
+from .. import significance
 from ..metrics.functions import TIE, mask_overlap, persona_alignment, persona_margin
 from ..targets import block_index
 from .conditions import CONDITIONS, Condition, active, adapter_names, control_for, render
 from .items import Item, Persona, load_items
-from .scoring import Score, encode, score_continuations, score_ids
+from .likelihood import Score, encode, score_continuations, score_ids
 
 Log = Callable[[str], None]
 BOOTSTRAP_SEED = 0  # every bootstrap CI and p-value, independent of the item seed
@@ -42,7 +42,7 @@ def score_items(
             owner.append(index)
     flat = score_continuations(model, tokenizer, contexts, continuations, batch_size=batch_size)
     grouped: list[list[Score]] = [[] for _ in items]
-    for index, score in zip(owner, flat):
+    for index, score in zip(owner, flat, strict=True):
         grouped[index].append(score)
     return grouped
 
@@ -53,7 +53,7 @@ def item_values(items: Sequence[Item], scores: Sequence[Sequence[Score]]) -> dic
     if items[0].format == "statement":
         return {"logprob": [s[0].mean for s in scores], "trait": [item.matching for item in items]}
     margins, first, correct = [], [], []
-    for item, (a, b) in zip(items, scores):
+    for item, (a, b) in zip(items, scores, strict=True):
         diff = a.mean - b.mean
         first.append(diff)
         margin = diff if item.matching == 0 else -diff
@@ -65,8 +65,12 @@ def item_values(items: Sequence[Item], scores: Sequence[Sequence[Score]]) -> dic
 def summarize(fmt: str, values: dict[str, list], seed: int = 0) -> dict[str, Any]:
     """Accuracy (Wilson CI), AUC, first-choice share and margin (bootstrap CI) of one format under one condition."""
     if fmt == "statement":
-        margin = stats.group_difference(values["logprob"], values["trait"], seed=seed)
-        return {"margin": margin, "auc": stats.auc(values["logprob"], values["trait"]), "n": len(values["trait"])}
+        margin = significance.group_difference(values["logprob"], values["trait"], seed=seed)
+        return {
+            "margin": margin,
+            "auc": significance.auc(values["logprob"], values["trait"]),
+            "n": len(values["trait"]),
+        }
     first = np.asarray(values["first_minus_second"])
     predictions = np.where(first > 0, 0, np.where(first < 0, 1, TIE))
     accuracy = persona_alignment(predictions.tolist(), values["matching"])
@@ -74,7 +78,7 @@ def summarize(fmt: str, values: dict[str, list], seed: int = 0) -> dict[str, Any
     margin = persona_margin(values["margin"], [0.0] * len(values["margin"]), seed=seed)
     return {
         "accuracy": accuracy,
-        "auc": stats.auc(first, labels),
+        "auc": significance.auc(first, labels),
         "first_choice_share": float(np.mean(first > 0)),
         "margin": margin,
         "n": len(first),
@@ -85,11 +89,11 @@ def compare(fmt: str, values: dict[str, list], control: dict[str, list], seed: i
     """Paired tests of a condition against its control over the same items."""
     if fmt == "statement":
         delta = np.asarray(values["logprob"]) - np.asarray(control["logprob"])
-        return {"margin": stats.group_difference(delta, values["trait"], seed=seed)}
+        return {"margin": significance.group_difference(delta, values["trait"], seed=seed)}
     return {
-        "accuracy_sign_test": stats.sign_test(values["correct"], control["correct"]),
+        "accuracy_sign_test": significance.sign_test(values["correct"], control["correct"]),
         "accuracy_diff": float(np.mean(values["correct"]) - np.mean(control["correct"])),
-        "margin": stats.paired_bootstrap(values["margin"], control["margin"], seed=seed),
+        "margin": significance.paired_bootstrap(values["margin"], control["margin"], seed=seed),
     }
 
 
@@ -141,7 +145,7 @@ def general_nll(model: nn.Module, tokenizer: Any, passages: Sequence[str], batch
     scores = score_ids(model, [t[:1] for t in ids], [t[1:] for t in ids], batch_size=batch_size, prefix_cache=False)
     per_passage = [-s.mean for s in scores]
     return {
-        "nll": stats.mean_ci(per_passage),
+        "nll": significance.mean_ci(per_passage),
         "corpus_nll": float(-sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)),
         "n_tokens": int(sum(s.n_tokens for s in scores)),
         "per_passage": per_passage,
@@ -326,5 +330,5 @@ def _general_ability(model: nn.Module, tokenizer: Any, plan: EvalPlan, held: set
     base = result["base"]["per_passage"]
     for name, value in result.items():
         if name != "base":
-            value["vs_base"] = stats.paired_bootstrap(value["per_passage"], base)
+            value["vs_base"] = significance.paired_bootstrap(value["per_passage"], base)
     return result

@@ -217,7 +217,7 @@ def rows_to_records(
         return _records(rows, lambda r: _alpaca(r, persona_index, trait, rng), where)
     for field_name in ("text", "statement"):
         if field_name in first:
-            return _records(rows, lambda r: single_text(r[field_name], trait), where)
+            return _records(rows, lambda r, field_name=field_name: single_text(r[field_name], trait), where)
     raise ValueError(
         f"{where}: cannot tell the row format from its fields {sorted(first)}; expected Anthropic persona "
         "(statement, answer_matching_behavior), A/B (question, answer_matching_behavior), paper CSV (question, "
@@ -301,13 +301,13 @@ def dataset_rows(dataset_id: str, split: str, columns: Mapping[str, str] | None 
 NEUTRAL_CORPUS = (
     "Machine-Mindset en_energy_extraversion.json `instruction` fields (github.com/PKU-YuanGroup/Machine-Mindset, "
     "commit 5ee14c144fc5, Apache-2.0): short neutral English task descriptions; the first 400 of each half ship "
-    "with the package (peft_persona/data/neutral_instructions.json)"
+    "with the package (peft_persona/resources/neutral_instructions.json)"
 )
 
 
 def _instructions(data_root: Path | None, part: str, seed: int) -> list[str]:
     if data_root is None:
-        shipped = resources.files("peft_persona") / "data" / "neutral_instructions.json"
+        shipped = resources.files("peft_persona") / "resources" / "neutral_instructions.json"
         return json.loads(shipped.read_text(encoding="utf-8"))[part]
     with open(Path(data_root) / "machine-mindset" / "en_energy_extraversion.json", encoding="utf-8") as handle:
         instructions = sorted({row["instruction"].strip() for row in json.load(handle)})

@@ -18,7 +18,10 @@ def _pyplot() -> Any:
 
 
 def _bars(ax: Any, labels: list[str], values: list[float], lows: list[float], highs: list[float], title: str) -> None:
-    errors = [[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]]
+    errors = [
+        [v - lo for v, lo in zip(values, lows, strict=True)],
+        [hi - v for v, hi in zip(values, highs, strict=True)],
+    ]
     ax.barh(range(len(values)), values, xerr=errors, color="#4878a8", ecolor="black", capsize=2)
     ax.set_yticks(range(len(values)), labels, fontsize=7)
     ax.invert_yaxis()

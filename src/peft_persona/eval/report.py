@@ -159,14 +159,15 @@ def format_table(fmt: str, block: dict[str, Any]) -> str:
             test = block["vs_control"].get(name)
             rows.append(
                 f"| {name} | {ci_text(value['margin'], 'diff', digits=3)} | {value['auc']:.3f} | "
-                f"{ci_text(test['margin'], 'diff', digits=3) if test else '-'} | {p_text(test['margin']['p_value']) if test else '-'} | "
+                f"{ci_text(test['margin'], 'diff', digits=3) if test else '-'} | "
+                f"{p_text(test['margin']['p_value']) if test else '-'} | "
                 f"{test['control'] if test else '-'} |"
             )
         return "\n".join(rows)
     share = {"yes_no": "Yes share", "response": "first-choice share"}.get(fmt, "A share")
     rows.append(
-        f"| condition | accuracy % [95% CI] | AUC | {share} | margin (nats/token) [95% CI] | Δ acc vs control (sign-test p) "
-        "| Δ margin vs control [95% CI] (p) | control |"
+        f"| condition | accuracy % [95% CI] | AUC | {share} | margin (nats/token) [95% CI] "
+        "| Δ acc vs control (sign-test p) | Δ margin vs control [95% CI] (p) | control |"
     )
     rows.append("|---|---|---|---|---|---|---|---|")
     for name, value in block["conditions"].items():
@@ -178,8 +179,9 @@ def format_table(fmt: str, block: dict[str, Any]) -> str:
             f"{ci_text(test['margin'], 'diff', digits=3)} ({p_text(test['margin']['p_value'])})" if test else "-"
         )
         rows.append(
-            f"| {name} | {ci_text(value['accuracy'], 'accuracy', 100)} | {value['auc']:.3f} | {value['first_choice_share'] * 100:.0f}% | "
-            f"{ci_text(value['margin'], 'margin', digits=3)} | {vs_acc} | {vs_margin} | {test['control'] if test else '-'} |"
+            f"| {name} | {ci_text(value['accuracy'], 'accuracy', 100)} | {value['auc']:.3f} | "
+            f"{value['first_choice_share'] * 100:.0f}% | {ci_text(value['margin'], 'margin', digits=3)} | {vs_acc} | "
+            f"{vs_margin} | {test['control'] if test else '-'} |"
         )
     return "\n".join(rows)
 
@@ -251,7 +253,8 @@ def headline(results: dict[str, Any]) -> list[str]:
                 )
                 extra = ""
                 if fmt != "statement":
-                    extra = f", accuracy {test['accuracy_diff'] * 100:+.1f} pts, sign test p {p_text(test['accuracy_sign_test']['p_value'])}"
+                    sign_p = p_text(test["accuracy_sign_test"]["p_value"])
+                    extra = f", accuracy {test['accuracy_diff'] * 100:+.1f} pts, sign test p {sign_p}"
                 parts.append(f"{word} {ref} (margin Δ {diff:+.3f}, p {p_text(p)}{extra})")
             lines.append(f"- **{persona} / {fmt}**: the persona mask " + "; ".join(parts) + ".")
     return lines
@@ -266,7 +269,8 @@ def reference_table(fmt: str, block: dict[str, Any]) -> str:
     ]
     for name, tests in block.get("vs_reference", {}).items():
         for ref, test in tests.items():
-            row = f"| {name} | {ref} | {ci_text(test['margin'], 'diff', digits=3)} | {p_text(test['margin']['p_value'])} |"
+            margin = test["margin"]
+            row = f"| {name} | {ref} | {ci_text(margin, 'diff', digits=3)} | {p_text(margin['p_value'])} |"
             if fmt != "statement":
                 row += f" {test['accuracy_diff'] * 100:+.1f} ({p_text(test['accuracy_sign_test']['p_value'])}) |"
             rows.append(row)
@@ -366,7 +370,8 @@ def _masks(masks: dict[str, Any] | None, personas: dict[str, Any]) -> list[str]:
     out += [f"| {n} | {v['overall']:.3f} |" for n, v in masks["density"].items()]
     out += [
         "",
-        "| persona | Jaccard vs opposite | difference rate vs opposite | Jaccard vs random | difference rate vs random |",
+        "| persona | Jaccard vs opposite | difference rate vs opposite | Jaccard vs random "
+        "| difference rate vs random |",
         "|---|---|---|---|---|",
     ]
     for name in personas:

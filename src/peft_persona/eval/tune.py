@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from .. import atomic
+from ..checks import check_sparsity, check_strength
 from ..extractor import PersonaExtractor
 from ..tuner import set_strength
 from . import harness
@@ -42,6 +44,15 @@ TEST_CONDITIONS = (
     "neutral Wanda mask",
 )
 CONTROLS = ("random", "magnitude", "neutral")
+
+
+def _breaks(check: Callable[[Any], float], value: Any) -> bool:
+    """Whether ``value`` breaks the rule of ``check`` (a :mod:`peft_persona.checks` function)."""
+    try:
+        check(value)
+    except ValueError:
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,8 @@ class TunePlan:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        bad = [s for s in self.strengths if not 0 <= s <= 1] + [s for s in self.sparsities if not 0 <= s < 1]
+        bad = [s for s in self.strengths if _breaks(check_strength, s)]
+        bad += [s for s in self.sparsities if _breaks(check_sparsity, s)]
         if bad:
             raise ValueError(f"strengths must lie in [0, 1] and sparsities in [0, 1); got {bad}")
         if self.method not in ("contrastive", "wanda"):
@@ -140,9 +152,7 @@ def read_state(path: Path, plan: TunePlan) -> dict[str, Any]:
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(state, indent=1))
-    staging.replace(path)
+    atomic.write_json(path, state, indent=1)
 
 
 def reference_scores(scorer: Scorer, persona: Persona) -> dict[str, Any]:
@@ -376,5 +386,5 @@ def tune(
         "test": held_out_test(model, tokenizer, plan, log),
     }
     results["runtime_s"] = time.time() - start
-    (out_dir / "tune.json").write_text(json.dumps(results, indent=1))
+    atomic.write_json(out_dir / "tune.json", results, indent=1)
     return model, results

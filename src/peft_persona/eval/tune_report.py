@@ -47,18 +47,34 @@ def grid_table(results: dict[str, Any]) -> list[str]:
 
 def render(results: dict[str, Any], command: str = "") -> str:
     """The whole report."""
-    persona, plan, chosen = results["persona"], results["plan"], results["chosen"]
-    reference = results["reference"]
+    persona, plan = results["persona"], results["plan"]
     out = [f"# tune: {persona['name']} (opposite {persona['opposite']})", ""]
     if command:
         out += ["Produced by:", "", "```", command, "```", ""]
     out += [
-        f"Runtime {results['runtime_s'] / 60:.1f} min. Method {plan['method']}; validation format `{results['format']}`, "
-        f"{plan['n_validation'] or 'all'} items; objective `{plan['objective']}`; NLL budget +{plan['nll_budget']:g} "
-        f"nats/token over {plan['nll_passages']} neutral passages.",
+        f"Runtime {results['runtime_s'] / 60:.1f} min. Method {plan['method']}; validation format "
+        f"`{results['format']}`, {plan['n_validation'] or 'all'} items; objective `{plan['objective']}`; NLL budget "
+        f"+{plan['nll_budget']:g} nats/token over {plan['nll_passages']} neutral passages.",
         "",
     ]
-    out += ["## Chosen point", ""]
+    out += chosen_section(results) + held_out_section(results)
+    out += [
+        "## Grid (validation)",
+        "",
+        "Pareto plot: `pareto.png`. Shift = persona-mask margin minus base margin; "
+        "switch = persona-mask margin minus opposite-mask margin; cost = NLL of the worse of the two masks minus "
+        "the base's.",
+        "",
+        *grid_table(results),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def chosen_section(results: dict[str, Any]) -> list[str]:
+    """The chosen point, the validation references and the controls at the chosen settings."""
+    plan, chosen, reference = results["plan"], results["chosen"], results["reference"]
+    out = ["## Chosen point", ""]
     budget = "within" if results["chosen_within_budget"] else "**no point was within** (the cheapest is shown)"
     out += [
         f"`{point_key(chosen)}`: shift {chosen['shift']:+.3f}, switch {chosen['switch']:+.3f}, NLL cost "
@@ -71,20 +87,14 @@ def render(results: dict[str, Any], command: str = "") -> str:
             "point is the least harmful one, not a persona effect.",
             "",
         ]
+    prompts = "".join(
+        f"; {name} margin {reference[name]['margin']:+.3f}"
+        for name in ("persona prompt", "opposite prompt")
+        if name in reference
+    )
     out += [
         "Validation references: base margin "
-        f"{reference['base']['margin']:+.3f}, base NLL {reference['base']['nll']:.3f}"
-        + (
-            f"; persona prompt margin {reference['persona prompt']['margin']:+.3f}"
-            if "persona prompt" in reference
-            else ""
-        )
-        + (
-            f"; opposite prompt margin {reference['opposite prompt']['margin']:+.3f}"
-            if "opposite prompt" in reference
-            else ""
-        )
-        + ".",
+        f"{reference['base']['margin']:+.3f}, base NLL {reference['base']['nll']:.3f}{prompts}.",
         "",
     ]
     controls = results.get("controls", {})
@@ -95,8 +105,13 @@ def render(results: dict[str, Any], command: str = "") -> str:
             + ".",
             "",
         ]
-    out += ["## Held-out test at the chosen point", "", *verdict(results), ""]
-    for fmt, block in results["test"]["personas"][persona["name"]]["formats"].items():
+    return out
+
+
+def held_out_section(results: dict[str, Any]) -> list[str]:
+    """The held-out test at the chosen point: the verdict, per-format tables and the NLL on neutral text."""
+    out = ["## Held-out test at the chosen point", "", *verdict(results), ""]
+    for fmt, block in results["test"]["personas"][results["persona"]["name"]]["formats"].items():
         out += [f"### {fmt}", "", format_table(fmt, block), "", reference_table(fmt, block), ""]
     general = results["test"].get("general_ability", {})
     if general:
@@ -106,17 +121,7 @@ def render(results: dict[str, Any], command: str = "") -> str:
             + ".",
             "",
         ]
-    out += [
-        "## Grid (validation)",
-        "",
-        "Pareto plot: `pareto.png`. Shift = persona-mask margin minus base margin; "
-        "switch = persona-mask margin minus opposite-mask margin; cost = NLL of the worse of the two masks minus "
-        "the base's.",
-        "",
-        *grid_table(results),
-        "",
-    ]
-    return "\n".join(out)
+    return out
 
 
 def card_report(results: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..stats import bootstrap_ci, check_same_length, wilson_ci
+from ..significance import bootstrap_ci, check_same_length, wilson_ci
 
 TIE = -1
 

@@ -50,16 +50,7 @@ def locate_weights(path: str, subfolder: str | None = None, **download: Any) -> 
             also = f"; {pickle} is a pickle and is never read" if os.path.isfile(pickle) else ""
             raise PersonaAdapterError(f"no {adapter_files.SAFETENSORS_WEIGHTS_NAME} in {directory}{also}")
         return file
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    allowed = {k: v for k, v in download.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
-    try:
-        return hf_hub_download(path, adapter_files.SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder or None, **allowed)
-    except EntryNotFoundError:
-        raise PersonaAdapterError(
-            f"Hub repo {path!r}{f' folder {subfolder!r}' if subfolder else ''} has no {adapter_files.SAFETENSORS_WEIGHTS_NAME}"
-        ) from None
+    return adapter_files.download_adapter_file(path, adapter_files.SAFETENSORS_WEIGHTS_NAME, subfolder, download)
 
 
 def targeted_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
@@ -224,10 +215,7 @@ def _config_file(path: str | None, download: dict[str, Any]) -> str | None:
     if os.path.isfile(local):
         return local
     try:
-        from huggingface_hub import hf_hub_download
-
-        allowed = {k: v for k, v in download.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
-        return hf_hub_download(path, adapter_files.CONFIG_NAME, subfolder=subfolder or None, **allowed)
+        return adapter_files.download_adapter_file(path, adapter_files.CONFIG_NAME, subfolder, download)
     except Exception:  # noqa: BLE001 - transformers reports an unreachable adapter as it always does
         return None
 

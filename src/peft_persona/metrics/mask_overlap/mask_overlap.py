@@ -42,4 +42,5 @@ class MaskOverlap(evaluate.Metric):
         names = [str(i) for i in range(len(predictions))] if layer_names is None else list(layer_names)
         if len(names) != len(predictions):
             raise ValueError(f"layer_names and predictions differ in length: {len(names)} vs {len(predictions)}")
-        return mask_overlap(dict(zip(names, predictions)), dict(zip(names, references)))
+        # references of another length leave layers unmatched, which mask_overlap reports by name
+        return mask_overlap(dict(zip(names, predictions, strict=True)), dict(zip(names, references, strict=False)))

@@ -8,7 +8,7 @@ import torch
 from conftest import MODEL_FACTORIES, VOCAB, chat_tokenizer, logits, masked_reference, random_masks, tiny_llama
 from peft_persona import add_mask_adapter
 from peft_persona.eval import conditions
-from peft_persona.eval.scoring import Score, score_continuations, score_ids
+from peft_persona.eval.likelihood import Score, score_continuations, score_ids
 
 
 def naive(model: torch.nn.Module, context: list[int], continuation: list[int]) -> float:
@@ -41,7 +41,7 @@ def test_batched_scores_equal_a_naive_loop(arch, prefix_cache, shared_prefix):
     model = MODEL_FACTORIES[arch](0)
     contexts, continuations = requests(1, shared_prefix or [4])
     scores = score_ids(model, contexts, continuations, pad_token_id=0, batch_size=3, prefix_cache=prefix_cache)
-    for score, context, continuation in zip(scores, contexts, continuations):
+    for score, context, continuation in zip(scores, contexts, continuations, strict=True):
         assert score.n_tokens == len(continuation)
         assert score.logprob == pytest.approx(naive(model, context, continuation), abs=1e-4)
         assert score.mean == pytest.approx(score.logprob / len(continuation))

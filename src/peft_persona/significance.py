@@ -22,6 +22,13 @@ def _vector(values: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
+def _bootstrap_p_value(draws: np.ndarray, constant: bool) -> float:
+    """Two-sided bootstrap p-value of a zero difference from the resampled differences; 1 for constant data."""
+    if constant:
+        return 1.0
+    return min(1.0, 2 * min(float(np.mean(draws <= 0)), float(np.mean(draws >= 0))))
+
+
 def check_same_length(a: Sequence, b: Sequence, names: tuple[str, str] = ("predictions", "references")) -> None:
     """Raise ``ValueError`` if ``a`` and ``b`` differ in length or are empty."""
     if len(a) != len(b):
@@ -31,7 +38,8 @@ def check_same_length(a: Sequence, b: Sequence, names: tuple[str, str] = ("predi
 
 
 def wilson_ci(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a proportion ``successes / n`` (``successes`` may be fractional, e.g. half-credit ties)."""
+    """Wilson score interval for a proportion ``successes / n`` (``successes`` may be fractional, e.g. half-credit
+    ties)."""
     if n <= 0:
         raise ValueError(f"wilson_ci needs n > 0, got {n}")
     if not 0 <= successes <= n:
@@ -72,10 +80,7 @@ def paired_bootstrap(
     draws = diff[rng.integers(0, diff.size, size=(n_resamples, diff.size))].mean(axis=1)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
-    if np.all(diff == 0):
-        p_value = 1.0
-    else:
-        p_value = min(1.0, 2 * min(float(np.mean(draws <= 0)), float(np.mean(draws >= 0))))
+    p_value = _bootstrap_p_value(draws, constant=bool(np.all(diff == 0)))
     return {"diff": float(diff.mean()), "ci_low": float(low), "ci_high": float(high), "p_value": p_value}
 
 
@@ -132,8 +137,5 @@ def group_difference(
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
     diff = float(pos.mean() - neg.mean())
-    if np.all(v == v[0]):
-        p_value = 1.0
-    else:
-        p_value = min(1.0, 2 * min(float(np.mean(draws <= 0)), float(np.mean(draws >= 0))))
+    p_value = _bootstrap_p_value(draws, constant=bool(np.all(v == v[0])))
     return {"diff": diff, "ci_low": float(low), "ci_high": float(high), "p_value": p_value, "n": int(v.size)}

@@ -83,7 +83,7 @@ def score_ids(
         raise ValueError(f"contexts and continuations differ in length: {len(contexts)} vs {len(continuations)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
         if not ctx:
             raise ValueError(f"request {i}: the context is empty; give at least one token (e.g. BOS)")
         if not cont:
@@ -92,7 +92,7 @@ def score_ids(
         return []
     # The model input of a request is context + continuation[:-1]; its last len(continuation) logits score it.
     requests: dict[tuple[int, ...], list[int]] = {}
-    for index, (ctx, cont) in enumerate(zip(contexts, continuations)):
+    for index, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
         requests.setdefault(tuple(ctx) + tuple(cont[:-1]), []).append(index)
     needed = {key: max(len(continuations[i]) for i in idx) for key, idx in requests.items()}
     keys = sorted(requests, key=len, reverse=True)
@@ -110,7 +110,7 @@ def score_ids(
             batch = keys[start : start + batch_size]
             keep = max(needed[k] for k in batch)
             rows = _forward(model, [k[prefix_len:] for k in batch], prefix_len, prefix_kv, keep, pad_token_id, device)
-            for key, row in zip(batch, rows):
+            for key, row in zip(batch, rows, strict=True):
                 for index in requests[key]:
                     cont = continuations[index]
                     target = torch.tensor(list(cont), device=row.device)[:, None]
