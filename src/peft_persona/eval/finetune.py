@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .steering import Text, token_ids
+from .. import tokens
+from ..models import ensure_pad_token
+
+Text = Any  # a string, or a list of chat messages rendered with the tokenizer's chat template
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,9 @@ class LoraBudget:
     seed: int = 0
 
 
-def _batch(tokenizer: Any, encoded: Sequence[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(map(len, encoded))
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
-    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in encoded], device=device)
+def _batch(encoded: Sequence[list[int]], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    ids, attention = next(tokens.batches(encoded, pad_token_id, len(encoded)))
+    ids, attention = ids.to(device), attention.to(device)
     return {"input_ids": ids, "attention_mask": attention, "labels": ids.masked_fill(attention == 0, -100)}
 
 
@@ -54,7 +55,7 @@ def train_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    encoded = [ids for ids in (token_ids(tokenizer, t, budget.max_length) for t in texts) if len(ids) > 1]
+    encoded = [ids for ids in tokens.encode(tokenizer, "lora", texts, budget.max_length) if len(ids) > 1]
     if not encoded:
         raise ValueError("no calibration text has two or more tokens to train on")
     torch.manual_seed(budget.seed)
@@ -69,10 +70,10 @@ def train_lora(
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=budget.learning_rate)
     order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(budget.seed)).tolist()
-    device, losses = base_model.get_input_embeddings().weight.device, []
+    device, losses, pad = base_model.get_input_embeddings().weight.device, [], ensure_pad_token(tokenizer)
     for step in range(budget.steps):
         picks = [order[(step * budget.batch_size + i) % len(order)] for i in range(budget.batch_size)]
-        loss = model(**_batch(tokenizer, [encoded[i] for i in picks], device)).loss
+        loss = model(**_batch([encoded[i] for i in picks], pad, device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

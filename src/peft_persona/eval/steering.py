@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import tokens
+from ..models import ensure_pad_token
 from ..targets import decoder_block_list
 
 Text = Any  # a string, or a list of chat messages rendered with the tokenizer's chat template
@@ -54,14 +56,6 @@ class SteeringVector:
             handle.remove()
 
 
-def token_ids(tokenizer: Any, text: Text, max_length: int) -> list[int]:
-    """Token ids of a string, or of chat messages rendered with the tokenizer's chat template."""
-    if not isinstance(text, str):
-        text = tokenizer.apply_chat_template(list(text), tokenize=False)
-        return tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-    return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-
-
 @torch.no_grad()
 def last_token_residuals(
     model: nn.Module,
@@ -72,21 +66,15 @@ def last_token_residuals(
     batch_size: int = 8,
     max_length: int = 256,
 ) -> dict[int, torch.Tensor]:
-    """Per block in ``layers``: the ``(len(texts), hidden)`` float32 outputs at each text's last real token."""
-    encoded = [ids for ids in (token_ids(tokenizer, t, max_length) for t in texts) if ids]
-    if not encoded:
-        raise ValueError("no text produced any token")
+    """Per block in ``layers``: the ``(n_texts, hidden)`` float32 outputs at each text's last real token, in the order
+    :func:`peft_persona.tokens.batches` runs the texts (longest first)."""
+    encoded = tokens.encode(tokenizer, "steering", texts, max_length)
     device = model.get_input_embeddings().weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     found: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([row + [pad] * (width - len(row)) for row in chunk], device=device)
-        attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk], device=device)
+    for ids, attention in tokens.batches(encoded, ensure_pad_token(tokenizer), batch_size):
+        ids, attention = ids.to(device), attention.to(device)
         hidden = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
-        last = attention.sum(dim=1) - 1
-        rows = torch.arange(len(chunk), device=device)
+        last, rows = attention.sum(dim=1) - 1, torch.arange(ids.shape[0], device=device)
         for layer in layers:
             found[layer].append(hidden[layer + 1][rows, last].float().cpu())  # hidden_states[0] is the embedding
     return {layer: torch.cat(parts) for layer, parts in found.items()}
