@@ -3,6 +3,8 @@ test, resumable; the scores are the ones a direct computation gives."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -109,3 +111,56 @@ def test_a_state_from_other_settings_is_refused(tmp_path):
     compare.State(tmp_path / "s.json", "one").save()
     with pytest.raises(ValueError, match="other settings"):
         compare.State(tmp_path / "s.json", "two")
+
+
+def test_the_compare_command_runs_resumes_and_reports(tmp_path, capsys):
+    from peft_persona import cli
+
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    chat_tokenizer().save_pretrained(folder)
+    argv = [
+        "compare",
+        "--model",
+        str(folder),
+        "--data-root",
+        str(DATA_ROOT),
+        "--personas",
+        "extraversion",
+        "--arms",
+        "prompt,caa,mask:contrastive-sigmoid,mask:difference",
+        "--sparsities",
+        "0.2",
+        "--strengths",
+        "1",
+        "--bands",
+        "--caa-coefficients",
+        "1",
+        "--n-validation",
+        "4",
+        "--n-test",
+        "4",
+        "--nll-passages",
+        "1",
+        "--max-calibration",
+        "6",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert cli.main(argv) == 0
+    state = json.loads((tmp_path / "out" / "extraversion.json").read_text())
+    assert set(state["test"]) == {"prompt", "caa", "mask:contrastive-sigmoid", "mask:difference"}
+    bands = {v["knobs"].get("layers", "all") for v in state["validation"].values() if v["arm"] == "mask:difference"}
+    assert bands == {"all", "early", "middle", "late"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| extraversion | mask:difference |" in report and "peft-persona compare --model" in report
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # resumed: the same state, nothing rescored
+    assert json.loads((tmp_path / "out" / "extraversion.json").read_text())["validation"] == state["validation"]
+    assert cli.main([*argv[:-2], "--n-test", "5", "--out", str(tmp_path / "out")]) == 2  # other settings: refused

@@ -140,12 +140,14 @@ BANDS: tuple[str, ...] = ("early", "middle", "late")
 
 
 def band_layers(band: str, n_blocks: int) -> list[int]:
-    """The blocks of a band: the first, middle or last third of ``n_blocks`` (rounded to the nearest block)."""
+    """The blocks of a band: the first, middle or last third of ``n_blocks`` (bounds rounded to the nearest block;
+    a band is never empty, so with fewer than three blocks neighbouring bands share one)."""
     if band not in BANDS:
         raise ValueError(f"layer band {band!r} is unknown; use one of {BANDS}")
     bounds = [round(n_blocks * i / 3) for i in range(4)]
     index = BANDS.index(band)
-    return list(range(bounds[index], bounds[index + 1]))
+    low = min(bounds[index], n_blocks - 1)
+    return list(range(low, max(bounds[index + 1], low + 1)))
 
 
 def parse_layers(spec: str | Iterable[int] | None, n_blocks: int | None = None) -> list[int] | None:

@@ -74,6 +74,10 @@ def _contrastive(**recipe: Any) -> Build:
     return build
 
 
+def _difference(extractor: PersonaExtractor, stats: dict[str, Any], names: tuple[str, str], sparsity: float) -> Any:
+    return extractor.extract({names[0]: stats["persona"], names[1]: stats["opposite"]}, "difference", sparsity)
+
+
 def _versus_neutral(extractor: PersonaExtractor, stats: dict[str, Any], names: tuple[str, str], sparsity: float) -> Any:
     """Each side contrasted with neutral text instead of the other side: what any text needs is not what is kept."""
     for name, side in zip(names, ("persona", "opposite"), strict=True):
@@ -99,6 +103,9 @@ RECIPES: dict[str, MaskRecipe] = {
         MaskRecipe("wanda", _wanda),
         MaskRecipe("contrastive", _contrastive()),
         MaskRecipe("contrastive-softplus", _contrastive(phi="softplus", tau=1.0)),
+        MaskRecipe("contrastive-sigmoid", _contrastive(phi="sigmoid", tau=0.5)),
+        MaskRecipe("contrastive-channel", _contrastive(structure="channel")),
+        MaskRecipe("difference", _difference),
         MaskRecipe("versus-neutral", _versus_neutral, needs_neutral=True),
     )
 }
@@ -148,44 +155,44 @@ class MaskArm:
 
     def points(self) -> Iterator[Point]:
         for target in self.grid["targets"]:
-            for sparsity in self.grid["sparsities"]:
-                for strength in self.grid["strengths"]:
-                    yield self.point({"target": target, "sparsity": sparsity, "strength": strength})
+            for layers in self.grid.get("layers", ("all",)):
+                for sparsity in self.grid["sparsities"]:
+                    for strength in self.grid["strengths"]:
+                        knobs = {"target": target, "sparsity": sparsity, "strength": strength}
+                        yield self.point(knobs if layers == "all" else {**knobs, "layers": layers})
 
     def point(self, knobs: dict[str, Any]) -> Point:
         names = (f"{self.slug}-p", f"{self.slug}-o", f"{self.slug}-neutral")
         prompts = (self.persona.prompt, self.persona.opposite_prompt) if self.prompted else (None, None)
 
+        group = (knobs["target"], knobs.get("layers"), knobs["sparsity"])
+
         def sides() -> tuple[Side, Side]:
-            self._ensure(knobs["target"], knobs["sparsity"])
+            self._ensure(group)
             for name in names[:2]:
                 set_strength(self.host.model, name, knobs["strength"])
             return self.host.side(names[0], prompts[0]), self.host.side(names[1], prompts[1])
 
         def neutral() -> contextlib.AbstractContextManager:
-            self._ensure(knobs["target"], knobs["sparsity"], neutral=True)
+            self._ensure(group, neutral=True)
             set_strength(self.host.model, names[2], knobs["strength"])
             return self.host.side(names[2], prompts[0])()
 
         return Point(self.name, dict(knobs), sides, {"neutral Wanda": neutral})
 
-    def _ensure(self, target: str, sparsity: float, neutral: bool = False) -> None:
-        """The adapters of ``(target, sparsity)`` exist (and the neutral-Wanda control, if asked)."""
-        names = (f"{self.slug}-p", f"{self.slug}-o")
-        if self.group != (target, sparsity):
+    def _ensure(self, group: tuple[str, str | None, float], neutral: bool = False) -> None:
+        """The adapters of ``(target, layers, sparsity)`` exist (and the neutral-Wanda control, if asked)."""
+        names, (target, layers, sparsity) = (f"{self.slug}-p", f"{self.slug}-o"), group
+        if self.group != group:
             self.release()
             stats = self.statistics.get(self.recipe.needs_neutral)
             start = time.perf_counter()
-            extractor = PersonaExtractor(
-                self.host.model, self.host.tokenizer, target=target, layers=self.statistics.layers
-            )
+            extractor = PersonaExtractor(self.host.model, self.host.tokenizer, target=target, layers=layers)
             self.host.model = self.recipe.build(extractor, stats, names, sparsity)
             self.seconds = time.perf_counter() - start
-            self.group, self.names = (target, sparsity), names
+            self.group, self.names = group, names
         if neutral and f"{self.slug}-neutral" not in self.names:
-            extractor = PersonaExtractor(
-                self.host.model, self.host.tokenizer, target=target, layers=self.statistics.layers
-            )
+            extractor = PersonaExtractor(self.host.model, self.host.tokenizer, target=target, layers=layers)
             stats = self.statistics.get(neutral=True)["neutral"]
             self.host.model = extractor.extract({f"{self.slug}-neutral": stats}, "wanda", sparsity)
             self.names = (*self.names, f"{self.slug}-neutral")

@@ -65,10 +65,11 @@ def verdict(personas: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
     """Per mask arm, the personas on which it moves the persona by :func:`moves_persona`."""
     found: dict[str, list[str]] = {}
     for persona, state in personas.items():
+        budget = state.get("settings", {}).get("plan", {}).get("nll_budget", BUDGET)
         for arm, tested in state["test"].items():
             if "mask:" in arm:
                 found.setdefault(arm, [])
-                if moves_persona(tested):
+                if moves_persona(tested, budget=budget):
                     found[arm].append(persona)
     return found
 
@@ -102,3 +103,33 @@ def pareto_plot(personas: Mapping[str, Mapping[str, Any]], title: str, out: Path
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
+
+
+def verdict_lines(personas: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per mask arm: on which personas it moves the persona by :func:`moves_persona`."""
+    return [
+        f"- {arm}: moves the persona on {len(moved)} of {len(personas)} ({', '.join(moved) or 'none'})"
+        for arm, moved in verdict(personas).items()
+    ]
+
+
+def persona_page(personas: Mapping[str, Mapping[str, Any]], command: str) -> str:
+    """The Markdown report of one ``compare`` run (one model, one or more personas)."""
+    lines = [
+        "# Persona masks against the alternatives",
+        "",
+        "Each method at its best validation point within the NLL budget (nats/token), scored once on test "
+        "items. A mask recipe moves the persona when its held-out statement switch CI lies above 0, it beats the "
+        "neutral-Wanda control (CI above 0) and its cost is within the budget.",
+        "",
+        *table(personas),
+        "",
+        *verdict_lines(personas),
+        "",
+        "Produced by:",
+        "",
+        "```",
+        command,
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
