@@ -11,14 +11,15 @@ import torch
 from conftest import DATA_ROOT, chat_tokenizer, tiny_llama
 from peft_persona.eval import compare, harness
 from peft_persona.eval.arms import RECIPES, CaaArm, Host, LoraArm, MaskArm, PromptArm, Statistics
+from peft_persona.eval.budget import choose
 from peft_persona.eval.finetune import LoraBudget
 from peft_persona.eval.items import PERSONAS, calibration_texts, neutral_texts
 
 
 def test_choose_takes_the_best_switch_within_the_budget_else_the_cheapest():
     points = [{"switch": 0.9, "cost": 0.5}, {"switch": 0.3, "cost": 0.1}, {"switch": 0.2, "cost": 0.0}]
-    assert compare.choose(points, 0.2) == ({"switch": 0.3, "cost": 0.1}, True)
-    assert compare.choose(points, -1.0) == ({"switch": 0.2, "cost": 0.0}, False)
+    assert choose(points, "switch", 0.2) == ({"switch": 0.3, "cost": 0.1}, True)
+    assert choose(points, "switch", -1.0) == ({"switch": 0.2, "cost": 0.0}, False)
 
 
 def test_difference_balances_two_choice_items_and_groups_statements():
@@ -71,7 +72,7 @@ def test_every_arm_is_scored_chosen_and_tested_and_a_rerun_resumes(setting, monk
     assert len(result["validation"]) == 1 + 2 + 2 + 2 + 1
     for arm, tested in result["test"].items():
         scored = [v for v in result["validation"].values() if v["arm"] == arm]
-        assert tested["validation"] == compare.choose(scored, 0.2)[0]
+        assert tested["validation"] == choose(scored, "switch", 0.2)[0]
         assert set(tested["formats"]) == set(persona.formats)
     assert "vs neutral Wanda" in result["test"]["mask:contrastive"]["formats"]["yes_no"]
     assert result["validation"]["caa/layer=1/coefficient=0"]["switch"] == 0.0  # adding nothing moves nothing

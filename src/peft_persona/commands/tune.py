@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
+from ..options import PHI_KINDS, STRUCTURES
 from . import personas as persona_options
 
 
@@ -34,30 +35,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, local path or embedded model name")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF directory")
     parser.add_argument("--out", required=True, help="output directory (resumed if it holds a state.json)")
-    parser.add_argument(
-        "--sparsities",
-        type=_floats,
-        default=(0.05, 0.1, 0.2, 0.35, 0.5),
-        help="comma-separated sparsities (default 0.05,0.1,0.2,0.35,0.5)",
-    )
-    parser.add_argument(
-        "--strengths",
-        type=_floats,
-        default=(0.25, 0.5, 1.0),
-        help="comma-separated strengths in [0, 1] (default 0.25,0.5,1)",
-    )
-    parser.add_argument(
-        "--targets", default="mlp,all", help="comma-separated target presets: mlp, attention, all (default mlp,all)"
-    )
-    parser.add_argument("--layers", default=None, help="decoder blocks to mask, e.g. 8-23 (default all)")
-    parser.add_argument("--method", default="contrastive", choices=("contrastive", "wanda"))
-    parser.add_argument("--format", default=None, help="item format scored on validation (default the persona's first)")
-    parser.add_argument(
-        "--objective",
-        default="shift",
-        choices=("shift", "switch"),
-        help="shift: persona mask minus base; switch: persona mask minus opposite mask (default shift)",
-    )
+    add_search_options(parser)
     parser.add_argument("--nll-budget", type=float, default=0.2, help="largest NLL cost in nats/token (default 0.2)")
     parser.add_argument("--n-validation", type=int, default=40, help="validation items (default 40; 0: all)")
     parser.add_argument("--n-test", type=int, default=100, help="held-out test items per format (default 100; 0: all)")
@@ -77,6 +55,44 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    """The grid and the recipe: sparsities, strengths, targets, layers, method, phi, structure, format, objective."""
+    from ..eval.tune import TUNE_METHODS
+
+    parser.add_argument(
+        "--sparsities",
+        type=_floats,
+        default=(0.05, 0.1, 0.2, 0.35, 0.5),
+        help="comma-separated sparsities (default 0.05,0.1,0.2,0.35,0.5)",
+    )
+    parser.add_argument(
+        "--strengths",
+        type=_floats,
+        default=(0.25, 0.5, 1.0),
+        help="comma-separated strengths in [0, 1] (default 0.25,0.5,1)",
+    )
+    parser.add_argument(
+        "--targets", default="mlp,all", help="comma-separated target presets: mlp, attention, all (default mlp,all)"
+    )
+    parser.add_argument(
+        "--layers", default=None, help="decoder blocks to mask, e.g. 8-23, or a band: early, middle, late (default all)"
+    )
+    parser.add_argument(
+        "--method", default="contrastive", choices=TUNE_METHODS, help="mask recipe (default contrastive)"
+    )
+    parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight (default relu)")
+    parser.add_argument(
+        "--structure", default="row", choices=STRUCTURES, help="row, or channel: whole input channels (default row)"
+    )
+    parser.add_argument("--format", default=None, help="item format scored on validation (default the persona's first)")
+    parser.add_argument(
+        "--objective",
+        default="shift",
+        choices=("shift", "switch"),
+        help="shift: persona mask minus base; switch: persona mask minus opposite mask (default shift)",
+    )
+
+
 def plan_from(args: argparse.Namespace) -> Any:
     from ..eval.tune import TunePlan
 
@@ -90,20 +106,22 @@ def plan_from(args: argparse.Namespace) -> Any:
     return TunePlan(
         personas[0],
         data_root,
-        args.sparsities,
-        args.strengths,
-        targets,
-        args.layers,
-        args.method,
-        args.format,
-        args.objective,
-        args.nll_budget,
-        args.n_validation or None,
-        args.n_test or None,
-        args.nll_passages,
-        args.max_calibration,
-        args.batch_size,
-        args.seed,
+        sparsities=args.sparsities,
+        strengths=args.strengths,
+        targets=targets,
+        layers=args.layers,
+        method=args.method,
+        phi=args.phi,
+        structure=args.structure,
+        fmt=args.format,
+        objective=args.objective,
+        nll_budget=args.nll_budget,
+        n_validation=args.n_validation or None,
+        n_test=args.n_test or None,
+        nll_passages=args.nll_passages,
+        max_calibration=args.max_calibration,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
 
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from ..adapter_files import adapter_dirs, digest
 from ..extractor import PersonaExtractor
-from ..tuner import set_strength
 from .items import Persona, calibration_texts, neutral_texts
 
 
@@ -54,13 +53,10 @@ def extract_adapters(
         rng = random.Random(seed)
         texts = rng.sample(texts, min(max_calibration, len(texts)))
         opposite = rng.sample(opposite, min(max_calibration, len(opposite)))
-        extractor.extract(
-            {persona.name: texts, persona.opposite: opposite}, method=method, sparsity=sparsity, seed=seed
-        )
-    extractor.extract({"random": None}, method="random", sparsity=sparsity, seed=seed)
-    extractor.extract({"magnitude": None}, method="magnitude", sparsity=sparsity)
+        pair = {persona.name: texts, persona.opposite: opposite}
+        extractor.extract(pair, method=method, sparsity=sparsity, seed=seed, strength=strength)
+    extractor.extract({"random": None}, method="random", sparsity=sparsity, seed=seed, strength=strength)
+    extractor.extract({"magnitude": None}, method="magnitude", sparsity=sparsity, strength=strength)
     neutral = neutral_texts(data_root, "calibration", neutral_passages, per_passage=4)
-    extractor.extract({"neutral": neutral}, method="wanda", sparsity=sparsity)
-    for name in extractor.peft_model.peft_config:
-        set_strength(extractor.peft_model, name, strength)
+    extractor.extract({"neutral": neutral}, method="wanda", sparsity=sparsity, strength=strength)
     extractor.peft_model.save_pretrained(str(out_dir))

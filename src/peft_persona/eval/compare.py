@@ -10,8 +10,9 @@ side. On the validation items a point is scored by
   halves;
 - ``cost``: general-ability NLL (nats/token on neutral text, no system prompt) of the worse side minus the base's.
 
-An arm's best ``switch`` within the budget is then scored once on the test items, in every format of the persona,
-with 95% CIs. Everything scored is written to a state file after each point, so a rerun resumes.
+An arm's best ``switch`` within the budget (:func:`~peft_persona.eval.budget.choose`) is then scored once on the
+test items, in every format of the persona, with 95% CIs. Everything scored is written to a state file after each
+point, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from .. import atomic, significance
 from . import harness
 from .balance import balanced, balanced_mean, half_shifts
+from .budget import choose
 from .items import Item, Persona, load_items, neutral_texts
 
 Side = Callable[[], contextlib.AbstractContextManager[tuple[nn.Module, "str | None"]]]
@@ -135,14 +137,6 @@ def validation_score(point: dict[str, Any], base: dict[str, Any], fmt: str) -> d
     return result
 
 
-def choose(scored: Sequence[dict[str, Any]], budget: float) -> tuple[dict[str, Any], bool]:
-    """The highest ``switch`` within ``budget`` (ties: cheaper) and ``True``; else the cheapest point and ``False``."""
-    within = [s for s in scored if s["cost"] <= budget]
-    if within:
-        return max(within, key=lambda s: (s["switch"], -s["cost"])), True
-    return min(scored, key=lambda s: s["cost"]), False
-
-
 def test_report(
     persona: dict[str, Any], opposite: dict[str, Any], base: dict[str, Any], extra: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
@@ -220,7 +214,7 @@ def run_arms(
                 log(f"{point.key}: switch {state.data['validation'][point.key]['switch']:+.3f}")
             bar.update(1)
         bar.close()
-        chosen, within = choose([state.data["validation"][k] for k in keys], budget.nll_budget)
+        chosen, within = choose([state.data["validation"][k] for k in keys], "switch", budget.nll_budget)
         if state.data["test"].get(arm.name, {}).get("validation") != chosen:
             state.data["test"][arm.name] = _test_arm(arm, chosen, within, tokenizer, test, state, budget)
             state.save()

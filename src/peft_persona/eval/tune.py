@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,18 @@ from torch import nn
 from .. import atomic
 from ..checks import check_sparsity, check_strength
 from ..extractor import PersonaExtractor
+from ..options import ExtractionOptions
 from ..tuner import set_strength
 from . import harness
+from .balance import balanced_mean
+from .budget import choose, pareto_front
 from .conditions import CONDITIONS, active
 from .items import Persona, calibration_texts, load_items, neutral_texts
 
 Log = Callable[[str], None]
 OBJECTIVES = ("shift", "switch")
+TUNE_METHODS = ("contrastive", "difference", "wanda")
+RECIPE_DEFAULTS = {"phi": "relu", "structure": "row"}
 TEST_CONDITIONS = (
     "base",
     "base + persona prompt",
@@ -67,6 +72,8 @@ class TunePlan:
     targets: tuple[str, ...] = ("mlp", "all")
     layers: str | None = None
     method: str = "contrastive"
+    phi: str = "relu"
+    structure: str = "row"
     fmt: str | None = None
     objective: str = "shift"
     nll_budget: float = 0.2
@@ -84,8 +91,9 @@ class TunePlan:
         bad += [s for s in self.sparsities if _breaks(check_sparsity, s)]
         if bad:
             raise ValueError(f"strengths must lie in [0, 1] and sparsities in [0, 1); got {bad}")
-        if self.method not in ("contrastive", "wanda"):
-            raise ValueError(f"tune extracts 'contrastive' or 'wanda' masks, got method {self.method!r}")
+        if self.method not in TUNE_METHODS:
+            raise ValueError(f"tune extracts {TUNE_METHODS} masks, got method {self.method!r}")
+        ExtractionOptions(self.method, phi=self.phi, structure=self.structure)  # the recipe's own checks
         if (self.fmt or self.persona.formats[0]) not in self.persona.formats:
             raise ValueError(
                 f"persona {self.persona.name!r} has no format {self.fmt!r}; it has {list(self.persona.formats)}"
@@ -106,7 +114,10 @@ class TunePlan:
     def fingerprint(self) -> str:
         """What the validation scores depend on; a state file with another fingerprint is not resumed."""
         keys = ("layers", "method", "n_validation", "nll_passages", "max_calibration", "seed", "batch_size")
-        text = json.dumps([self.persona.name, self.format, *(getattr(self, k) for k in keys)])
+        recipe = {k: getattr(self, k) for k in ("phi", "structure") if getattr(self, k) != RECIPE_DEFAULTS[k]}
+        text = json.dumps(
+            [self.persona.name, self.format, *(getattr(self, k) for k in keys), *([recipe] if recipe else [])]
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -115,9 +126,25 @@ def point_key(point: dict[str, Any]) -> str:
 
 
 def margin_of(fmt: str, values: dict[str, list]) -> float:
-    """The one margin a format's per-item values give (nats/token): matching minus not matching."""
-    summary = harness.summarize(fmt, values)
-    return float(summary["margin"]["diff"] if fmt == "statement" else summary["margin"]["margin"])
+    """The one margin a format's per-item values give (nats/token): matching minus not matching. Two-choice
+    formats average it over the two answer halves, so an answer bias cannot raise it (see :mod:`.balance`)."""
+    if fmt == "statement":
+        return float(harness.summarize(fmt, values)["margin"]["diff"])
+    return balanced_mean(values["margin"], values["matching"])["mean"]
+
+
+def extract_pair(
+    extractor: PersonaExtractor,
+    plan: TunePlan,
+    stats: dict[str, Any],
+    names: tuple[str, str],
+    sparsity: float,
+    strength: float = 1.0,
+) -> nn.Module:
+    """The persona mask as adapter ``names[0]`` and the opposite's as ``names[1]``, by the plan's recipe (``wanda``
+    scores each side from its own statistics; ``contrastive`` and ``difference`` set them against each other)."""
+    pair = {names[0]: stats[plan.persona.name], names[1]: stats[plan.persona.opposite]}
+    return extractor.extract(pair, plan.method, sparsity, phi=plan.phi, structure=plan.structure, strength=strength)
 
 
 class Scorer:
@@ -162,25 +189,6 @@ def reference_scores(scorer: Scorer, persona: Persona) -> dict[str, Any]:
         if prompt is not None:
             result[side] = {"margin": scorer.margin(None, prompt)}
     return result
-
-
-def pareto_front(points: Sequence[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
-    """Points no other point beats on both cost (lower) and ``objective`` (higher), by increasing cost."""
-    front, best = [], float("-inf")
-    for point in sorted(points, key=lambda p: (p["cost"], -p[objective])):
-        if point[objective] > best:
-            front.append(point)
-            best = point[objective]
-    return front
-
-
-def choose(points: Sequence[dict[str, Any]], objective: str, budget: float) -> tuple[dict[str, Any], bool]:
-    """The best ``objective`` among points whose cost is within ``budget``, and ``True``; or, when none is, the
-    cheapest point and ``False``."""
-    within = [p for p in points if p["cost"] <= budget]
-    if within:
-        return max(within, key=lambda p: (p[objective], -p["cost"])), True
-    return min(points, key=lambda p: p["cost"]), False
 
 
 class Statistics:
@@ -259,12 +267,7 @@ def _grid_adapters(
     the previous group's adapters are deleted once these exist (a ``PeftModel`` must keep one)."""
     names = (f"grid{index}-persona", f"grid{index}-opposite")
     extractor = PersonaExtractor(model, tokenizer, target=target, layers=plan.layers, batch_size=plan.batch_size)
-    persona, opposite = plan.persona.name, plan.persona.opposite
-    if plan.method == "contrastive":
-        model = extractor.extract({names[0]: stats[persona], names[1]: stats[opposite]}, "contrastive", sparsity)
-    else:
-        model = extractor.extract({names[0]: stats[persona]}, "wanda", sparsity)
-        model = extractor.extract({names[1]: stats[opposite]}, "wanda", sparsity)
+    model = extract_pair(extractor, plan, stats, names, sparsity)
     model.set_adapter(names[0])
     for old in [n for n in model.peft_config if n.startswith("grid") and n not in names]:
         model.delete_adapter(old)
@@ -315,21 +318,12 @@ def final_adapters(
     extractor = PersonaExtractor(
         model, tokenizer, target=point["target"], layers=plan.layers, batch_size=plan.batch_size
     )
-    sparsity = point["sparsity"]
-    if plan.method == "contrastive":
-        extractor.extract(
-            {persona.name: stats[persona.name], persona.opposite: stats[persona.opposite]}, "contrastive", sparsity
-        )
-    else:
-        extractor.extract({persona.name: stats[persona.name]}, "wanda", sparsity)
-        extractor.extract({persona.opposite: stats[persona.opposite]}, "wanda", sparsity)
-    extractor.extract({"random": None}, "random", sparsity, seed=0)
-    extractor.extract({"magnitude": None}, "magnitude", sparsity)
+    sparsity, strength = point["sparsity"], point["strength"]
+    extract_pair(extractor, plan, stats, (persona.name, persona.opposite), sparsity, strength)
+    extractor.extract({"random": None}, "random", sparsity, seed=0, strength=strength)
+    extractor.extract({"magnitude": None}, "magnitude", sparsity, strength=strength)
     neutral = neutral_texts(plan.data_root, "calibration", 50, per_passage=4)
-    model = extractor.extract({"neutral": neutral}, "wanda", sparsity)
-    for name in (persona.name, persona.opposite, *CONTROLS):
-        set_strength(model, name, point["strength"])
-    return model
+    return extractor.extract({"neutral": neutral}, "wanda", sparsity, strength=strength)
 
 
 def held_out_test(model: nn.Module, tokenizer: Any, plan: TunePlan, log: Log) -> dict[str, Any]:
