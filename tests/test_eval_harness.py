@@ -15,7 +15,10 @@ from peft_persona.eval.conditions import CONDITIONS
 @pytest.mark.parametrize("name", ["extraversion", "agreeableness", "desire-for-acquiring-power"])
 def test_anthropic_items_are_held_out_and_balanced(name):
     persona = items.PERSONAS[name]
-    calibration, held_out = items.anthropic_rows(DATA_ROOT, persona)
+    rows = data.read_jsonl(DATA_ROOT / persona.test_file)  # split as the extractor's calibration is
+    calibration, held_out = data.anthropic_split(
+        rows, n_calibration=items.CALIBRATION_PER_ANSWER, seed=items.CALIBRATION_SEED
+    )
     assert len(calibration) == 200 and len(held_out) == 800
     yes_no = items.load_items(DATA_ROOT, persona, "yes_no", 100)
     statements = items.load_items(DATA_ROOT, persona, "statement", 100)

@@ -125,12 +125,6 @@ PERSONAS: dict[str, Persona] = {
 }
 
 
-def anthropic_rows(data_root: Path, persona: Persona) -> tuple[list[dict], list[dict]]:
-    """``(calibration, held_out)`` rows of an Anthropic persona file, split as the extractor's calibration is."""
-    rows = data.read_jsonl(Path(data_root) / persona.test_file)
-    return data.anthropic_split(rows, n_calibration=CALIBRATION_PER_ANSWER, seed=CALIBRATION_SEED)
-
-
 def paper_test_rows(data_root: Path, persona: Persona) -> tuple[list[dict], list[str]]:
     """Rows of a paper test file less those whose question is in its train file, and the dropped questions."""
     test = data.read_csv(Path(data_root) / persona.test_file)
