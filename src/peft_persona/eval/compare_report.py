@@ -96,7 +96,13 @@ def pareto_plot(personas: Mapping[str, Mapping[str, Any]], title: str, out: Path
         ax.axvline(BUDGET, color="grey", linestyle="--", linewidth=0.8)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_xscale("symlog", linthresh=0.05)
-        ax.set(title=persona, xlabel="NLL cost (nats/token, symlog)", ylabel="validation switch (nats/token)")
+        ticks = [
+            t
+            for t in (-0.05, 0, 0.05, 0.2, 1, 5, 20)
+            if t <= max([0.2] + [v["cost"] for v in state["validation"].values()]) * 4
+        ]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set(title=persona, xlabel="NLL cost (nats/token, symlog)", ylabel="validation switch (nats/token, balanced)")
     axes[0][-1].legend(fontsize=6, loc="best")
     figure.suptitle(title)
     figure.tight_layout()
