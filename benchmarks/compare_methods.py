@@ -63,7 +63,12 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     plan = ComparisonPlan(**{f.name: getattr(args, f.name) for f in fields(ComparisonPlan)})
     slug = Path(args.model).name.lower()
-    words = [w for w in sys.argv[1:] if not w.startswith(("--results", "--data-root"))]
+    words, skip = [], False  # the command as run from the repository root, where the defaults of both are right
+    for word in sys.argv[1:]:
+        if skip or word.startswith(("--results", "--data-root")):
+            skip = not skip and "=" not in word and word in ("--results", "--data-root")
+            continue
+        words.append(word)
     command = ["python", "benchmarks/compare_methods.py", *words]
     for name in args.personas.split(","):
         model, tokenizer = load_model(args.model)
@@ -98,6 +103,13 @@ def render(results: Path) -> Path:
             "",
             *compare_report.verdict_lines(personas),
         ]
+        for persona, state in personas.items():
+            missing = [a for a in state.get("settings", {}).get("plan", {}).get("arms", []) if a not in state["test"]]
+            if missing:
+                lines += [
+                    "",
+                    f"Not finished for {persona} (run stopped; rerun the command to resume): {', '.join(missing)}.",
+                ]
         lines += [
             "",
             "Produced by:",
