@@ -11,13 +11,7 @@ from typing import Any
 
 from .. import atomic
 from . import personas as persona_options
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+from .tune import floats
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -45,10 +39,10 @@ def register(subparsers: Any) -> None:
         help=f"comma-separated arms (default {','.join(DEFAULT_ARMS)}); any of {', '.join(ARMS)}",
     )
     parser.add_argument("--targets", type=_names, default=("all",), help="mask target presets (default all)")
-    parser.add_argument("--sparsities", type=_floats, default=(0.05, 0.1, 0.2, 0.35), help="mask sparsities")
-    parser.add_argument("--strengths", type=_floats, default=(0.5, 1.0), help="mask strengths")
+    parser.add_argument("--sparsities", type=floats, default=(0.05, 0.1, 0.2, 0.35), help="mask sparsities")
+    parser.add_argument("--strengths", type=floats, default=(0.5, 1.0), help="mask strengths")
     parser.add_argument("--bands", action="store_true", help="also mask only the early, middle or late third")
-    parser.add_argument("--caa-coefficients", type=_floats, default=(1.0, 2.0, 4.0, 8.0), help="CAA coefficients")
+    parser.add_argument("--caa-coefficients", type=floats, default=(1.0, 2.0, 4.0, 8.0), help="CAA coefficients")
     parser.add_argument("--lora-steps", type=int, default=30, help="LoRA optimizer steps (default 30)")
     parser.add_argument("--nll-budget", type=float, default=0.2, help="largest NLL cost in nats/token (default 0.2)")
     parser.add_argument("--n-validation", type=int, default=40, help="validation items (default 40; 0: all)")

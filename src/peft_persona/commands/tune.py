@@ -16,7 +16,8 @@ from ..options import PHI_KINDS, STRUCTURES
 from . import personas as persona_options
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def floats(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers."""
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -61,13 +62,13 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--sparsities",
-        type=_floats,
+        type=floats,
         default=(0.05, 0.1, 0.2, 0.35, 0.5),
         help="comma-separated sparsities (default 0.05,0.1,0.2,0.35,0.5)",
     )
     parser.add_argument(
         "--strengths",
-        type=_floats,
+        type=floats,
         default=(0.25, 0.5, 1.0),
         help="comma-separated strengths in [0, 1] (default 0.25,0.5,1)",
     )
