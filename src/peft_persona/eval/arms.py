@@ -36,7 +36,10 @@ class Host:
 
         @contextlib.contextmanager
         def enter() -> Iterator[tuple[nn.Module, str | None]]:
-            with active(self.model, adapter), steer[0].applied(self.model, steer[1]) if steer else _nothing():
+            with (
+                active(self.model, adapter),
+                steer[0].applied(self.model, steer[1]) if steer else contextlib.nullcontext(),
+            ):
                 yield self.model, system
 
         return enter
@@ -50,11 +53,6 @@ class Host:
         self.model.set_adapter(left[0])
         for name in names:
             self.model.delete_adapter(name)
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 # ------------------------------------------------------------------------------------------------ mask recipes

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from .. import tokens
+from ..data import Text
 from ..models import ensure_pad_token
-
-Text = Any  # a string, or a list of chat messages rendered with the tokenizer's chat template
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from .. import tokens
+from ..data import Text
 from ..models import ensure_pad_token
 from ..targets import decoder_block_list
-
-Text = Any  # a string, or a list of chat messages rendered with the tokenizer's chat template
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
