@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import DATA_ROOT, chat_tokenizer, tiny_llama
 from peft_persona import cli, data
@@ -260,6 +261,7 @@ def test_tune_end_to_end_resumes_reports_and_saves_the_chosen_pair(model_dir, tm
     assert cli.main(argv) == 0  # every grid point is read back from state.json
     assert calls == [] and json.loads((out / "tune.json").read_text())["points"] == results["points"]
     assert cli.main([*argv[:-2], "--n-validation", "4", "--out", str(out)]) == 2  # other settings: not resumed
+    report = (out / "report.md").read_text()  # the resumed run's (its runtime differs from the first run's)
 
     (out / "report.md").unlink()
     (out / "pareto.png").unlink()
@@ -298,3 +300,84 @@ def test_tune_plan_rejects_bad_settings():
     assert tune_report.grid_table(
         {"pareto": [], "chosen": {"target": "mlp", "sparsity": 0.1, "strength": 1.0}, "points": []}
     )[0].startswith("| target")
+
+
+def test_versus_neutral_sets_each_side_against_neutral_text(model_dir):
+    from peft_persona.extractor import PersonaExtractor
+    from peft_persona.models import load_model
+    from peft_persona.tuner import get_masks
+
+    model, tokenizer = load_model(str(model_dir))
+    plan = tune.TunePlan(items.PERSONAS["extraversion"], DATA_ROOT, method="versus-neutral", max_calibration=8)
+    stats = tune._calibrate(model, tokenizer, plan)
+    assert set(stats) == {"extraversion", "introversion", "neutral"}
+    extractor = PersonaExtractor(model, tokenizer, target="mlp", batch_size=4)
+    model = tune.extract_pair(extractor, plan, stats, ("p", "o"), 0.2)
+    assert set(model.peft_config) == {"p", "o"}  # the neutral halves are gone
+    masks = {name: get_masks(model, name) for name in ("p", "o")}
+    reference = extractor.extract({"ref": stats["introversion"], "plain": stats["neutral"]}, "contrastive", 0.2)
+    for module, mask in get_masks(reference, "ref").items():
+        assert torch.equal(masks["o"][module], mask)
+    against_opposite = extractor.extract({"c": stats["extraversion"], "c2": stats["introversion"]}, "contrastive", 0.2)
+    assert any(not torch.equal(masks["p"][m], v) for m, v in get_masks(against_opposite, "c").items())
+
+
+def test_tune_scores_baselines_on_the_same_items_and_resumes_them(model_dir, tmp_path, monkeypatch, capsys):
+    from peft_persona.eval import compare
+
+    out = tmp_path / "tune"
+    argv = [
+        "tune",
+        "--model",
+        str(model_dir),
+        "--data-root",
+        str(DATA_ROOT),
+        "--personas",
+        "extraversion",
+        "--sparsities",
+        "0.1",
+        "--strengths",
+        "1",
+        "--targets",
+        "mlp",
+        "--baselines",
+        "prompt,caa,lora",
+        "--n-validation",
+        "4",
+        "--n-test",
+        "4",
+        "--nll-passages",
+        "2",
+        "--max-calibration",
+        "8",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "tune.json").read_text())
+    baselines = results["baselines"]["test"]
+    assert set(baselines) == {"prompt", "caa", "lora"}
+    for tested in baselines.values():
+        assert (
+            set(tested["formats"]) == {"yes_no", "statement"} and "ci_low" in tested["formats"]["statement"]["switch"]
+        )
+    assert baselines["caa"]["knobs"]["coefficient"] in (1.0, 2.0, 4.0, 8.0) and baselines["lora"]["bytes"] > 0
+    state = json.loads((out / "baselines" / "extraversion.json").read_text())
+    assert state["settings"]["plan"]["nll_budget"] == 0.2 and state["settings"]["plan"]["n_test"] == 4
+    report = (out / "report.md").read_text()
+    assert "## Baselines (same items, seed and NLL budget)" in report
+    assert all(f"| extraversion | {arm} |" in report for arm in ("prompt", "caa", "lora"))
+    assert "persona mask minus opposite mask): yes_no " in report
+
+    calls = []
+    monkeypatch.setattr(compare, "_validate", lambda *a: calls.append(a))
+    assert cli.main(argv) == 0  # the baselines' validation points are read back from their state
+    assert calls == [] and json.loads((out / "tune.json").read_text())["baselines"] == results["baselines"]
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv[:-2], "--baselines", "prompt,vibes", "--out", str(out)])
+    assert stop.value.code == 2 and "--baselines: unknown arm(s) ['vibes']" in capsys.readouterr().err

@@ -25,6 +25,16 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def arm_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated arms of ``peft-persona compare``."""
+    from ..eval.tune_baselines import check_arms
+
+    try:
+        return check_arms([a.strip() for a in text.split(",") if a.strip()])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--baselines: ")) from None
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "tune",
@@ -47,6 +57,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed drawing the validation and test items")
     parser.add_argument(
         "--repo-id", default=None, help="Hub repo id named in the saved card (default peft-persona/NAME)"
+    )
+    parser.add_argument(
+        "--baselines",
+        type=arm_list,
+        default=(),
+        help="comma-separated arms of `peft-persona compare` scored beside the tuned mask on the same items, seed and "
+        "budget, each at its best validation point (e.g. prompt,caa,lora,prompt+mask:contrastive; default none)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,7 +147,9 @@ def plan_from(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..eval.harness import to_stderr
     from ..eval.tune import tune
+    from ..eval.tune_baselines import run_baselines
     from ..models import load_model
 
     if args.report_only:
@@ -144,8 +163,15 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     with preflight.naming("--model", args.model):
         model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    baselines = None
+    if args.baselines:  # on the plain model, before the grid wraps it; outside no_grad, since a LoRA trains
+        baselines = run_baselines(
+            model, tokenizer, plan, args.baselines, out, args.model, to_stderr, not args.no_progress
+        )
     with torch.no_grad():
         model, results = tune(model, tokenizer, plan, out, progress=not args.no_progress)
+    if baselines:
+        results["baselines"] = baselines
     command = shlex.join(["peft-persona", *getattr(args, "argv", sys.argv[1:])])
     results["command"], results["model"] = command, args.model
     results["runtime_s"] = time.time() - started

@@ -12,7 +12,7 @@ from ..adapter_files import adapter_dirs, digest
 from ..extractor import PersonaExtractor
 from ..options import DEFAULT_SPARSITY, DEFAULT_STRENGTH
 from ..tuner.integration import building_peft_model
-from .items import Persona, calibration_texts, neutral_texts
+from .items import Persona, calibration_texts, neutral_calibration
 
 
 def load_adapters(model: nn.Module, directory: str | Path) -> tuple[nn.Module, dict[str, str]]:
@@ -60,6 +60,6 @@ def extract_adapters(
         extractor.extract(pair, method=method, sparsity=sparsity, seed=seed, strength=strength)
     extractor.extract({"random": None}, method="random", sparsity=sparsity, seed=seed, strength=strength)
     extractor.extract({"magnitude": None}, method="magnitude", sparsity=sparsity, strength=strength)
-    neutral = neutral_texts(data_root, "calibration", neutral_passages, per_passage=4)
+    neutral = neutral_calibration(data_root, neutral_passages)
     extractor.extract({"neutral": neutral}, method="wanda", sparsity=sparsity, strength=strength)
     extractor.peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)  # masks never touch them

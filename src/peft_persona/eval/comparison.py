@@ -17,7 +17,7 @@ from torch import nn
 from .arms import RECIPES, CaaArm, Host, LoraArm, MaskArm, PromptArm, Statistics
 from .compare import Budget, Log, State, run_arms, splits
 from .finetune import LoraBudget
-from .items import Persona, calibration_texts, neutral_texts
+from .items import Persona, calibration_texts, neutral_calibration
 from .steering import decoder_blocks, default_layers
 
 BASELINES = ("prompt", "caa", "lora")
@@ -78,7 +78,7 @@ def calibration_sets(data_root: Path | None, persona: Persona, limit: int) -> di
     return {
         "persona": rng.sample(trait, min(limit, len(trait))),
         "opposite": rng.sample(opposite, min(limit, len(opposite))),
-        "neutral": neutral_texts(data_root, "calibration", 50, per_passage=4),
+        "neutral": neutral_calibration(data_root),
     }
 
 

@@ -343,3 +343,9 @@ def neutral_texts(data_root: Path | None, part: str, n: int, per_passage: int = 
             f"{n} passages of {per_passage} need {n * per_passage} instructions; the {part} half has {len(pool)}"
         )
     return ["\n".join(pool[i * per_passage : (i + 1) * per_passage]) for i in range(n)]
+
+
+def neutral_calibration(data_root: Path | None, n: int = 50) -> list[str]:
+    """The neutral calibration texts (``n`` passages of 4 instructions): the neutral-Wanda control's and the
+    ``versus-neutral`` recipe's."""
+    return neutral_texts(data_root, "calibration", n, per_passage=4)

@@ -32,11 +32,12 @@ from . import harness
 from .balance import balanced_mean
 from .budget import choose, pareto_front
 from .conditions import CONDITIONS, active
-from .items import Persona, calibration_texts, load_items, neutral_texts
+from .items import Persona, calibration_texts, load_items, neutral_calibration, neutral_texts
 
 Log = Callable[[str], None]
 OBJECTIVES = ("shift", "switch")
-TUNE_METHODS = ("contrastive", "difference", "wanda")
+TUNE_METHODS = ("contrastive", "difference", "wanda", "versus-neutral")
+VERSUS_NEUTRAL = "versus-neutral"
 RECIPE_DEFAULTS = {"phi": "relu", "structure": "row"}
 TEST_CONDITIONS = (
     "base",
@@ -93,7 +94,8 @@ class TunePlan:
             raise ValueError(f"strengths must lie in [0, 1] and sparsities in [0, 1); got {bad}")
         if self.method not in TUNE_METHODS:
             raise ValueError(f"tune extracts {TUNE_METHODS} masks, got method {self.method!r}")
-        ExtractionOptions(self.method, phi=self.phi, structure=self.structure)  # the recipe's own checks
+        method = "contrastive" if self.method == VERSUS_NEUTRAL else self.method
+        ExtractionOptions(method, phi=self.phi, structure=self.structure)  # the recipe's own checks
         if (self.fmt or self.persona.formats[0]) not in self.persona.formats:
             raise ValueError(
                 f"persona {self.persona.name!r} has no format {self.fmt!r}; it has {list(self.persona.formats)}"
@@ -142,9 +144,18 @@ def extract_pair(
     strength: float = 1.0,
 ) -> nn.Module:
     """The persona mask as adapter ``names[0]`` and the opposite's as ``names[1]``, by the plan's recipe (``wanda``
-    scores each side from its own statistics; ``contrastive`` and ``difference`` set them against each other)."""
-    pair = {names[0]: stats[plan.persona.name], names[1]: stats[plan.persona.opposite]}
-    return extractor.extract(pair, plan.method, sparsity, phi=plan.phi, structure=plan.structure, strength=strength)
+    scores each side from its own statistics; ``contrastive`` and ``difference`` set them against each other;
+    ``versus-neutral`` sets each side contrastively against neutral text, ``stats["neutral"]``)."""
+    sides = {names[0]: stats[plan.persona.name], names[1]: stats[plan.persona.opposite]}
+    recipe = {"phi": plan.phi, "structure": plan.structure, "strength": strength}
+    if plan.method != VERSUS_NEUTRAL:
+        return extractor.extract(sides, plan.method, sparsity, **recipe)
+    for name, side in sides.items():
+        model = extractor.extract({name: side, f"{name}-neutral": stats["neutral"]}, "contrastive", sparsity, **recipe)
+    model.set_adapter(names[0])
+    for name in names:
+        model.delete_adapter(f"{name}-neutral")
+    return model
 
 
 class Scorer:
@@ -245,7 +256,8 @@ def run_grid(
 
 
 def _calibrate(model: nn.Module, tokenizer: Any, plan: TunePlan) -> dict[str, Any]:
-    """Persona and opposite statistics over every module any target preset masks (the default module set)."""
+    """Persona and opposite statistics (and neutral ones for ``versus-neutral``) over every module any target preset
+    masks (the default module set)."""
     import random
 
     persona = plan.persona
@@ -254,10 +266,13 @@ def _calibrate(model: nn.Module, tokenizer: Any, plan: TunePlan) -> dict[str, An
     texts = rng.sample(texts, min(plan.max_calibration, len(texts)))
     opposite = rng.sample(opposite, min(plan.max_calibration, len(opposite)))
     extractor = PersonaExtractor(model, tokenizer, layers=plan.layers, batch_size=plan.batch_size)
-    return {
+    stats = {
         persona.name: extractor.calibrate(persona.name, texts),
         persona.opposite: extractor.calibrate(persona.opposite, opposite),
     }
+    if plan.method == VERSUS_NEUTRAL:
+        stats["neutral"] = extractor.calibrate("neutral", neutral_calibration(plan.data_root))
+    return stats
 
 
 def _grid_adapters(
@@ -322,8 +337,7 @@ def final_adapters(
     extract_pair(extractor, plan, stats, (persona.name, persona.opposite), sparsity, strength)
     extractor.extract({"random": None}, "random", sparsity, seed=0, strength=strength)
     extractor.extract({"magnitude": None}, "magnitude", sparsity, strength=strength)
-    neutral = neutral_texts(plan.data_root, "calibration", 50, per_passage=4)
-    return extractor.extract({"neutral": neutral}, "wanda", sparsity, strength=strength)
+    return extractor.extract({"neutral": neutral_calibration(plan.data_root)}, "wanda", sparsity, strength=strength)
 
 
 def held_out_test(model: nn.Module, tokenizer: Any, plan: TunePlan, log: Log) -> dict[str, Any]:

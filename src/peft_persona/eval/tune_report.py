@@ -1,4 +1,5 @@
-"""The Markdown report of a ``tune`` run: grid, Pareto front, chosen point, held-out test against the controls."""
+"""The Markdown report of a ``tune`` run: grid, Pareto front, chosen point, held-out test against the controls and
+(with ``--baselines``) the baselines."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from .report import ci_text, format_table, p_text, reference_table
 from .tune import point_key
+from .tune_baselines import baselines_section
 
 
 def verdict(results: dict[str, Any]) -> list[str]:
@@ -57,7 +59,7 @@ def render(results: dict[str, Any], command: str = "") -> str:
         f"+{plan['nll_budget']:g} nats/token over {plan['nll_passages']} neutral passages.",
         "",
     ]
-    out += chosen_section(results) + held_out_section(results)
+    out += chosen_section(results) + held_out_section(results) + baselines_section(results)
     out += [
         "## Grid (validation)",
         "",
