@@ -259,7 +259,7 @@ def chrome(browser: str, driver_path: str):
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1150"):
         options.add_argument(argument)
     options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")  # nothing beyond this machine
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
