@@ -41,7 +41,7 @@ def find_adapters(folders: Sequence[PathLike]) -> dict[str, Path]:
     for folder in folders:
         for name, path in adapter_dirs(folder).items():
             if name in found:
-                raise ValueError(f"--adapters: two adapters are named {name!r} ({found[name]} and {path})")
+                raise ValueError(f"two adapters are named {name!r} ({found[name]} and {path})")
             found[name] = path
     return found
 
@@ -184,13 +184,13 @@ class DemoSession:
 
 
 def build_app(session: DemoSession, title: str = "peft-persona demo") -> Any:
-    """The ``gradio.Blocks`` app of ``session``: prompt, base and persona replies side by side, persona picker,
-    strength slider, the active persona's name and its facts."""
+    """The ``gradio.Blocks`` app of ``session``, analytics off: prompt, base and persona replies side by side, persona
+    picker, strength slider, the active persona's name and its facts."""
     import gradio as gr
 
     ids, names = ELEMENT_IDS, list(session.configs)
     first = active_persona(session.model)
-    with gr.Blocks(title=title) as app:
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nGreedy replies, at most {session.max_new_tokens} new tokens.")
         with gr.Row():
             prompt = gr.Textbox(label="prompt", lines=2, elem_id=ids["prompt"], scale=4)

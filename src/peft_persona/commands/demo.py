@@ -60,13 +60,14 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Path]:
             command = MAIN_COMMAND.format(out=folder)
             raise ValueError(f"--adapters {folder}: no such folder; make it with `{command}`")
     preflight.check_model(args.model, args.gguf_file)
-    return find_adapters([folder.expanduser() for folder in args.adapters])
+    with preflight.naming("--adapters", " ".join(str(folder) for folder in args.adapters)):
+        return find_adapters([folder.expanduser() for folder in args.adapters])
 
 
 def import_gradio() -> Any:
-    """The ``gradio`` module, analytics off unless ``GRADIO_ANALYTICS_ENABLED`` says otherwise; a ``ValueError``
-    naming the extra to install if it is missing."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    """The ``gradio`` module, imported with ``GRADIO_ANALYTICS_ENABLED=False``; a ``ValueError`` naming the extra to
+    install if it is missing."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:
         import gradio
     except ImportError:
