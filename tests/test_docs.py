@@ -13,6 +13,7 @@ import pytest
 import peft_persona as pp
 from peft_persona import hub, inspection
 from peft_persona.commands import compare as compare_command
+from peft_persona.commands import demo as demo_command
 from peft_persona.commands import eval as eval_command
 from peft_persona.commands import extract as extract_command
 from peft_persona.commands import inspect as inspect_command
@@ -47,7 +48,16 @@ def test_mkdocs_builds_strict(tmp_path):
 
 @pytest.mark.parametrize(
     "command",
-    [push_command, inspect_command, extract_command, eval_command, tune_command, compare_command, merge_command],
+    [
+        push_command,
+        inspect_command,
+        extract_command,
+        eval_command,
+        tune_command,
+        compare_command,
+        merge_command,
+        demo_command,
+    ],
 )
 def test_cli_reference_names_every_option(command):
     parser = argparse.ArgumentParser()

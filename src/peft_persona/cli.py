@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .commands.preflight import one_line
 
 # Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on the parser.
-COMMANDS = ("extract", "eval", "tune", "compare", "push", "inspect", "merge", "data")
+COMMANDS = ("extract", "eval", "tune", "compare", "push", "inspect", "merge", "data", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
