@@ -102,6 +102,8 @@ def test_facts_show_method_sparsity_strength_and_calibration_size(loaded):
     n_tokens = configs["introvert"]["calibration"]["n_tokens"]
     assert f"| calibration | `16 texts, {n_tokens} tokens` |" in facts
     assert "| method | `unrecorded` |" in demo.adapter_facts("x", {"peft_type": "PERSONA_MASK"})
+    hostile = demo.adapter_facts("x", {"persona": "a | b`c\n| method | fake |"})  # a downloaded config's text
+    assert "| persona | `a \\| b'c \\| method \\| fake \\|` |" in hostile and len(hostile.splitlines()) == 10
 
 
 def test_session_switch_and_strength_return_what_the_page_shows(loaded):

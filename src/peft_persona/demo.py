@@ -125,7 +125,8 @@ def apply_strength(peft_model: Any, name: str, value: float) -> float:
 
 def adapter_facts(name: str, config: Mapping[str, Any]) -> str:
     """Markdown facts of adapter ``name`` from its saved config: persona, opposite, method, sparsity, saved strength,
-    save format and calibration size and source."""
+    save format and calibration size and source. A value cannot break out of its table cell (backticks, pipes and
+    newlines are neutralised): a downloaded config is untrusted text."""
     calibration = config.get("calibration") or {}
     size = ", ".join(
         f"{calibration[key]} {label}"
@@ -142,7 +143,8 @@ def adapter_facts(name: str, config: Mapping[str, Any]) -> str:
         ("calibration", size or "unrecorded"),
         ("calibration source", calibration.get("source", "unrecorded")),
     ]
-    return "\n".join(["| fact | value |", "|---|---|"] + [f"| {key} | `{value}` |" for key, value in rows])
+    cells = [(key, str(value).replace("`", "'").replace("|", "\\|").replace("\n", " ")) for key, value in rows]
+    return "\n".join(["| fact | value |", "|---|---|"] + [f"| {key} | `{value}` |" for key, value in cells])
 
 
 class DemoSession:
