@@ -94,3 +94,35 @@ def test_eval_scores_the_baselines_on_request(tmp_path):
     assert block["CAA steering"]["items"]["margin"] != block["base"]["items"]["margin"]
     assert {"caa:extraversion", "lora:extraversion"} <= set(results["general_ability"])
     assert "CAA steering" in (out / "report.md").read_text()
+
+
+def test_eval_extracts_the_versus_neutral_recipe_with_its_options(tmp_path):
+    import random
+
+    import torch
+
+    from peft_persona import PersonaExtractor
+    from peft_persona.eval import adapters, items
+    from peft_persona.tuner import get_masks
+
+    persona = items.PERSONAS["extraversion"]
+    args = cli.build_parser().parse_args(
+        ["eval", "--out", "o", "--extract", "--method", "versus-neutral", "--phi", "sigmoid", "--structure", "row"]
+    )
+    assert (args.method, args.phi, args.structure) == ("versus-neutral", "sigmoid", "row")
+    model, tokenizer = tiny_llama(0), chat_tokenizer()
+    out = tmp_path / "adapters"
+    adapters.extract_adapters(
+        model, tokenizer, [persona], DATA_ROOT, out, 0.2, "versus-neutral", max_calibration=8, neutral_passages=4,
+        phi="sigmoid",
+    )  # fmt: skip
+    assert set(adapter_dirs(out)) == {"extraversion", "introversion", "random", "magnitude", "neutral"}
+    saved = adapters.load_adapters(tiny_llama(0), out)[0]
+
+    texts, _ = items.calibration_texts(DATA_ROOT, persona)
+    texts = random.Random(0).sample(texts, 8)
+    extractor = PersonaExtractor(tiny_llama(0), tokenizer, max_length=256, batch_size=8)
+    neutral = items.neutral_calibration(DATA_ROOT, 4)
+    reference = extractor.extract({"ref": texts, "plain": neutral}, "contrastive", 0.2, phi="sigmoid")
+    expected = get_masks(reference, "ref")
+    assert all(torch.equal(m, expected[k]) for k, m in get_masks(saved, "extraversion").items())

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..options import DEFAULT_SPARSITY, DEFAULT_STRENGTH
+from ..options import DEFAULT_SPARSITY, DEFAULT_STRENGTH, PHI_KINDS, STRUCTURES
 from . import personas as persona_options
+
+# the persona-pair recipes --extract makes (the random, magnitude and neutral controls are always made too)
+EXTRACT_METHODS = ("contrastive", "wanda", "difference", "obs", "versus-neutral")
 
 
 def register(subparsers: Any) -> None:
@@ -26,22 +29,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, local path or embedded model name")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF directory")
     parser.add_argument("--adapters", default=None, help="directory of saved adapters (one sub-directory each)")
-    parser.add_argument(
-        "--extract",
-        action="store_true",
-        help="extract persona and control masks into --adapters first (skipped for adapters already there)",
-    )
-    parser.add_argument(
-        "--sparsity", type=float, default=DEFAULT_SPARSITY, help=f"sparsity for --extract (default {DEFAULT_SPARSITY})"
-    )
-    parser.add_argument(
-        "--strength",
-        type=float,
-        default=DEFAULT_STRENGTH,
-        help=f"strength of every adapter made by --extract (default {DEFAULT_STRENGTH}; with sparsity "
-        f"{DEFAULT_SPARSITY}, what tune chose for extraversion on SmolLM2)",
-    )
-    parser.add_argument("--method", default="contrastive", help="extraction method for --extract (default contrastive)")
+    add_extract_options(parser)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--conditions", nargs="+", default=None, help="condition names (default: all)")
     parser.add_argument(
@@ -74,6 +62,35 @@ def register(subparsers: Any) -> None:
     )
     persona_options.add_arguments(parser, presets_default=None)
     parser.set_defaults(func=run)
+
+
+def add_extract_options(parser: argparse.ArgumentParser) -> None:
+    """``--extract`` and the recipe it extracts with: sparsity, strength, method, phi, structure."""
+    parser.add_argument(
+        "--extract",
+        action="store_true",
+        help="extract persona and control masks into --adapters first (skipped for adapters already there)",
+    )
+    parser.add_argument(
+        "--sparsity", type=float, default=DEFAULT_SPARSITY, help=f"sparsity for --extract (default {DEFAULT_SPARSITY})"
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help=f"strength of every adapter made by --extract (default {DEFAULT_STRENGTH}; with sparsity "
+        f"{DEFAULT_SPARSITY}, what tune chose for extraversion on SmolLM2)",
+    )
+    parser.add_argument(
+        "--method",
+        default="contrastive",
+        choices=EXTRACT_METHODS,
+        help="mask recipe for --extract (default contrastive; versus-neutral: each side against neutral text)",
+    )
+    parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight for --extract")
+    parser.add_argument(
+        "--structure", default="row", choices=STRUCTURES, help="row, or channel (whole input channels), for --extract"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,8 +167,17 @@ def prepared_model(args: argparse.Namespace, personas: Any, data_root: Any) -> t
         if not args.adapters:
             raise ValueError("--extract needs --adapters DIR to save the masks in")
         if not Path(args.adapters).is_dir() or not list(Path(args.adapters).glob("*/adapter_config.json")):
+            recipe = {"phi": args.phi, "structure": args.structure}
             extract_adapters(
-                model, tokenizer, personas, data_root, args.adapters, args.sparsity, args.method, strength=args.strength
+                model,
+                tokenizer,
+                personas,
+                data_root,
+                args.adapters,
+                args.sparsity,
+                args.method,
+                strength=args.strength,
+                **recipe,
             )
             model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)  # a clean base for loading
     digests: dict[str, str] = {}

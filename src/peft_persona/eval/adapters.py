@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,24 @@ def load_adapters(model: nn.Module, directory: str | Path) -> tuple[nn.Module, d
     return peft_model, {name: digest(path) for name, path in found.items()}
 
 
+VERSUS_NEUTRAL = "versus-neutral"
+
+
+def versus_neutral(
+    extractor: PersonaExtractor, sides: Mapping[str, Any], neutral: Any, sparsity: float, **recipe: Any
+) -> nn.Module:
+    """The ``versus-neutral`` recipe: each of ``sides`` (adapter name to texts or statistics) as a contrastive mask
+    against ``neutral`` text instead of against the other side, so what any text needs is not what is kept. Returns
+    the ``PeftModel`` holding one adapter per side (the first active), and none of the neutral halves."""
+    names = list(sides)
+    for name, side in sides.items():
+        model = extractor.extract({name: side, f"{name}-neutral": neutral}, "contrastive", sparsity, **recipe)
+    model.set_adapter(names[0])
+    for name in names:
+        model.delete_adapter(f"{name}-neutral")
+    return model
+
+
 def extract_adapters(
     model: nn.Module,
     tokenizer: Any,
@@ -43,23 +61,28 @@ def extract_adapters(
     max_calibration: int = 100,
     neutral_passages: int = 50,
     strength: float = DEFAULT_STRENGTH,
+    **recipe: Any,
 ) -> None:
-    """Extract and save, under ``out_dir``, each persona's and opposite's mask (``method`` on the calibration split,
-    at most ``max_calibration`` texts per side, the first after a ``seed`` shuffle) and the three controls at the same
-    sparsity: ``random``, ``magnitude``, and ``neutral`` (Wanda on neutral instructions disjoint from the NLL texts);
-    every adapter at ``strength``."""
+    """Extract and save, under ``out_dir``, each persona's and opposite's mask (``method``, or ``versus-neutral``, on
+    the calibration split, at most ``max_calibration`` texts per side, the first after a ``seed`` shuffle; ``recipe``:
+    more :class:`~peft_persona.options.ExtractionOptions` fields such as ``phi`` and ``structure``) and the three
+    controls at the same sparsity: ``random``, ``magnitude``, and ``neutral`` (Wanda on neutral instructions disjoint
+    from the NLL texts); every adapter at ``strength``."""
     import random
 
     extractor = PersonaExtractor(model, tokenizer, max_length=256, batch_size=8)
+    neutral = extractor.calibrate("neutral", neutral_calibration(data_root, neutral_passages))
     for persona in personas:
         texts, opposite = calibration_texts(data_root, persona)
         rng = random.Random(seed)
         texts = rng.sample(texts, min(max_calibration, len(texts)))
         opposite = rng.sample(opposite, min(max_calibration, len(opposite)))
         pair = {persona.name: texts, persona.opposite: opposite}
-        extractor.extract(pair, method=method, sparsity=sparsity, seed=seed, strength=strength)
+        if method == VERSUS_NEUTRAL:
+            versus_neutral(extractor, pair, neutral, sparsity, strength=strength, **recipe)
+        else:
+            extractor.extract(pair, method=method, sparsity=sparsity, seed=seed, strength=strength, **recipe)
     extractor.extract({"random": None}, method="random", sparsity=sparsity, seed=seed, strength=strength)
     extractor.extract({"magnitude": None}, method="magnitude", sparsity=sparsity, strength=strength)
-    neutral = neutral_calibration(data_root, neutral_passages)
     extractor.extract({"neutral": neutral}, method="wanda", sparsity=sparsity, strength=strength)
     extractor.peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)  # masks never touch them

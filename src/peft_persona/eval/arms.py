@@ -16,6 +16,7 @@ from torch import nn
 
 from ..extractor import PersonaExtractor
 from ..tuner import get_masks, set_strength
+from .adapters import versus_neutral
 from .compare import Point, Side
 from .conditions import active
 from .finetune import LoraBudget, train_lora
@@ -77,13 +78,8 @@ def _difference(extractor: PersonaExtractor, stats: dict[str, Any], names: tuple
 
 
 def _versus_neutral(extractor: PersonaExtractor, stats: dict[str, Any], names: tuple[str, str], sparsity: float) -> Any:
-    """Each side contrasted with neutral text instead of the other side: what any text needs is not what is kept."""
-    for name, side in zip(names, ("persona", "opposite"), strict=True):
-        model = extractor.extract({name: stats[side], f"{name}-neutral": stats["neutral"]}, "contrastive", sparsity)
-    model.set_adapter(names[0])
-    for name in names:
-        model.delete_adapter(f"{name}-neutral")
-    return model
+    sides = {names[0]: stats["persona"], names[1]: stats["opposite"]}
+    return versus_neutral(extractor, sides, stats["neutral"], sparsity)
 
 
 @dataclass(frozen=True)

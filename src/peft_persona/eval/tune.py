@@ -29,6 +29,7 @@ from ..extractor import PersonaExtractor
 from ..options import ExtractionOptions
 from ..tuner import set_strength
 from . import harness
+from .adapters import VERSUS_NEUTRAL, versus_neutral
 from .balance import balanced_mean
 from .budget import choose, pareto_front
 from .conditions import CONDITIONS, active
@@ -36,8 +37,7 @@ from .items import Persona, calibration_texts, load_items, neutral_calibration, 
 
 Log = Callable[[str], None]
 OBJECTIVES = ("shift", "switch")
-TUNE_METHODS = ("contrastive", "difference", "wanda", "versus-neutral")
-VERSUS_NEUTRAL = "versus-neutral"
+TUNE_METHODS = ("contrastive", "difference", "wanda", VERSUS_NEUTRAL)
 RECIPE_DEFAULTS = {"phi": "relu", "structure": "row"}
 TEST_CONDITIONS = (
     "base",
@@ -148,14 +148,9 @@ def extract_pair(
     ``versus-neutral`` sets each side contrastively against neutral text, ``stats["neutral"]``)."""
     sides = {names[0]: stats[plan.persona.name], names[1]: stats[plan.persona.opposite]}
     recipe = {"phi": plan.phi, "structure": plan.structure, "strength": strength}
-    if plan.method != VERSUS_NEUTRAL:
-        return extractor.extract(sides, plan.method, sparsity, **recipe)
-    for name, side in sides.items():
-        model = extractor.extract({name: side, f"{name}-neutral": stats["neutral"]}, "contrastive", sparsity, **recipe)
-    model.set_adapter(names[0])
-    for name in names:
-        model.delete_adapter(f"{name}-neutral")
-    return model
+    if plan.method == VERSUS_NEUTRAL:
+        return versus_neutral(extractor, sides, stats["neutral"], sparsity, **recipe)
+    return extractor.extract(sides, plan.method, sparsity, **recipe)
 
 
 class Scorer:
