@@ -15,7 +15,8 @@ strength 0.5) on each persona's calibration split (``builtin:extraversion`` for 
 agreeableness.jsonl, written beside the adapters), cached under ~/.cache/peft-persona/lmeval-adapters and reused.
 
 Writes ``--out``/smollm2.json (every figure, per-item log-likelihoods, the exact contexts of one item per run) and
-``--out``/smollm2.md (the table, also printed). Reads the data from --data-root (default ../shared/data).
+``--out``/smollm2.md (the table, also printed; ``--render-only`` rewrites it from the JSON). Reads the data from
+--data-root (default ../shared/data).
 """
 
 from __future__ import annotations
@@ -241,6 +242,33 @@ def table(results: dict) -> str:
     return markdown_table(header, rows)
 
 
+def write_page(results: dict, out: Path) -> str:
+    """``out``/smollm2.md: the command, the table and what its columns mean; returns the table."""
+    text = table(results)
+    n = ", ".join(f"{len(b['items'])} {p}" for p, b in results["personas"].items())
+    checks = ", ".join(
+        f"{p} {max(b['ours_vs_lmeval_chat_max_abs_diff'].values()):.1e}" for p, b in results["personas"].items()
+    )
+    (out / "smollm2.md").write_text(
+        "# lm-evaluation-harness on SmolLM2-135M-Instruct\n\n"
+        f"```bash\n{results['command']}\n```\n\n"
+        f"lm-eval {results['lm_eval_version']}; {results['model']}; held-out test items: {n} (half with "
+        f'the matching answer " Yes", half " No"); {results["threads"]} torch thread(s); '
+        f"{results['runtime_s'] / 60:.0f} min including mask extraction. Every number and per-item log-likelihood: "
+        "[smollm2.json](smollm2.json).\n\n"
+        f"{text}\n\n"
+        "- *acc*: the harness's `acc` (checked equal to the accuracy of its logged log-likelihoods); *bal. acc*: the "
+        'mean of the accuracy on the items whose matching answer is " Yes" and on those where it is " No" (equal '
+        'to acc when the halves are equal); *Yes share*: the share of items where " Yes" scores higher.\n'
+        "- *lm-eval plain*: the question as raw text (the persona prompt, with `system_instruction=`, is glued before "
+        "it); *lm-eval chat*: `apply_chat_template=True`; *ours (chat)*: `peft_persona.eval.harness.score_items` "
+        "on the `yes_no` format, which always renders the chat template. Its contexts are the same strings as "
+        "lm-eval chat's and its per-item margins agree to a largest difference of "
+        f"{checks} nats.\n"
+    )
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
@@ -249,7 +277,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "lmeval")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite smollm2.md from smollm2.json")
     args = parser.parse_args()
+    if args.render_only:
+        print(write_page(json.loads((args.out / "smollm2.json").read_text()), args.out))
+        return
     torch.set_num_threads(args.threads)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     start = time.time()
@@ -305,12 +337,7 @@ def main() -> None:
     results["runtime_s"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "smollm2.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = table(results)
-    (args.out / "smollm2.md").write_text(
-        f"`{results['command']}` (lm-eval {results['lm_eval_version']}, {args.n_items} held-out items per persona, "
-        f"{args.threads} thread(s), {results['runtime_s'] / 60:.0f} min)\n\n{text}\n"
-    )
-    print(text)
+    print(write_page(results, args.out))
 
 
 if __name__ == "__main__":
