@@ -230,14 +230,15 @@ def agreement(ours: dict, theirs: dict) -> float:
 def table(results: dict) -> str:
     header = ["persona", "condition"]
     for where in ("lm-eval plain", "lm-eval chat", "ours (chat)"):
-        header += [f"{where}: acc", "bal. acc", "Yes share"]
+        header += [f"{where}: acc", "acc Yes / No half", "Yes share"]
     rows = []
     for persona, block in results["personas"].items():
         for condition in CONDITIONS:
             row: list[object] = [persona, condition]
             for part in (block["lmeval"]["plain"], block["lmeval"]["chat"], block["ours"]):
                 value = part[condition]
-                row += [f"{value['acc']:.3f}", f"{value['balanced_acc']:.3f}", f"{value['yes_share']:.2f}"]
+                halves = f"{value['acc_on_yes_items']:.2f} / {value['acc_on_no_items']:.2f}"
+                row += [f"{value['acc']:.3f}", halves, f"{value['yes_share']:.2f}"]
             rows.append(row)
     return markdown_table(header, rows)
 
@@ -257,9 +258,10 @@ def write_page(results: dict, out: Path) -> str:
         f"{results['runtime_s'] / 60:.0f} min including mask extraction. Every number and per-item log-likelihood: "
         "[smollm2.json](smollm2.json).\n\n"
         f"{text}\n\n"
-        "- *acc*: the harness's `acc` (checked equal to the accuracy of its logged log-likelihoods); *bal. acc*: the "
-        'mean of the accuracy on the items whose matching answer is " Yes" and on those where it is " No" (equal '
-        'to acc when the halves are equal); *Yes share*: the share of items where " Yes" scores higher.\n'
+        "- *acc*: the harness's `acc` (checked equal to the accuracy of its logged log-likelihoods); *acc Yes / No "
+        'half*: the accuracy on the items whose matching answer is " Yes" and on those where it is " No" (their mean '
+        "is the balanced accuracy, equal to acc here since the halves are equal); *Yes share*: the share of items "
+        'where " Yes" scores higher.\n'
         "- *lm-eval plain*: the question as raw text (the persona prompt, with `system_instruction=`, is glued before "
         "it); *lm-eval chat*: `apply_chat_template=True`; *ours (chat)*: `peft_persona.eval.harness.score_items` "
         "on the `yes_no` format, which always renders the chat template. Its contexts are the same strings as "
