@@ -116,6 +116,11 @@ def write_task(folder: Path, persona: str, items: list[Item]) -> str:
     return name
 
 
+def home_relative(text: str) -> str:
+    """``text`` with the home folder written as ``~``: the recorded commands carry no user's absolute paths."""
+    return text.replace(str(Path.home()), "~")
+
+
 def figures(ll_matching: list[float], ll_other: list[float], matching_yes: list[bool]) -> dict:
     """Accuracy (the harness's argmax: a tie goes to the first choice, the matching answer), the share of items
     answered " Yes", accuracy on the items whose matching answer is " Yes" and on those where it is " No", and
@@ -175,7 +180,7 @@ def run_lmeval(run: Run, task: str, task_manager: object, adapter: Path | None, 
         **result,
         "harness_acc": harness_acc,
         "harness_acc_stderr": out["results"][task].get("acc_stderr,none"),
-        "model_args": ",".join(f"{k}={v}" for k, v in model_args.items()),
+        "model_args": home_relative(",".join(f"{k}={v}" for k, v in model_args.items())),
         "system_instruction": system,
         "apply_chat_template": run.chat,
         "example_context": context,
@@ -312,7 +317,7 @@ def main() -> None:
             block: dict = {
                 "items": [i.id for i in items],
                 "n_matching_yes": sum(i.matching == 0 for i in items),
-                "extract_command": shlex.join(extract_command),
+                "extract_command": home_relative(shlex.join(extract_command)),
                 "prompt": PERSONAS[persona].prompt,
                 "lmeval": {"plain": {}, "chat": {}},
             }
