@@ -165,3 +165,22 @@ def test_the_compare_command_runs_resumes_and_reports(tmp_path, capsys):
     assert cli.main(argv) == 0  # resumed: the same state, nothing rescored
     assert json.loads((tmp_path / "out" / "extraversion.json").read_text())["validation"] == state["validation"]
     assert cli.main([*argv[:-2], "--n-test", "5", "--out", str(tmp_path / "out")]) == 2  # other settings: refused
+
+
+def test_verdict_counts_only_the_personas_an_arm_was_tested_on():
+    from peft_persona.eval import compare_report
+
+    def tested(low: float, neutral_low: float, cost: float) -> dict:
+        block = {"switch": {"ci_low": low}, "vs neutral Wanda": {"ci_low": neutral_low}}
+        return {"formats": {"statement": block}, "cost": cost}
+
+    personas = {
+        "a": {"test": {"prompt": {}, "mask:wanda": tested(0.01, 0.01, 0.1), "mask:difference": tested(1, 1, 3.0)}},
+        "b": {"test": {"mask:wanda": tested(0.01, -0.01, 0.1)}, "settings": {"plan": {"nll_budget": 0.05}}},
+    }
+    assert compare_report.verdict_lines(personas) == [
+        "- mask:wanda: moves the persona on 1 of the 2 tested (a)",
+        "- mask:difference: moves the persona on 0 of the 1 tested (none)",  # over the NLL budget
+    ]
+    personas["b"]["test"]["mask:wanda"] = tested(0.01, 0.01, 0.1)  # within 0.2, over b's own budget of 0.05
+    assert compare_report.verdict(personas)["mask:wanda"] == {"tested": ["a", "b"], "moved": ["a"]}

@@ -61,16 +61,18 @@ def table(personas: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return rows
 
 
-def verdict(personas: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Per mask arm, the personas on which it moves the persona by :func:`moves_persona`."""
-    found: dict[str, list[str]] = {}
+def verdict(personas: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """Per mask arm, the personas it was tested on (``tested``) and those on which it moves the persona by
+    :func:`moves_persona` (``moved``)."""
+    found: dict[str, dict[str, list[str]]] = {}
     for persona, state in personas.items():
         budget = state.get("settings", {}).get("plan", {}).get("nll_budget", BUDGET)
         for arm, tested in state["test"].items():
             if "mask:" in arm:
-                found.setdefault(arm, [])
+                entry = found.setdefault(arm, {"tested": [], "moved": []})
+                entry["tested"].append(persona)
                 if moves_persona(tested, budget=budget):
-                    found[arm].append(persona)
+                    entry["moved"].append(persona)
     return found
 
 
@@ -114,8 +116,9 @@ def pareto_plot(personas: Mapping[str, Mapping[str, Any]], title: str, out: Path
 def verdict_lines(personas: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One line per mask arm: on which personas it moves the persona by :func:`moves_persona`."""
     return [
-        f"- {arm}: moves the persona on {len(moved)} of {len(personas)} ({', '.join(moved) or 'none'})"
-        for arm, moved in verdict(personas).items()
+        f"- {arm}: moves the persona on {len(v['moved'])} of the {len(v['tested'])} tested "
+        f"({', '.join(v['moved']) or 'none'})"
+        for arm, v in verdict(personas).items()
     ]
 
 
