@@ -476,3 +476,19 @@ def test_a_config_of_another_or_no_method_is_refused_by_field(tmp_path, peft_typ
     (directory / "adapter_config.json").write_text(json.dumps({**config, "peft_type": peft_type}))
     with pytest.raises(pp.PersonaAdapterError, match=r"adapter_config\.json: `peft_type` is"):
         pp.PersonaMaskConfig.from_pretrained(str(directory))
+
+
+@pytest.mark.parametrize("persona", [".*", "../up", "a/b"])
+def test_a_root_adapter_named_by_its_persona_field_is_checked_naming_field_and_file(tmp_path, persona):
+    from peft_persona.adapter_files import adapter_dirs
+    from peft_persona.hub import export_repo
+
+    directory = saved_adapter(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "persona": persona}))
+    with pytest.raises(pp.PersonaAdapterError, match=r"adapter_config\.json: `persona` '.*' contains"):
+        adapter_dirs(directory)
+    staged = tmp_path / "staged"
+    with pytest.raises(pp.PersonaAdapterError, match=r"`persona`"):
+        export_repo(directory, staged, "user/x")  # nothing is written outside or half-written inside
+    assert not staged.exists() or not any(staged.iterdir())

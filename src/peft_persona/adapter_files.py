@@ -291,14 +291,16 @@ def adapter_dirs(directory: PathLike) -> dict[str, Path]:
     """The persona mask adapters saved in ``directory``, by name.
 
     Every sub-directory holding an ``adapter_config.json`` is an adapter named after the sub-directory. An adapter
-    at the root itself is named after its config's ``persona``, or ``default`` if it records none.
+    at the root itself is named after its config's ``persona``, or ``default`` if it records none; a ``persona`` that
+    is not a valid adapter name raises a :class:`PersonaAdapterError` naming the field and the file.
     """
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"no adapter directory at {root}")
     found: dict[str, Path] = {}
-    if (root / CONFIG_NAME).is_file():
-        found[read_config(root).get("persona") or ROOT_ADAPTER] = root
+    if (root / CONFIG_NAME).is_file():  # its name comes from the file: checked, naming the field and the file
+        persona = read_config(root).get("persona") or ROOT_ADAPTER
+        found[check_adapter_name(persona, f"{root / CONFIG_NAME}: `persona`")] = root
     for child in sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):
         found[child.name] = child
     if not found:
