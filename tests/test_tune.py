@@ -202,38 +202,20 @@ def test_pareto_front_and_choice_under_the_budget():
     assert tune.choose(points, "shift", -1.0) == (points[0], False)
 
 
+def tune_argv(model_dir, out, **options: str | int) -> list[str]:
+    """``peft-persona tune`` on the tiny model and the fixture extraversion data, small counts, ``--out`` last."""
+    settings = {"n_validation": 4, "n_test": 4, "nll_passages": 2, "max_calibration": 8, "batch_size": 4, "threads": 1}
+    words = ["tune", "--model", str(model_dir), "--data-root", str(DATA_ROOT), "--personas", "extraversion"]
+    for name, value in {**settings, **options}.items():
+        words += [f"--{name.replace('_', '-')}", str(value)]
+    return [*words, "--no-progress", "--out", str(out)]
+
+
 def test_tune_end_to_end_resumes_reports_and_saves_the_chosen_pair(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "tune"
-    argv = [
-        "tune",
-        "--model",
-        str(model_dir),
-        "--data-root",
-        str(DATA_ROOT),
-        "--personas",
-        "extraversion",
-        "--sparsities",
-        "0.1,0.5",
-        "--strengths",
-        "0.5,1",
-        "--targets",
-        "mlp,all",
-        "--n-validation",
-        "6",
-        "--n-test",
-        "6",
-        "--nll-passages",
-        "2",
-        "--max-calibration",
-        "8",
-        "--batch-size",
-        "4",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
+    argv = tune_argv(
+        model_dir, out, sparsities="0.1,0.5", strengths="0.5,1", targets="mlp,all", n_validation=6, n_test=6
+    )
     assert cli.main(argv) == 0
     results = json.loads((out / "tune.json").read_text())
     assert len(results["points"]) == 8 and {p["target"] for p in results["points"]} == {"mlp", "all"}
@@ -326,38 +308,7 @@ def test_tune_scores_baselines_on_the_same_items_and_resumes_them(model_dir, tmp
     from peft_persona.eval import compare
 
     out = tmp_path / "tune"
-    argv = [
-        "tune",
-        "--model",
-        str(model_dir),
-        "--data-root",
-        str(DATA_ROOT),
-        "--personas",
-        "extraversion",
-        "--sparsities",
-        "0.1",
-        "--strengths",
-        "1",
-        "--targets",
-        "mlp",
-        "--baselines",
-        "prompt,caa,lora",
-        "--n-validation",
-        "4",
-        "--n-test",
-        "4",
-        "--nll-passages",
-        "2",
-        "--max-calibration",
-        "8",
-        "--batch-size",
-        "4",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
+    argv = tune_argv(model_dir, out, sparsities="0.1", strengths="1", targets="mlp", baselines="prompt,caa,lora")
     assert cli.main(argv) == 0
     results = json.loads((out / "tune.json").read_text())
     baselines = results["baselines"]["test"]

@@ -332,7 +332,8 @@ def final_adapters(
     extract_pair(extractor, plan, stats, (persona.name, persona.opposite), sparsity, strength)
     extractor.extract({"random": None}, "random", sparsity, seed=0, strength=strength)
     extractor.extract({"magnitude": None}, "magnitude", sparsity, strength=strength)
-    return extractor.extract({"neutral": neutral_calibration(plan.data_root)}, "wanda", sparsity, strength=strength)
+    neutral = stats["neutral"] if "neutral" in stats else neutral_calibration(plan.data_root)  # versus-neutral has it
+    return extractor.extract({"neutral": neutral}, "wanda", sparsity, strength=strength)
 
 
 def held_out_test(model: nn.Module, tokenizer: Any, plan: TunePlan, log: Log) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def check_arms(arms: Sequence[str]) -> tuple[str, ...]:
 def baseline_plan(plan: TunePlan, arms: Sequence[str]) -> ComparisonPlan:
     """The comparison plan that scores ``arms`` under ``plan``'s budget, items, seed and mask grid."""
     return ComparisonPlan(
-        arms=check_arms(arms),
+        arms=tuple(arms),  # ComparisonPlan checks them
         targets=plan.targets,
         sparsities=plan.sparsities,
         strengths=plan.strengths,
