@@ -57,6 +57,7 @@ def error_line(capsys, argv) -> str:
         (["--batch-size", "0"], "--batch-size"),
         (["--max-length", "-1"], "--max-length"),
         (["--cache-gb", "-1"], "--cache-gb"),
+        (["--layers", "8-x"], "--layers 8-x"),
     ],
 )
 def test_out_of_range_options_are_named_before_loading(tmp_path, capsys, no_model, extra, named):

@@ -126,3 +126,37 @@ def test_eval_extracts_the_versus_neutral_recipe_with_its_options(tmp_path):
     reference = extractor.extract({"ref": texts, "plain": neutral}, "contrastive", 0.2, phi="sigmoid")
     expected = get_masks(reference, "ref")
     assert all(torch.equal(m, expected[k]) for k, m in get_masks(saved, "extraversion").items())
+
+
+def test_eval_extracts_on_the_target_and_layer_band_it_is_given(tmp_path):
+    from peft_persona.eval import adapters, items
+    from peft_persona.targets import select_targets
+    from peft_persona.tuner import get_masks
+
+    args = cli.build_parser().parse_args(["eval", "--out", "o", "--extract", "--target", "mlp", "--layers", "late"])
+    assert (args.target, args.layers) == ("mlp", "late")
+    model, out = tiny_llama(0), tmp_path / "adapters"
+    expected = set(select_targets(model, "mlp", "late"))
+    assert expected and expected < set(select_targets(model, "all"))
+    adapters.extract_adapters(
+        model, chat_tokenizer(), [items.PERSONAS["extraversion"]], DATA_ROOT, out, 0.2, max_calibration=8,
+        neutral_passages=4, target="mlp", layers="late",
+    )  # fmt: skip
+    saved = adapters.load_adapters(tiny_llama(0), out)[0]
+    for name in ("extraversion", "introversion", "random", "magnitude", "neutral"):  # the controls on the same modules
+        masks = get_masks(saved, name)
+        assert {n.removeprefix("base_model.model.") for n in masks} == expected, name
+        assert any(not bool(m.all()) for m in masks.values()), name
+
+
+def test_a_malformed_layers_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from peft_persona import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --layers was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    argv = ["eval", "--out", str(tmp_path / "o"), "--adapters", str(tmp_path / "a"), "--extract", "--layers", "3-1"]
+    assert cli.main([*argv, "--data-root", str(DATA_ROOT)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("peft-persona eval: error: --layers 3-1: ") and "backwards" in err, err

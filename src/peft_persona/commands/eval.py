@@ -14,6 +14,7 @@ from typing import Any
 from .. import atomic
 from ..options import DEFAULT_SPARSITY, DEFAULT_STRENGTH, PHI_KINDS, STRUCTURES
 from . import personas as persona_options
+from . import preflight
 
 # the persona-pair recipes --extract makes (the random, magnitude and neutral controls are always made too)
 EXTRACT_METHODS = ("contrastive", "wanda", "difference", "obs", "versus-neutral")
@@ -65,7 +66,7 @@ def register(subparsers: Any) -> None:
 
 
 def add_extract_options(parser: argparse.ArgumentParser) -> None:
-    """``--extract`` and the recipe it extracts with: sparsity, strength, method, phi, structure."""
+    """``--extract`` and the recipe it extracts with: sparsity, strength, method, phi, structure, target, layers."""
     parser.add_argument(
         "--extract",
         action="store_true",
@@ -91,6 +92,11 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--structure", default="row", choices=STRUCTURES, help="row, or channel (whole input channels), for --extract"
     )
+    from .extract import OPTIONS  # the same --target and --layers as extract's, applied to every --extract mask
+
+    for flag, keywords in OPTIONS:
+        if flag in ("--target", "--layers"):
+            parser.add_argument(flag, **{**keywords, "help": f"for --extract: {keywords['help']}"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,25 +167,28 @@ def prepared_model(args: argparse.Namespace, personas: Any, data_root: Any) -> t
     that folder first with ``--extract`` when it holds none."""
     from ..eval.adapters import adapter_dirs, extract_adapters, load_adapters
     from ..models import load_model
+    from ..targets import parse_layers
 
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     if args.extract:
         if not args.adapters:
             raise ValueError("--extract needs --adapters DIR to save the masks in")
-        if not Path(args.adapters).is_dir() or not list(Path(args.adapters).glob("*/adapter_config.json")):
-            recipe = {"phi": args.phi, "structure": args.structure}
-            extract_adapters(
-                model,
-                tokenizer,
-                personas,
-                data_root,
-                args.adapters,
-                args.sparsity,
-                args.method,
-                strength=args.strength,
-                **recipe,
-            )
-            model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)  # a clean base for loading
+        with preflight.naming("--layers", args.layers):  # a malformed --layers fails before the model loads
+            parse_layers(args.layers)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    if args.extract and not list(Path(args.adapters).glob("*/adapter_config.json")):
+        recipe = {"phi": args.phi, "structure": args.structure, "target": args.target, "layers": args.layers}
+        extract_adapters(
+            model,
+            tokenizer,
+            personas,
+            data_root,
+            args.adapters,
+            args.sparsity,
+            args.method,
+            strength=args.strength,
+            **recipe,
+        )
+        model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)  # a clean base for loading
     digests: dict[str, str] = {}
     if args.adapters:
         adapter_dirs(args.adapters)

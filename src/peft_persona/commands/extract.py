@@ -174,7 +174,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[dict[str, str], Extractio
     PersonaMaskConfig(
         method=args.method, sparsity=args.sparsity, save_format=args.save_format, calibration=options.record()
     )
-    parse_layers(args.layers)
+    with preflight.naming("--layers", args.layers):
+        parse_layers(args.layers)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     if modules is not None and (args.target != "all" or args.layers is not None):
         raise ValueError("--modules replaces --target and --layers; give one or the other")

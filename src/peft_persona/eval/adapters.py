@@ -61,16 +61,19 @@ def extract_adapters(
     max_calibration: int = 100,
     neutral_passages: int = 50,
     strength: float = DEFAULT_STRENGTH,
+    target: str = "all",
+    layers: str | Sequence[int] | None = None,
     **recipe: Any,
 ) -> None:
     """Extract and save, under ``out_dir``, each persona's and opposite's mask (``method``, or ``versus-neutral``, on
     the calibration split, at most ``max_calibration`` texts per side, the first after a ``seed`` shuffle; ``recipe``:
     more :class:`~peft_persona.options.ExtractionOptions` fields such as ``phi`` and ``structure``) and the three
     controls at the same sparsity: ``random``, ``magnitude``, and ``neutral`` (Wanda on neutral instructions disjoint
-    from the NLL texts); every adapter at ``strength``."""
+    from the NLL texts); every adapter at ``strength``, on the same modules: the ``target`` sub-layers of the decoder
+    blocks ``layers`` (indices, ``"8-23"``, or a band ``early``/``middle``/``late``; default all)."""
     import random
 
-    extractor = PersonaExtractor(model, tokenizer, max_length=256, batch_size=8)
+    extractor = PersonaExtractor(model, tokenizer, max_length=256, batch_size=8, target=target, layers=layers)
     neutral = extractor.calibrate("neutral", neutral_calibration(data_root, neutral_passages))
     for persona in personas:
         texts, opposite = calibration_texts(data_root, persona)
