@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> None:
             to_stderr,
             command=command,
             lora_cache=cache_dir() / "comparison" / slug,
+            base_factory=lambda: load_model(args.model)[0],  # a reload, not a copy held in memory beside the model
         )
 
 
@@ -94,7 +95,7 @@ def render(results: Path) -> Path:
         if not personas:
             continue
         plot = compare_report.pareto_plot(personas, folder.name, folder / "pareto.png")
-        commands = sorted({s.get("settings", {}).get("command", "") for s in personas.values()})
+        commands = compare_report.commands(personas)
         lines += [
             "",
             f"## {folder.name}",

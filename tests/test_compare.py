@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import DATA_ROOT, chat_tokenizer, tiny_llama
-from peft_persona.eval import compare, harness
+from peft_persona.eval import compare, compare_report, harness
 from peft_persona.eval.arms import RECIPES, CaaArm, Host, LoraArm, MaskArm, PromptArm, Statistics
 from peft_persona.eval.budget import choose
+from peft_persona.eval.comparison import ComparisonPlan, merged_settings
 from peft_persona.eval.finetune import LoraBudget
 from peft_persona.eval.items import PERSONAS, calibration_texts, neutral_texts
 
@@ -95,6 +96,38 @@ def test_every_arm_is_scored_chosen_and_tested_and_a_rerun_resumes(setting, monk
     assert again == result and not calls
 
 
+def test_the_lora_arm_trains_each_side_once_and_scores_both_as_adapters_of_one_copy(setting, tmp_path):
+    from peft import PeftModel
+
+    model, tokenizer, _, texts, _, _ = setting
+    made = []
+
+    def fresh():
+        made.append(tiny_llama(0))
+        return made[-1]
+
+    def logits_of(arm):
+        tokens = torch.tensor([[5, 6, 7, 8]])
+        persona_side, opposite_side = arm.point({}).sides()
+        with persona_side() as (persona_model, _), torch.no_grad():  # entering trains: grad on
+            persona_logits = persona_model(tokens).logits
+        with opposite_side() as (opposite_model, _), torch.no_grad():
+            opposite_logits = opposite_model(tokens).logits
+        assert persona_model is opposite_model  # one copy holds both sides
+        return tokens, persona_logits, opposite_logits
+
+    lora = lambda: LoraArm(Host(model, tokenizer), texts, ["q_proj"], tmp_path, fresh, LoraBudget(steps=2))  # noqa: E731
+    tokens, persona_logits, opposite_logits = logits_of(lora())
+    assert len(made) == 3  # a copy to train each side on, one to score both
+    assert not torch.equal(persona_logits, opposite_logits)
+    for side, logits in (("persona", persona_logits), ("opposite", opposite_logits)):
+        with torch.no_grad():
+            alone = PeftModel.from_pretrained(tiny_llama(0), tmp_path / side).eval()(tokens).logits
+        assert torch.equal(alone, logits)
+    logits_of(lora())
+    assert len(made) == 4  # a rerun loads the saved LoRAs: nothing is trained again
+
+
 def test_the_prompt_arm_scores_what_the_harness_scores_with_the_prompt(setting):
     model, tokenizer, persona, _, data, _ = setting
     host = Host(model, tokenizer)
@@ -165,6 +198,30 @@ def test_the_compare_command_runs_resumes_and_reports(tmp_path, capsys):
     assert cli.main(argv) == 0  # resumed: the same state, nothing rescored
     assert json.loads((tmp_path / "out" / "extraversion.json").read_text())["validation"] == state["validation"]
     assert cli.main([*argv[:-2], "--n-test", "5", "--out", str(tmp_path / "out")]) == 2  # other settings: refused
+    capsys.readouterr()
+
+    grown = [*argv]
+    grown[grown.index("--arms") + 1] = "mask:wanda"  # a later run adds an arm to the same states
+    assert cli.main(grown) == 0
+    again = json.loads((tmp_path / "out" / "extraversion.json").read_text())
+    assert set(again["test"]) == {*state["test"], "mask:wanda"}
+    assert again["test"]["caa"] == state["test"]["caa"]
+    assert again["settings"]["plan"]["arms"] == ["prompt", "caa", "mask:contrastive-sigmoid", "mask:difference",
+                                                 "mask:wanda"]  # fmt: skip
+    first, second = again["settings"]["commands"]
+    assert "--arms prompt,caa," in first and "--arms mask:wanda" in second
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "--arms prompt,caa," in report and "--arms mask:wanda" in report
+
+
+def test_settings_keep_every_command_and_arm_and_read_a_single_command():
+    plan = ComparisonPlan(arms=("prompt", "mask:wanda"))
+    old = {"command": "python one", "plan": {"arms": ["caa", "prompt"]}}
+    merged = merged_settings(old, "m", plan, "python two")
+    assert merged["commands"] == ["python one", "python two"] and merged["model"] == "m"
+    assert merged["plan"]["arms"] == ["caa", "prompt", "mask:wanda"]
+    assert merged_settings(merged, "m", plan, "python two")["commands"] == ["python one", "python two"]
+    assert compare_report.commands({"a": {"settings": merged}, "b": {"settings": old}}) == ["python one", "python two"]
 
 
 def test_verdict_counts_only_the_personas_an_arm_was_tested_on():

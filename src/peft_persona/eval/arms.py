@@ -4,6 +4,7 @@ persona prompt; the persona prompt alone; a CAA steering vector; a LoRA. Each bu
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import re
 import time
@@ -273,8 +274,9 @@ class CaaArm:
 
 
 class LoraArm:
-    """A LoRA per side, trained on that side's calibration texts for a fixed budget, saved under ``folder`` (a rerun
-    loads it) and scored merged into a fresh copy of the base model from ``base_factory``."""
+    """A LoRA per side, trained on that side's calibration texts for a fixed budget, each on its own fresh copy of the
+    base model from ``base_factory`` (freed once saved), saved under ``folder`` (a rerun loads it), and scored as two
+    adapters of one more fresh copy, switched with ``set_adapter``: one such copy at a time besides the host's model."""
 
     name = "lora"
 
@@ -289,7 +291,7 @@ class LoraArm:
     ) -> None:
         self.host, self.texts, self.targets, self.folder = host, texts, list(target_modules), folder
         self.base_factory, self.budget = base_factory, budget or LoraBudget()
-        self.models: dict[str, nn.Module] = {}
+        self.model: nn.Module | None = None
         self.seconds = 0.0
 
     def points(self) -> Iterator[Point]:
@@ -308,20 +310,26 @@ class LoraArm:
     def _model(self, which: str) -> nn.Module:
         from peft import PeftModel
 
-        if which not in self.models:
-            saved = self.folder / which
-            if not (saved / "adapter_config.json").is_file():
-                start = time.perf_counter()
-                lora, _ = train_lora(
-                    self.base_factory(), self.host.tokenizer, self.texts[which], self.targets, self.budget
-                )
-                self.seconds += time.perf_counter() - start
-                lora.save_pretrained(saved)
-            self.models[which] = PeftModel.from_pretrained(self.base_factory(), saved).merge_and_unload().eval()
-        return self.models[which]
+        if self.model is None:
+            for side in ("persona", "opposite"):
+                saved = self.folder / side
+                if not (saved / "adapter_config.json").is_file():
+                    start = time.perf_counter()
+                    lora, _ = train_lora(
+                        self.base_factory(), self.host.tokenizer, self.texts[side], self.targets, self.budget
+                    )
+                    self.seconds += time.perf_counter() - start
+                    lora.save_pretrained(saved)
+                    del lora
+                    gc.collect()  # the trained copy goes before the next one is made
+            model = PeftModel.from_pretrained(self.base_factory(), self.folder / "persona", adapter_name="persona")
+            model.load_adapter(self.folder / "opposite", adapter_name="opposite")
+            self.model = model.eval()
+        self.model.set_adapter(which)
+        return self.model
 
     def release(self) -> None:
-        self.models.clear()
+        self.model = None
 
     def footprint(self) -> dict[str, float]:
         weights = self.folder / "persona" / "adapter_model.safetensors"

@@ -122,8 +122,19 @@ def verdict_lines(personas: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def commands(personas: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every command that scored into these states, in first-seen order (a state may hold several runs' arms)."""
+    seen: dict[str, None] = {}
+    for state in personas.values():
+        settings = state.get("settings", {})
+        for command in settings.get("commands", [settings["command"]] if settings.get("command") else []):
+            seen[command] = None
+    return list(seen)
+
+
 def persona_page(personas: Mapping[str, Mapping[str, Any]], command: str) -> str:
-    """The Markdown report of one ``compare`` run (one model, one or more personas)."""
+    """The Markdown report of one ``compare`` run (one model, one or more personas): ``command``, and any earlier
+    command whose results the states hold."""
     lines = [
         "# Persona masks against the alternatives",
         "",
@@ -138,6 +149,7 @@ def persona_page(personas: Mapping[str, Mapping[str, Any]], command: str) -> str
         "Produced by:",
         "",
         "```",
+        *[c for c in commands(personas) if c != command],
         command,
         "```",
     ]

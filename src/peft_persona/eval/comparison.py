@@ -131,16 +131,35 @@ def run_comparison(
     progress: bool = True,
     command: Sequence[str] = (),
     lora_cache: Path | None = None,
+    base_factory: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``plan`` for ``persona`` on ``model``; the state is ``out/<persona>.json``, the trained LoRAs
-    are kept under ``lora_cache`` (default ``out/lora``)."""
+    are kept under ``lora_cache`` (default ``out/lora``). The LoRA arm trains and scores on fresh copies of the base
+    from ``base_factory`` (say, a reload from disk); by default, copies of a copy of ``model`` taken now, before any
+    arm has touched it (made only when the plan has a LoRA arm: it holds one more copy of the weights)."""
     out.mkdir(parents=True, exist_ok=True)
-    pristine = copy.deepcopy(model)  # the LoRA arm trains and merges on copies of the untouched base
+    if base_factory is None and "lora" in plan.arms:
+        pristine = copy.deepcopy(model)
+        base_factory = lambda: copy.deepcopy(pristine)  # noqa: E731
     host = Host(model, tokenizer)
     state = State(out / f"{persona.name}.json", plan.fingerprint(model_name, persona.name))
-    state.data["settings"] = {"model": model_name, "plan": asdict(plan), "command": " ".join(command)}
+    state.data["settings"] = merged_settings(state.data.get("settings", {}), model_name, plan, " ".join(command))
     texts = calibration_sets(data_root, persona, plan.max_calibration)
     data = splits(persona, data_root, plan.n_validation, plan.n_test, plan.nll_passages, plan.seed)
     lora_folder = (lora_cache or out / "lora") / persona.name
-    arms = build_arms(plan, host, persona, texts, lora_folder, lambda: copy.deepcopy(pristine))
+    arms = build_arms(plan, host, persona, texts, lora_folder, base_factory or _no_base)
     return run_arms(arms, host.side(), tokenizer, data, state, Budget(plan.nll_budget, plan.batch_size), log, progress)
+
+
+def _no_base() -> nn.Module:
+    raise AssertionError("only the LoRA arm asks for a fresh base model")
+
+
+def merged_settings(previous: dict[str, Any], model_name: str, plan: ComparisonPlan, command: str) -> dict[str, Any]:
+    """A state's settings after one more run into it: this run's plan with the arms of every run so far (in order),
+    and every command that scored into it (a state written before ``commands`` existed kept one ``command``)."""
+    commands = list(previous.get("commands", [previous["command"]] if previous.get("command") else []))
+    if command and command not in commands:
+        commands.append(command)
+    arms = list(dict.fromkeys([*previous.get("plan", {}).get("arms", []), *plan.arms]))
+    return {"model": model_name, "plan": {**asdict(plan), "arms": arms}, "commands": commands}
