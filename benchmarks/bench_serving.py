@@ -150,7 +150,21 @@ def switch_table(config: str, repeats: int) -> str:
         persona.set_adapter(state["next"])
         state["next"] = "p0" if state["next"] == "p1" else "p1"
 
+    merged = build("persona", random_llama(config), 2)
+    merged.merge_adapter()
+    merged_state = {"next": "p1"}
+
+    def merged_switch():
+        merged.unmerge_adapter()
+        merged.set_adapter(merged_state["next"])
+        merged_state["next"] = "p0" if merged_state["next"] == "p1" else "p1"
+        merged.merge_adapter()
+
     dense_state = {"next": "p1"}
+
+    def switch_dense_alone():
+        dense.set_adapter(dense_state["next"])
+        dense_state["next"] = "p0" if dense_state["next"] == "p1" else "p1"
 
     def switch_dense():
         dense.set_adapter(dense_state["next"])
@@ -168,6 +182,8 @@ def switch_table(config: str, repeats: int) -> str:
                 "forward alone (1 token)": lambda: persona(tokens),
                 "set_adapter alone": switch_alone,
                 "set_adapter + forward": switch_and_forward,
+                "merged switch (unmerge, set_adapter, merge)": merged_switch,
+                "set_adapter alone, keep_original": switch_dense_alone,
                 "set_adapter + forward, keep_original": switch_dense,
             },
             repeats,
