@@ -32,3 +32,12 @@ def test_texts_too_short_to_train_on_are_refused():
 
     with pytest.raises(ValueError, match="two or more tokens"):
         train_lora(tiny_llama(), tiny_tokenizer(), ["w7"], ["q_proj"])
+
+
+def test_without_a_copy_the_lora_is_added_to_the_model_given():
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    budget = LoraBudget(rank=4, steps=2, batch_size=3)
+    copied, copied_losses = train_lora(model, tokenizer, word_texts(4, 6, min_len=6), ["q_proj"], budget)
+    lora, losses = train_lora(model, tokenizer, word_texts(4, 6, min_len=6), ["q_proj"], budget, copy_model=False)
+    assert lora.get_base_model() is model and copied.get_base_model() is not model
+    assert losses == copied_losses  # the same training either way

@@ -316,7 +316,12 @@ class LoraArm:
                 if not (saved / "adapter_config.json").is_file():
                     start = time.perf_counter()
                     lora, _ = train_lora(
-                        self.base_factory(), self.host.tokenizer, self.texts[side], self.targets, self.budget
+                        self.base_factory(),
+                        self.host.tokenizer,
+                        self.texts[side],
+                        self.targets,
+                        self.budget,
+                        copy_model=False,  # the fresh copy is trained itself
                     )
                     self.seconds += time.perf_counter() - start
                     lora.save_pretrained(saved)

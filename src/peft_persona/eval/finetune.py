@@ -45,12 +45,14 @@ def train_lora(
     texts: Sequence[Text],
     target_modules: Sequence[str],
     budget: LoraBudget = LoraBudget(),
+    copy_model: bool = True,
 ) -> tuple[nn.Module, list[float]]:
     """A copy of ``base_model`` with a LoRA fine-tuned on ``texts`` (a ``PeftModel``; ``merge_and_unload()`` gives a
     plain model), and the training loss of every step.
 
-    ``base_model`` (a plain transformers model) is left unchanged; ``target_modules`` are module names or suffixes,
-    as PEFT's ``LoraConfig`` takes them.
+    ``base_model`` (a plain transformers model) is left unchanged, unless ``copy_model`` is ``False``: then the LoRA
+    is added to ``base_model`` itself (a copy made for this alone: one copy of the weights less in memory);
+    ``target_modules`` are module names or suffixes, as PEFT's ``LoraConfig`` takes them.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -65,7 +67,7 @@ def train_lora(
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(copy.deepcopy(base_model), config)
+    model = get_peft_model(copy.deepcopy(base_model) if copy_model else base_model, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=budget.learning_rate)
     order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(budget.seed)).tolist()
