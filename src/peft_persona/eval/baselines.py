@@ -88,7 +88,7 @@ def lora_baselines(
                 with torch.inference_mode(False), torch.enable_grad():
                     base = base_factory()
                     targets = target_modules or sorted({n.rsplit(".", 1)[-1] for n in decoder_linear_modules(base)})
-                    lora, _ = train_lora(base, tokenizer, texts, targets, budget or LoraBudget())
+                    lora, _ = train_lora(base, tokenizer, texts, targets, budget or LoraBudget(), copy_model=False)
                 models[name] = lora.merge_and_unload().eval()
             yield models[name]
 
