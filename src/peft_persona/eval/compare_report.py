@@ -126,10 +126,13 @@ def commands(personas: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Every command that scored into these states, in first-seen order (a state may hold several runs' arms)."""
     seen: dict[str, None] = {}
     for state in personas.values():
-        settings = state.get("settings", {})
-        for command in settings.get("commands", [settings["command"]] if settings.get("command") else []):
-            seen[command] = None
+        seen.update(dict.fromkeys(recorded_commands(state.get("settings", {}))))
     return list(seen)
+
+
+def recorded_commands(settings: Mapping[str, Any]) -> list[str]:
+    """The commands one state's settings record (a state written before ``commands`` existed kept one ``command``)."""
+    return list(settings.get("commands", [settings["command"]] if settings.get("command") else []))
 
 
 def persona_page(personas: Mapping[str, Mapping[str, Any]], command: str) -> str:

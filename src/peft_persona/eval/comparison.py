@@ -16,6 +16,7 @@ from torch import nn
 
 from .arms import RECIPES, CaaArm, Host, LoraArm, MaskArm, PromptArm, Statistics
 from .compare import Budget, Log, State, run_arms, splits
+from .compare_report import recorded_commands
 from .finetune import LoraBudget
 from .items import Persona, calibration_texts, neutral_calibration
 from .steering import decoder_blocks, default_layers
@@ -158,7 +159,7 @@ def _no_base() -> nn.Module:
 def merged_settings(previous: dict[str, Any], model_name: str, plan: ComparisonPlan, command: str) -> dict[str, Any]:
     """A state's settings after one more run into it: this run's plan with the arms of every run so far (in order),
     and every command that scored into it (a state written before ``commands`` existed kept one ``command``)."""
-    commands = list(previous.get("commands", [previous["command"]] if previous.get("command") else []))
+    commands = recorded_commands(previous)
     if command and command not in commands:
         commands.append(command)
     arms = list(dict.fromkeys([*previous.get("plan", {}).get("arms", []), *plan.arms]))
