@@ -446,18 +446,36 @@ def test_adapters_made_inside_inference_mode_keep_working_outside_it():
 def test_defaults_are_the_tuned_pair_everywhere():
     from peft_persona.commands import eval as eval_command
     from peft_persona.commands import extract as extract_command
-    from peft_persona.options import DEFAULT_SPARSITY, DEFAULT_STRENGTH, ExtractionOptions, resolve_options
+    from peft_persona.commands import tune as tune_command
+    from peft_persona.eval.tune import TunePlan
+    from peft_persona.options import (
+        DEFAULT_PHI,
+        DEFAULT_SPARSITY,
+        DEFAULT_STRENGTH,
+        DEFAULT_TAU,
+        ExtractionOptions,
+        resolve_options,
+    )
 
     assert (DEFAULT_SPARSITY, DEFAULT_STRENGTH) == (0.2, 0.5)
-    assert ExtractionOptions().sparsity == DEFAULT_SPARSITY
+    assert (ExtractionOptions().sparsity, ExtractionOptions().phi, ExtractionOptions().tau) == (
+        DEFAULT_SPARSITY,
+        DEFAULT_PHI,
+        DEFAULT_TAU,
+    )
     assert resolve_options(None, sparsity=None).sparsity == DEFAULT_SPARSITY  # None is the default, not 0.5
-    for command in (extract_command, eval_command):
+    assert TunePlan.__dataclass_fields__["phi"].default == DEFAULT_PHI
+    for command in (extract_command, eval_command, tune_command):
         parser = argparse.ArgumentParser()
         command.register(parser.add_subparsers())
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         by_dest = {a.dest: a for a in next(iter(sub.choices.values()))._actions}
-        assert (by_dest["sparsity"].default, by_dest["strength"].default) == (DEFAULT_SPARSITY, DEFAULT_STRENGTH)
-        assert "0.5" in by_dest["strength"].help  # --help shows the default
+        assert by_dest["phi"].default == DEFAULT_PHI and f"default {DEFAULT_PHI}" in by_dest["phi"].help
+        if command is extract_command:
+            assert by_dest["tau"].default == DEFAULT_TAU and f"default {DEFAULT_TAU}" in by_dest["tau"].help
+        if command is not tune_command:
+            assert (by_dest["sparsity"].default, by_dest["strength"].default) == (DEFAULT_SPARSITY, DEFAULT_STRENGTH)
+            assert "0.5" in by_dest["strength"].help  # --help shows the default
     model = tiny_llama()
     peft_model = PersonaExtractor(model, tiny_tokenizer()).extract(
         {"extro": word_texts(20, 4), "intro": word_texts(21, 4)}, method="contrastive", sparsity=None

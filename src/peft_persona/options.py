@@ -21,6 +21,8 @@ STRUCTURES: tuple[str, ...] = ("row", "channel")
 # extraversion on SmolLM2-135M-Instruct (+0.03 nats/token on neutral text; sparsity 0.5 at strength 1 breaks it).
 DEFAULT_SPARSITY = 0.2
 DEFAULT_STRENGTH = 0.5
+DEFAULT_PHI = "relu"  # the contrastive channel weight: the paper's relu(z)
+DEFAULT_TAU = 1.0  # the softplus and sigmoid temperature
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class ExtractionOptions:
 
     method: Method = "wanda"
     sparsity: float = DEFAULT_SPARSITY
-    phi: Literal["relu", "softplus", "sigmoid"] = "relu"
-    tau: float = 1.0
+    phi: Literal["relu", "softplus", "sigmoid"] = DEFAULT_PHI
+    tau: float = DEFAULT_TAU
     reference: bool = False
     seed: int = 0
     structure: Literal["row", "channel"] = "row"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..options import DEFAULT_SPARSITY, DEFAULT_STRENGTH, PHI_KINDS, STRUCTURES
+from ..options import DEFAULT_PHI, DEFAULT_SPARSITY, DEFAULT_STRENGTH, PHI_KINDS, STRUCTURES
 from . import personas as persona_options
 from . import preflight
 
@@ -88,7 +88,12 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
         choices=EXTRACT_METHODS,
         help="mask recipe for --extract (default contrastive; versus-neutral: each side against neutral text)",
     )
-    parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight for --extract")
+    parser.add_argument(
+        "--phi",
+        default=DEFAULT_PHI,
+        choices=PHI_KINDS,
+        help=f"contrastive channel weight for --extract (default {DEFAULT_PHI})",
+    )
     parser.add_argument(
         "--structure", default="row", choices=STRUCTURES, help="row, or channel (whole input channels), for --extract"
     )

@@ -10,7 +10,16 @@ from typing import Any
 from .. import adapter_files, atomic, distributed
 from ..checks import check_sparsity, check_strength
 from ..models import DEFAULT_MODEL
-from ..options import DEFAULT_SPARSITY, DEFAULT_STRENGTH, EXTRACTION_METHODS, PHI_KINDS, STRUCTURES, ExtractionOptions
+from ..options import (
+    DEFAULT_PHI,
+    DEFAULT_SPARSITY,
+    DEFAULT_STRENGTH,
+    DEFAULT_TAU,
+    EXTRACTION_METHODS,
+    PHI_KINDS,
+    STRUCTURES,
+    ExtractionOptions,
+)
 from ..targets import TARGET_PRESETS, parse_layers
 from . import preflight
 
@@ -94,13 +103,13 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     (
         "--phi",
         dict(
-            default="relu",
+            default=DEFAULT_PHI,
             choices=PHI_KINDS,
             help="contrastive channel weight: relu(z) (the paper's), softplus(z/tau), or sigmoid(z/tau), which lets "
-            "z order every channel",
+            f"z order every channel (default {DEFAULT_PHI})",
         ),
     ),
-    ("--tau", dict(type=float, default=1.0, help="softplus and sigmoid temperature")),
+    ("--tau", dict(type=float, default=DEFAULT_TAU, help=f"softplus and sigmoid temperature (default {DEFAULT_TAU})")),
     (
         "--structure",
         dict(

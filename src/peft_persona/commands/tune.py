@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..options import PHI_KINDS, STRUCTURES
+from ..options import DEFAULT_PHI, PHI_KINDS, STRUCTURES
 from . import personas as persona_options
 from . import preflight
 
@@ -99,7 +99,9 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", default="contrastive", choices=TUNE_METHODS, help="mask recipe (default contrastive)"
     )
-    parser.add_argument("--phi", default="relu", choices=PHI_KINDS, help="contrastive channel weight (default relu)")
+    parser.add_argument(
+        "--phi", default=DEFAULT_PHI, choices=PHI_KINDS, help=f"contrastive channel weight (default {DEFAULT_PHI})"
+    )
     parser.add_argument(
         "--structure", default="row", choices=STRUCTURES, help="row, or channel: whole input channels (default row)"
     )

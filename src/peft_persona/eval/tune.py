@@ -26,7 +26,7 @@ from torch import nn
 from .. import atomic
 from ..checks import check_sparsity, check_strength
 from ..extractor import PersonaExtractor
-from ..options import ExtractionOptions
+from ..options import DEFAULT_PHI, ExtractionOptions
 from ..tuner import set_strength
 from . import harness
 from .adapters import VERSUS_NEUTRAL, versus_neutral
@@ -38,7 +38,7 @@ from .items import Persona, calibration_texts, load_items, neutral_calibration, 
 Log = Callable[[str], None]
 OBJECTIVES = ("shift", "switch")
 TUNE_METHODS = ("contrastive", "difference", "wanda", VERSUS_NEUTRAL)
-RECIPE_DEFAULTS = {"phi": "relu", "structure": "row"}
+RECIPE_DEFAULTS = {"phi": "relu", "structure": "row"}  # left out of fingerprints (states written before either existed)
 TEST_CONDITIONS = (
     "base",
     "base + persona prompt",
@@ -73,7 +73,7 @@ class TunePlan:
     targets: tuple[str, ...] = ("mlp", "all")
     layers: str | None = None
     method: str = "contrastive"
-    phi: str = "relu"
+    phi: str = DEFAULT_PHI
     structure: str = "row"
     fmt: str | None = None
     objective: str = "shift"
