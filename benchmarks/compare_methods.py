@@ -90,10 +90,22 @@ def run(args: argparse.Namespace) -> None:
 def render(results: Path) -> Path:
     """Rewrite ``comparison.md`` beside ``results`` from the intro and every model's state files."""
     lines = INTRO.read_text().rstrip().splitlines()
-    for folder in sorted(p for p in results.iterdir() if p.is_dir()):
-        personas = compare_report.load_model_states(folder)
-        if not personas:
-            continue
+    models = {
+        folder.name: states
+        for folder in sorted(p for p in results.iterdir() if p.is_dir())
+        if (states := compare_report.load_model_states(folder))
+    }
+    lines += [
+        "",
+        "## Headline",
+        "",
+        "Held-out statement switch (nats/token, 95% CI) of each method at its chosen point; the best mask alone is the "
+        "recipe with the largest switch among those passing the verdict rule, else among those within the budget.",
+        "",
+        *compare_report.headline(models),
+    ]
+    for name, personas in models.items():
+        folder = results / name
         plot = compare_report.pareto_plot(personas, folder.name, folder / "pareto.png")
         commands = compare_report.commands(personas)
         lines += [

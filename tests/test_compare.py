@@ -241,3 +241,30 @@ def test_verdict_counts_only_the_personas_an_arm_was_tested_on():
     ]
     personas["b"]["test"]["mask:wanda"] = tested(0.01, 0.01, 0.1)  # within 0.2, over b's own budget of 0.05
     assert compare_report.verdict(personas)["mask:wanda"] == {"tested": ["a", "b"], "moved": ["a"]}
+
+
+def test_headline_shows_each_baseline_and_the_best_mask_alone_per_model_and_persona():
+    def tested(mean: float, low: float, neutral_low: float | None = None, cost: float = 0.01) -> dict:
+        block = {"switch": {"mean": mean, "ci_low": low, "ci_high": mean + 0.1}}
+        if neutral_low is not None:
+            block["vs neutral Wanda"] = {"mean": mean, "ci_low": neutral_low, "ci_high": mean}
+        return {"formats": {"statement": block}, "cost": cost, "within_budget": cost <= 0.2}
+
+    passing = {
+        "prompt": tested(1.0, 0.5),
+        "caa": tested(2.0, 1.0, cost=0.9),  # the cheapest point, over budget
+        "mask:wanda": tested(0.5, 0.1, neutral_low=-0.1),  # the largest switch, but not above the control
+        "mask:contrastive-sigmoid": tested(0.3, 0.2, neutral_low=0.05),
+        "mask:contrastive-channel": tested(0.2, 0.1, neutral_low=0.1),
+        "prompt+mask:contrastive": tested(3.0, 2.0, neutral_low=1.0),  # with the prompt: not a mask alone
+    }
+    failing = {"mask:wanda": tested(0.02, -0.01, neutral_low=0.0), "mask:difference": tested(2.0, 1.5, 1.0, cost=3.0)}
+    rows = compare_report.headline({"m1": {"extraversion": {"test": passing}}, "m2": {"power": {"test": failing}}})
+    assert rows[0].startswith("| model | persona | prompt | CAA | LoRA | best mask alone | mask passes |")
+    assert rows[2] == (
+        "| m1 | extraversion | +1.00 [+0.50, +1.10] | +2.00 [+1.00, +2.10] (cost +0.90, over budget) | - | "
+        "contrastive-sigmoid: +0.30 [+0.20, +0.40] | yes |"
+    )
+    # nothing passes: the largest switch within the budget (difference is larger but over it)
+    assert rows[3] == "| m2 | power | - | - | - | wanda: +0.02 [-0.01, +0.12] | no |"
+    assert compare_report.best_mask({"test": {"prompt": tested(1.0, 0.5)}}) is None

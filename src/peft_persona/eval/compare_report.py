@@ -1,5 +1,6 @@
-"""The comparison page: one table per model (every arm at its chosen point, held-out scores with CIs), the verdict
-rule, and one Pareto plot per model (validation switch against NLL cost, every point of every arm)."""
+"""The comparison page: a headline across models, one table per model (every arm at its chosen point, held-out
+scores with CIs), the verdict rule, and one Pareto plot per model (validation switch against NLL cost, every point of
+every arm)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def verdict(personas: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, li
     :func:`moves_persona` (``moved``)."""
     found: dict[str, dict[str, list[str]]] = {}
     for persona, state in personas.items():
-        budget = state.get("settings", {}).get("plan", {}).get("nll_budget", BUDGET)
+        budget = _budget(state)
         for arm, tested in state["test"].items():
             if "mask:" in arm:
                 entry = found.setdefault(arm, {"tested": [], "moved": []})
@@ -74,6 +75,49 @@ def verdict(personas: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, li
                 if moves_persona(tested, budget=budget):
                     entry["moved"].append(persona)
     return found
+
+
+def _budget(state: Mapping[str, Any]) -> float:
+    return state.get("settings", {}).get("plan", {}).get("nll_budget", BUDGET)
+
+
+def _headline_cell(tested: Mapping[str, Any] | None) -> str:
+    if not tested:
+        return "-"
+    cell = ci(tested["formats"].get(PRIMARY, {}).get("switch"), digits=2)
+    return cell if tested["within_budget"] else f"{cell} (cost {tested['cost']:+.2f}, over budget)"
+
+
+def best_mask(state: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+    """The mask arm alone (no prompt) to show for one persona: the one with the largest held-out statement switch
+    among those passing :func:`moves_persona`, else among those within the budget; ``None`` if no mask arm ran."""
+    masks = {a: t for a, t in state["test"].items() if a.startswith("mask:")}
+    passing = {a: t for a, t in masks.items() if moves_persona(t, budget=_budget(state))}
+    pool = passing or {a: t for a, t in masks.items() if t["within_budget"]} or masks
+    if not pool:
+        return None
+    mean = lambda item: (item[1]["formats"].get(PRIMARY, {}).get("switch") or {}).get("mean", float("-inf"))  # noqa: E731
+    return max(pool.items(), key=mean)
+
+
+def headline(models: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """One row per model and persona: the held-out statement switch of the prompt, CAA, LoRA and the best mask alone
+    (:func:`best_mask`) at their chosen points, and whether that mask passes the verdict rule."""
+    rows = [
+        "| model | persona | prompt | CAA | LoRA | best mask alone | mask passes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, personas in models.items():
+        for persona, state in personas.items():
+            tests = state["test"]
+            mask = best_mask(state)
+            mask_cell = "-" if mask is None else f"{mask[0].removeprefix('mask:')}: {_headline_cell(mask[1])}"
+            passes = mask is not None and moves_persona(mask[1], budget=_budget(state))
+            rows.append(
+                f"| {model} | {persona} | {_headline_cell(tests.get('prompt'))} | {_headline_cell(tests.get('caa'))} | "
+                f"{_headline_cell(tests.get('lora'))} | {mask_cell} | {'yes' if passes else 'no'} |"
+            )
+    return rows
 
 
 def load_model_states(folder: Path) -> dict[str, dict[str, Any]]:
