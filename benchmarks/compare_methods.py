@@ -13,6 +13,7 @@ missing. Trained LoRAs are cached under ~/.cache/peft-persona/comparison. Reads 
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import sys
 from dataclasses import fields
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> None:
             lora_cache=cache_dir() / "comparison" / slug,
             base_factory=lambda: load_model(args.model)[0],  # a reload, not a copy held in memory beside the model
         )
+        del model, tokenizer  # freed before the next persona's load: two 1.5B copies at once reached 23.5 GB
+        gc.collect()
 
 
 def render(results: Path) -> Path:
