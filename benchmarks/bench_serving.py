@@ -120,8 +120,8 @@ def memory_table(config: str) -> str:
     note = (
         f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona "
         f"adapter; the switching record of each of the two adapters most recently in effect (int64 indices of its "
-        f"20% dropped entries) is {targeted * 0.2 * 8 / 2**20:.1f} MiB, and the active adapter's dropped original "
-        f"values (fp32) {targeted * 0.2 * 4 / 2**20:.1f} MiB once"
+        f"20% dropped entries, {targeted * 0.2 * 8 / 2**20:.1f} MiB, and their original fp32 values, "
+        f"{targeted * 0.2 * 4 / 2**20:.1f} MiB; the active adapter's values are the stash itself)"
     )
     return markdown_table(header, rows) + note
 

@@ -107,9 +107,15 @@ class EngineMachine(RuleBasedStateMachine):
             self.model.base_model.set_adapter(active)
         self.active = active if self.model is not None else []
 
+    def base(self) -> torch.nn.Module:
+        """A fresh base model holding the current original weights."""
+        model = tiny_llama(0, self.dtype)
+        model.load_state_dict(self.original)
+        return model
+
     def _inject(self, name: str) -> None:
         config = pp.PersonaMaskConfig(strength=self.strength[name])
-        base = self.model if self.model is not None else tiny_llama(0, self.dtype)
+        base = self.model if self.model is not None else self.base()
         self.model = pp.add_mask_adapter(base, self.masks[name], name, config=config)
 
     # ------------------------------------------------------------------------------------------ rules
@@ -123,9 +129,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.masks[name] = random_masks(tiny_llama(0, self.dtype), self.seed, keep=0.7)
         self.strength[name] = strength
         if load and self.model is not None:
-            saved = pp.add_mask_adapter(
-                tiny_llama(0, self.dtype), self.masks[name], name, pp.PersonaMaskConfig(strength=strength)
-            )
+            saved = pp.add_mask_adapter(self.base(), self.masks[name], name, pp.PersonaMaskConfig(strength=strength))
             saved.save_pretrained(os.path.join(self.folder, "single"))
             self.model.load_adapter(os.path.join(self.folder, "single", name), adapter_name=name)
         else:
@@ -276,11 +280,37 @@ class EngineMachine(RuleBasedStateMachine):
         shutil.rmtree(folder, ignore_errors=True)
         self.model.save_pretrained(folder)
         names = list(self.masks)
-        model = PeftModel.from_pretrained(tiny_llama(0, self.dtype), os.path.join(folder, names[0]), names[0])
+        model = PeftModel.from_pretrained(self.base(), os.path.join(folder, names[0]), names[0])
         for name in names[1:]:
             model.load_adapter(os.path.join(folder, name), adapter_name=name)
         model.base_model.set_adapter(self.active)
         self.model, self.trainable, self.inference_copy = model, False, False
+
+    @precondition(lambda self: self.model is not None and not self.merged and not self.inference_copy)
+    @rule(data=st.data(), by_hand=st.booleans())
+    def write_base_weights(self, data: st.DataObject, by_hand: bool) -> None:
+        """New original weights for some targeted layers, loaded with ``load_state_dict`` or written by hand through
+        the parameter (under ``no_grad``, while adapters are disabled and the weight holds the original): whatever
+        the engine recorded of the old weights (switching records, mixed caches) must not survive."""
+        keys = sorted(k for k in self.original if k.endswith("proj.weight"))
+        chosen = data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True))
+        self.seed += 1
+        generator = torch.Generator().manual_seed(self.seed)
+        new = {
+            k: (self.original[k].float() + 1e-3 * torch.randn(self.original[k].shape, generator=generator)).to(
+                self.dtype
+            )
+            for k in chosen
+        }
+        base = self.model.get_base_model()
+        if by_hand:
+            with self.model.disable_adapter(), torch.no_grad():
+                base(TOKENS[:1, :2])  # the weight now holds the original
+                for key, value in new.items():
+                    base.get_parameter(key.replace(".weight", ".base_layer.weight")).copy_(value)
+        else:
+            base.load_state_dict({k.replace(".weight", ".base_layer.weight"): v for k, v in new.items()}, strict=False)
+        self.original.update(new)
 
     # ------------------------------------------------------------------------------------------ invariants
     @invariant()
@@ -364,3 +394,62 @@ def test_base_state_dict_holds_the_original_weights_while_nothing_is_merged():
     assert all(torch.equal(state[k], original[k]) for k in original)  # was: 14 of 21 held W * M
     with torch.no_grad():  # and the next forward writes the active adapter back
         assert torch.equal(model(TOKENS).logits, before)
+
+
+def new_base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's targeted weights plus 1e-3, as a ``load_state_dict`` for ``model``'s base."""
+    state = model.get_base_model().state_dict()
+    return {k: v + 1e-3 for k, v in state.items() if k.endswith("base_layer.weight")}
+
+
+def base_weights_masked(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    masks = random_masks(tiny_llama(), seed)
+    return {k: v * masks[k.removesuffix(".base_layer.weight")] for k, v in state.items()}
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "by hand"])
+@pytest.mark.parametrize("keep_original", [False, True])
+def test_a_switch_after_new_base_weights_uses_the_new_weights(how, keep_original):
+    """Found by the state machine's write_base_weights rule: with ``keep_original`` the dense copy of the old
+    weights came back on the next switch. The default's recorded original values must not either."""
+    model = two_adapters()
+    set_weight_mode(model, keep_original=keep_original)
+    with torch.no_grad():
+        for name in ("a", "b", "a", "b"):  # both adapters recorded
+            model.set_adapter(name)
+            model(TOKENS)
+    new = new_base_weights(model)
+    base = model.get_base_model()
+    if how == "load_state_dict":
+        base.load_state_dict(new, strict=False)
+    else:
+        with model.disable_adapter(), torch.no_grad():
+            model(TOKENS)  # the weight holds the original
+            for key, value in new.items():
+                base.get_parameter(key).copy_(value)
+    model.set_adapter("a")
+    with torch.no_grad():
+        model(TOKENS)
+    weights = {k: base.get_parameter(k).detach().clone() for k in new}  # before state_dict() disarms the layers
+    held = {k: v for k, v in base.state_dict().items() if k in new}
+    assert all(torch.equal(weights[k], base_weights_masked(new, 1)[k]) for k in new)  # a's W * M of the new W
+    assert all(torch.equal(held[k], new[k]) for k in new)  # and its state the new original
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_merge_and_unmerge_are_exact_with_and_without_accelerate_hooks(offloaded):
+    """``merge_adapter``/``unmerge_adapter`` skip PEFT's per-layer onload context unless accelerate hooks are on the
+    model (``cpu_offload``), where PEFT's own path runs; both leave exactly the merged and the original weights."""
+    from accelerate import cpu_offload
+
+    model = two_adapters()
+    if offloaded:
+        cpu_offload(model.get_base_model(), execution_device="cpu")
+    assert model.base_model._has_accelerate_hooks() is offloaded
+    model.set_adapter("b")
+    model.merge_adapter()
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, masked_logits(2))
+    model.unmerge_adapter()
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, logits(tiny_llama(), TOKENS))

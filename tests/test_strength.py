@@ -112,8 +112,8 @@ def test_bad_strength_is_refused_naming_the_field(bad):
 
 
 def test_only_the_packed_bits_are_kept_per_adapter():
-    """Per loaded adapter: 1 bit per weight. Per layer: the original values of the entries the active adapter drops,
-    and for the two adapters most recently in effect the indices of the entries each drops (8 bytes each)."""
+    """Per loaded adapter: 1 bit per weight. Per layer, for the two adapters most recently in effect, the indices of
+    the entries each drops (8 bytes each) and their original values (the active adapter's are the stash)."""
     masks = random_masks(tiny_llama(), 1, keep=0.75)
     model = pp.add_mask_adapter(tiny_llama(), masks, "a")
     for seed in (2, 3, 4):
@@ -128,6 +128,7 @@ def test_only_the_packed_bits_are_kept_per_adapter():
         assert layer.persona_dropped_index.dtype == torch.int64
         assert set(layer._dropped_cache) == {"a"}  # the adapters never in effect record nothing
         assert layer._dropped_cache["a"][1] is layer.persona_dropped_index  # one record, not two
+        assert layer._dropped_cache["a"][2] is layer.persona_dropped  # its original values are the stash itself
         others = {n for n, b in layer.named_buffers() if b is not None and not n.startswith("persona_mask_bits.")}
         assert others == {"persona_dropped", "persona_dropped_index"}
     for name in ("x2", "x3", "x4", "a"):

@@ -29,12 +29,9 @@ and changed with :meth:`WeightEngine.set_weight_mode` (for a whole model, :func:
   one more copy of the weight;
 * ``cache_mixed`` (default ``False``): keep each adapter's ``W_eff`` once a mixed-persona batch (``adapter_names=``)
   has built it, so that later mixed calls (decoding) do not rebuild it: one dense copy of the weight per adapter
-  used in mixed batches. The cache assumes the base weights are not edited by hand; loading a state dict clears it.
+  used in mixed batches.
 
-Switching: the layer keeps, for the :data:`RECORDS_KEPT` adapters most recently in effect, the flat indices of the
-entries each drops (``int64``, 8 bytes per dropped entry), so that switching among them is index operations only:
-restore the old entries, keep the new ones' values, write them (with ``keep_original``: copy the original, write the
-new entries). An adapter without a record finds its entries once (``torch.nonzero`` over its unpacked mask).
+Switching records and writes by others: :mod:`.records`.
 """
 
 from __future__ import annotations
@@ -45,13 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bits import byte_table, full_mask_packed, unpack_mask, unpack_to
+from ..bits import byte_table, unpack_mask, unpack_to
+from .records import SwitchRecords, version
 
 DEFAULT_WEIGHT_MODE: dict[str, bool] = {"in_place": True, "keep_original": False, "cache_mixed": False}
-RECORDS_KEPT = 2  # switching records kept per layer: a back-and-forth between two personas finds nothing again
 
 
-class WeightEngine:
+class WeightEngine(SwitchRecords):
     """Mixin of :class:`~peft_persona.tuner.layer.PersonaMaskLayer` that keeps the base weight equal to ``W_eff``.
 
     It reads the layer's ``persona_mask_bits``, ``persona_strength``, ``merged_adapters``, ``active_adapters``,
@@ -71,7 +68,7 @@ class WeightEngine:
         self.register_buffer("persona_original", None, persistent=False)
         self.register_buffer("persona_dropped", None, persistent=False)
         self._in_effect: tuple = ()  # what the base weight holds, as :meth:`effect` gives it
-        self._dropped_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # adapter -> (mask key, dropped indices)
+        self.init_records()
         self._mixed_cache: dict[tuple, tuple] = {}  # adapters -> (masks key, W_eff), with cache_mixed
         self.in_place, self.keep_original, self.cache_mixed = bool(in_place), bool(keep_original), bool(cache_mixed)
 
@@ -171,52 +168,7 @@ class WeightEngine:
         """``(adapter, strength)`` of the adapters in ``effect`` that change the weight."""
         return [(n, s) for n, s, *_ in effect if s > 0 and not self._keeps_everything(n)]
 
-    def _keeps_everything(self, adapter_name: str) -> bool:
-        """Whether ``adapter_name``'s mask is all ones (a freshly injected adapter), read from the packed bits."""
-        packed = self.persona_mask_bits[adapter_name]
-        if packed.device.type == "meta":
-            return False
-        cached = self._dropped_cache.get(adapter_name)
-        if cached is not None and cached[0] == self._mask_key(adapter_name):
-            return cached[1].numel() == 0
-        if self.in_features % 8 == 0:
-            return bool((packed == 255).all())
-        return torch.equal(packed, full_mask_packed((self.out_features, self.in_features), device=packed.device))
-
     # ------------------------------------------------------------------------------------------ writing it
-    def _dropped_index(self, plan: list[tuple[str, float]]) -> torch.Tensor:
-        """Flat indices (into the weight's own layout) of the entries that some adapter of ``plan`` drops; recorded
-        per adapter for a single-adapter ``plan`` (a switch), and valid while its mask is not rewritten."""
-        if len(plan) > 1:
-            return self._find_dropped(plan)
-        key = self._mask_key(plan[0][0])
-        cached = self._dropped_cache.pop(plan[0][0], None)
-        if cached is None or cached[0] != key:
-            cached = (key, self._find_dropped(plan))
-        self._dropped_cache[plan[0][0]] = cached  # the most recent last
-        while len(self._dropped_cache) > RECORDS_KEPT:
-            del self._dropped_cache[next(iter(self._dropped_cache))]
-        return cached[1]
-
-    def _mask_key(self, adapter_name: str) -> tuple:
-        """What identifies ``adapter_name``'s mask as it is now: a record made under another key is stale."""
-        bits = self.persona_mask_bits[adapter_name]
-        return (version(bits), id(bits), bits.device)
-
-    def forget_adapter(self, adapter_name: str) -> None:
-        """Drop what the engine recorded for ``adapter_name`` (it is being deleted)."""
-        self._dropped_cache.pop(adapter_name, None)
-        self._mixed_cache.clear()
-
-    def _find_dropped(self, plan: list[tuple[str, float]]) -> torch.Tensor:
-        kept = self.persona_mask_bits[plan[0][0]]
-        for name, _ in plan[1:]:
-            kept = kept & self.persona_mask_bits[name]
-        dropped = ~unpack_mask(kept, self.in_features)
-        if self.fan_in_fan_out:
-            dropped = dropped.T.contiguous()
-        return torch.nonzero(dropped.view(-1)).squeeze(1)
-
     def factors(self, name: str, strength: float, dtype: torch.dtype) -> torch.Tensor:
         """Dense per-weight factor of one adapter in the weight's layout: 1 where kept, ``1 - strength`` elsewhere."""
         off = torch.tensor(1.0 - strength, dtype=dtype) if strength < 1.0 else torch.tensor(0, dtype=dtype)
@@ -239,6 +191,7 @@ class WeightEngine:
         Only dropped entries are written, by index; the original values of the entries changed are kept, in the
         weight's dtype, with their flat indices, for an exact restore.
         """
+        self.notice_writes()
         weight = self.get_base_weight()
         if weight.device.type == "meta" or any(self.persona_mask_bits[n].device.type == "meta" for n, *_ in target):
             self._in_effect = ()  # nothing written; applied once the weights are real
@@ -249,23 +202,27 @@ class WeightEngine:
         flat = weight.view(-1)
         if self.persona_dropped_index is not None:
             flat.index_copy_(0, self.persona_dropped_index, self.persona_dropped)
-            self.persona_dropped_index = self.persona_dropped = None
+            self._set_stash(None, None)
         plan = self._plan(target)
         if plan:
-            index = self._dropped_index(plan)
-            stash = flat.index_select(0, index)
+            index, stash = self._dropped_record(plan, flat)
             if all(s == 1.0 for _, s in plan):
                 flat.index_fill_(0, index, 0)
             else:
                 flat.index_copy_(0, index, self._scaled(stash, index, plan))
-            self.persona_dropped, self.persona_dropped_index = stash, index
+            self._set_stash(stash, index)
         self._in_effect = target
+
+    def _set_stash(self, values: torch.Tensor | None, index: torch.Tensor | None) -> None:
+        """Set ``persona_dropped`` and ``persona_dropped_index`` (registered buffers) without ``Module.__setattr__``'s
+        checks, which cost a tenth of a switch over a model's layers."""
+        self._buffers["persona_dropped"], self._buffers["persona_dropped_index"] = values, index
 
     def _transition_from_copy(self, weight: torch.Tensor, target: tuple) -> None:
         """:meth:`_transition` with ``keep_original``: rewrite the weight from the dense original copy."""
         if self.persona_original is None:
             self.persona_original = self.original_weight()
-            self.persona_dropped = self.persona_dropped_index = None
+            self._set_stash(None, None)
         plan = self._plan(target)
         if not plan:
             weight.copy_(self.persona_original)
@@ -293,6 +250,7 @@ class WeightEngine:
     # ------------------------------------------------------------------------------------------ reading it
     def original_weight(self) -> torch.Tensor:
         """A copy of the base weight as loaded, without any adapter (in the weight's own layout)."""
+        self.notice_writes()
         if self.persona_original is not None:
             return self.persona_original.clone()
         weight = self.get_base_weight().detach().clone()
@@ -311,6 +269,7 @@ class WeightEngine:
         """:meth:`effective_weight` for a mixed batch; kept for the next call with ``cache_mixed``."""
         if not self.cache_mixed:
             return self.effective_weight(adapters)
+        self.notice_writes()
         key = tuple((self.persona_strength[n], *self._mask_key(n)) for n in adapters)
         cached = self._mixed_cache.get(tuple(adapters))
         if cached is None or cached[0] != key:  # a changed mask or strength replaces the entry
@@ -336,11 +295,6 @@ class WeightEngine:
             else:
                 expected = expected * self.factors(name, strength, expected.dtype)
         return expected
-
-
-def version(tensor: torch.Tensor) -> int:
-    """``tensor``'s in-place write counter; -1 for an inference tensor, which keeps none."""
-    return -1 if tensor.is_inference() else tensor._version
 
 
 def disarm_before_state_dict(layer: Any, prefix: str, keep_vars: bool) -> None:

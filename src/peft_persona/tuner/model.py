@@ -136,6 +136,30 @@ class PersonaMaskModel(BaseTuner):
         for param in model.parameters():
             param.requires_grad_(False)
 
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``; without accelerate hooks on the model, minus its per-layer onload context,
+        which costs more than the merge itself (a merge of the active adapter writes nothing)."""
+        if self._has_accelerate_hooks():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            return
+        self._check_merge_allowed()
+        for layer in self._tuner_layers():
+            layer.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's ``unmerge_adapter``, with :meth:`merge_adapter`'s fast path."""
+        if self._has_accelerate_hooks():
+            super().unmerge_adapter()
+            return
+        for layer in self._tuner_layers():
+            layer.unmerge()
+
+    def _tuner_layers(self) -> list[BaseTunerLayer]:
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def _has_accelerate_hooks(self) -> bool:
+        return any("_hf_hook" in m.__dict__ for m in self.model.modules())
+
     # ------------------------------------------------------------------------------------ mask operations
     def get_masks(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The ``bool`` masks of ``adapter_name`` by module name. See :func:`get_masks`."""
