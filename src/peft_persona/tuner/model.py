@@ -274,8 +274,8 @@ def set_weight_mode(
     """Set how every persona mask layer of ``model`` holds ``W_eff`` (``None`` keeps a switch as it is).
 
     ``in_place`` (default ``True``) writes ``W_eff`` into the base weight, with an exact restore; ``False`` computes
-    it apart in every forward. ``keep_original`` (default ``False``) keeps a dense copy of the original weight, for
-    faster switching at the cost of one more copy. ``cache_mixed`` (default ``False``) keeps the ``W_eff`` that
+    it apart in every forward. ``keep_original`` (default ``False``) keeps a dense copy of the original weight and
+    switches from it, at the cost of one more copy (about as fast as the default's switching records). ``cache_mixed`` (default ``False``) keeps the ``W_eff`` that
     mixed-persona batches (``adapter_names=``) build, one dense copy per adapter used there, so that mixed decoding
     does not rebuild it per call. The weights follow at once; layers injected into the model later take the model's
     switches. See :mod:`peft_persona.tuner.engine`.
