@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
 from peft import PeftModel
 
 import peft_persona as pp
-from conftest import MODEL_FACTORIES, random_masks
+from conftest import MODEL_FACTORIES, VOCAB, random_masks
 from peft_persona.tuner import mask_layers
+from peft_persona.tuner.engine import SPARSE_MIXED_MAX_TOKENS
 
 ROWS = ["extro", "intro", "__base__", "extro", "intro", "extro"]
 
@@ -150,12 +152,13 @@ def test_mixed_batch_leaves_the_active_adapter_alone(tmp_path):
         assert torch.equal(model(tokens).logits, before)
 
 
-def test_cache_mixed_keeps_each_adapters_weight_and_drops_it_when_the_mask_changes(tokens):
+def test_cache_mixed_keeps_each_adapters_weight_and_drops_it_when_the_mask_changes():
+    """Groups above SPARSE_MIXED_MAX_TOKENS tokens (prefill): the other adapter's dense W_eff, kept, bit-equal."""
     from peft_persona.tuner import set_weight_mode
 
     model = peft_model("llama")
     rows = ["extro", "intro"]
-    tokens = tokens[:2]
+    tokens = torch.randint(3, VOCAB, (2, SPARSE_MIXED_MAX_TOKENS + 1), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = model(tokens, adapter_names=rows).logits
     set_weight_mode(model, cache_mixed=True)
@@ -173,3 +176,38 @@ def test_cache_mixed_keeps_each_adapters_weight_and_drops_it_when_the_mask_chang
     assert layer._mixed_cache[("intro",)][1] is not kept[("intro",)][1]
     set_weight_mode(model, cache_mixed=False)
     assert not layer._mixed_cache
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_cache_mixed_decodes_with_the_sparse_difference_to_the_weight_in_effect(arch):
+    """Groups of at most SPARSE_MIXED_MAX_TOKENS tokens (decoding), float32, no grad: the weight in effect's output
+    plus W_eff(other) - W_eff(in effect) as a sparse CSR matrix holding exactly the entries where they differ."""
+    from peft_persona.tuner import set_weight_mode
+
+    factory = MODEL_FACTORIES[arch]
+    model = pp.add_mask_adapter(factory(0), random_masks(factory(0), 1, keep=0.8), "extro")
+    pp.add_mask_adapter(model, random_masks(factory(0), 2, keep=0.8), "intro")
+    pp.add_mask_adapter(model, random_masks(factory(0), 3, keep=0.3), "far")  # differs from extro in over half
+    model.eval().set_adapter("extro")
+    rows = ["extro", "intro", "__base__", "intro", "far"]
+    tokens = torch.randint(3, VOCAB, (5, 3), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = model(tokens, adapter_names=rows).logits
+    set_weight_mode(model, cache_mixed=True)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model(tokens, adapter_names=rows).logits
+        again = model(tokens, adapter_names=rows).logits
+    assert not [w for w in caught if "Sparse" in str(w.message)]  # torch's sparse beta and invariant notices
+    assert torch.allclose(got, plain, rtol=0, atol=1e-5) and torch.equal(got, again)
+    for layer in mask_layers(model).values():
+        differences = {k: v for k, v in layer._mixed_cache.items() if k[0] == "difference"}
+        assert set(differences) == {("difference", "intro"), ("difference",), ("difference", "far")}
+        assert differences[("difference", "far")][1] is None and ("far",) in layer._mixed_cache  # dense serves
+        sparse = differences[("difference", "intro")][1]
+        assert sparse.layout == torch.sparse_csr and sparse.col_indices().dtype == torch.int32
+        want = layer.effective_weight(["intro"]) - layer.effective_weight(["extro"])
+        want = want.T if layer.fan_in_fan_out else want
+        assert torch.equal(sparse.to_dense(), want) and sparse.values().numel() == int(torch.count_nonzero(want))
+    with torch.enable_grad():  # under grad the dense path serves
+        assert torch.allclose(model(tokens, adapter_names=rows).logits, plain, rtol=0, atol=1e-5)

@@ -27,15 +27,19 @@ and changed with :meth:`WeightEngine.set_weight_mode` (for a whole model, :func:
   the smallest memory (no per-weight state but the masks);
 * ``keep_original`` (default ``False``): keep a dense copy of the original weight and rewrite the weight from it:
   one more copy of the weight;
-* ``cache_mixed`` (default ``False``): keep each adapter's ``W_eff`` once a mixed-persona batch (``adapter_names=``)
-  has built it, so that later mixed calls (decoding) do not rebuild it: one dense copy of the weight per adapter
-  used in mixed batches.
+* ``cache_mixed`` (default ``False``): keep what a mixed-persona batch (``adapter_names=``) builds for each adapter
+  other than the one in effect, so that later mixed calls do not rebuild it: for groups of at most
+  :data:`SPARSE_MIXED_MAX_TOKENS` tokens (decoding) in float32/64 without grad, the *difference* to the weight in
+  effect as a sparse CSR matrix (8 bytes per entry where the two differ; used only where that is under half the
+  dense bytes), so that those rows cost the weight in effect's matmul plus a sparse one; for larger groups, its dense
+  ``W_eff`` (one copy of the weight per adapter used there).
 
 Switching records and writes by others: :mod:`.records`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +50,10 @@ from ..bits import byte_table, unpack_mask, unpack_to
 from .records import SwitchRecords, version
 
 DEFAULT_WEIGHT_MODE: dict[str, bool] = {"in_place": True, "keep_original": False, "cache_mixed": False}
+# up to this many tokens of one adapter, a mixed batch adds a sparse difference to the weight in effect's output
+# instead of a dense matmul with its own W_eff (on 100M shapes, CPU: 4x faster at 2 tokens, even at 32, 1.4x slower
+# at 128), so that decoding after a short prompt never builds the dense W_eff
+SPARSE_MIXED_MAX_TOKENS = 32
 
 
 class WeightEngine(SwitchRecords):
@@ -274,6 +282,36 @@ class WeightEngine(SwitchRecords):
         cached = self._mixed_cache.get(tuple(adapters))
         if cached is None or cached[0] != key:  # a changed mask or strength replaces the entry
             cached = self._mixed_cache[tuple(adapters)] = (key, self.effective_weight(adapters))
+        return cached[1]
+
+    def mixed_difference(self, adapters: Sequence[str]) -> torch.Tensor | None:
+        """With ``cache_mixed``, a float32/64 weight and no grad: ``W_eff(adapters)`` minus the ``W_eff`` the weight
+        holds, as a cached sparse CSR ``(out, in)`` matrix with ``int32`` indices; ``None`` where that is not under
+        half the dense bytes (or those conditions fail), and the dense :meth:`mixed_weight` serves."""
+        weight = self.base_layer.weight
+        if not self.cache_mixed or torch.is_grad_enabled() or weight.dtype not in (torch.float32, torch.float64):
+            return None
+        self.notice_writes()
+        current = [n for n, *_ in self._in_effect]
+        key = (self._in_effect, tuple((self.persona_strength[n], *self._mask_key(n)) for n in adapters))
+        cached = self._mixed_cache.get(("difference", *adapters))
+        if cached is None or cached[0] != key:
+            difference = self.effective_weight(adapters) - self.effective_weight(current)
+            if self.fan_in_fan_out:
+                difference = difference.T
+            sparse = None
+            if 2 * int(torch.count_nonzero(difference)) < difference.numel():
+                with warnings.catch_warnings():  # torch's "in beta state" notice, once per process
+                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                    csr = difference.to_sparse_csr()
+                    sparse = torch.sparse_csr_tensor(
+                        csr.crow_indices().int(),
+                        csr.col_indices().int(),
+                        csr.values(),
+                        csr.shape,
+                        check_invariants=False,
+                    )
+            cached = self._mixed_cache[("difference", *adapters)] = (key, sparse)
         return cached[1]
 
     def functional_weight(self) -> torch.Tensor:

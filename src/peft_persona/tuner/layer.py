@@ -9,6 +9,7 @@ through :mod:`.stats_format`.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from ..selection import ChannelSelection
 from ..targets import is_conv1d, oriented_weight
 from .engine import (
     DEFAULT_WEIGHT_MODE,
+    SPARSE_MIXED_MAX_TOKENS,
     WeightEngine,
     disarm_before_load,
     disarm_before_state_dict,
@@ -289,28 +291,67 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
             )
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
-        """One matmul per distinct adapter in the batch, each on its own rows (see :mod:`.mixed`)."""
+        """One matmul per distinct adapter in the batch, each on its own rows (see :mod:`.mixed`); with
+        ``cache_mixed``, small groups add a sparse difference to the weight in effect's output instead."""
         base = self.get_base_layer()
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter_names):
-            groups.setdefault(name, []).append(row)
         current = [n for n, *_ in self._in_effect]
-        result = None
-        for name, rows in groups.items():
-            index = torch.tensor(rows, device=x.device)
-            wanted = [] if name == BASE_ADAPTER or name not in self.persona_mask_bits else [name]
+        groups = {
+            name: ([] if name == BASE_ADAPTER or name not in self.persona_mask_bits else [name], rows)
+            for name, rows in row_groups(tuple(adapter_names)).items()
+        }
+        tokens_per_row = x[0].numel() // x.shape[-1] if len(x) else 0
+        differences = {}
+        for name, (wanted, rows) in groups.items():
+            if wanted != current and rows_count(rows) * tokens_per_row <= SPARSE_MIXED_MAX_TOKENS:
+                difference = self.mixed_difference(wanted)
+                if difference is not None:
+                    differences[name] = difference
+        result = base(x) if differences else None  # every row under the weight in effect, corrected below
+        for name, (wanted, rows) in groups.items():
+            if isinstance(rows, list):
+                rows = torch.tensor(rows, device=x.device)
+            if name in differences:
+                inputs = x[rows].reshape(-1, x.shape[-1]).T.contiguous()  # (in, tokens): CSR @ dense, contiguous
+                correction = (differences[name] @ inputs).T.reshape(-1, *result.shape[1:]).to(result.dtype)
+                if isinstance(rows, slice):
+                    result[rows] += correction
+                else:
+                    result.index_add_(0, rows, correction)
+                continue
             if [n for n in wanted if self.persona_strength[n] > 0] == current:
-                out = base(x[index])
+                if differences:
+                    continue  # already in ``result``
+                out = base(x[rows].contiguous())  # a strided slice is a view; GPT-2's Conv1D views its input
             else:
                 weight = self.mixed_weight(wanted)
-                out = F.linear(x[index], weight.T if self.fan_in_fan_out else weight, base.bias)
+                out = F.linear(x[rows], weight.T if self.fan_in_fan_out else weight, base.bias)
             if result is None:
                 result = out.new_empty((len(adapter_names), *out.shape[1:]))
-            result[index] = out
+            result[rows] = out
         return result
 
     def __repr__(self) -> str:
         return "persona_mask." + super().__repr__()
+
+
+@functools.lru_cache(maxsize=64)
+def row_groups(adapter_names: tuple[str, ...]) -> dict[str, slice | list[int]]:
+    """The rows of each adapter in a mixed batch: a ``slice`` where they are evenly spaced (a view, no gather)."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(adapter_names):
+        groups.setdefault(name, []).append(row)
+    return {name: as_slice(rows) for name, rows in groups.items()}
+
+
+def as_slice(rows: list[int]) -> slice | list[int]:
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    if step > 0 and rows == list(range(rows[0], rows[-1] + 1, step)):
+        return slice(rows[0], rows[-1] + 1, step)
+    return rows
+
+
+def rows_count(rows: slice | list[int]) -> int:
+    return len(range(rows.start, rows.stop, rows.step)) if isinstance(rows, slice) else len(rows)
 
 
 def check_adapter_strength(strength: Any, adapter_name: str) -> float:

@@ -275,9 +275,10 @@ def set_weight_mode(
 
     ``in_place`` (default ``True``) writes ``W_eff`` into the base weight, with an exact restore; ``False`` computes
     it apart in every forward. ``keep_original`` (default ``False``) keeps a dense copy of the original weight and
-    switches from it, at the cost of one more copy (about as fast as the default's switching records). ``cache_mixed`` (default ``False``) keeps the ``W_eff`` that
-    mixed-persona batches (``adapter_names=``) build, one dense copy per adapter used there, so that mixed decoding
-    does not rebuild it per call. The weights follow at once; layers injected into the model later take the model's
+    switches from it, at the cost of one more copy (about as fast as the default's switching records).
+    ``cache_mixed`` (default ``False``) keeps what mixed-persona batches (``adapter_names=``) build for each adapter
+    used there: for decoding, its sparse difference to the weight in effect; for larger groups, its dense ``W_eff``.
+    The weights follow at once; layers injected into the model later take the model's
     switches. See :mod:`peft_persona.tuner.engine`.
     """
     layers = mask_layers(model)
