@@ -1,11 +1,13 @@
 """Serving costs of persona masks beside PEFT LoRA r=16: adapter switching time and resident memory per adapter.
 
-    python benchmarks/bench_serving.py [--config 100M] [--repeats 5] [--threads 2]
+    python benchmarks/bench_serving.py [--config 100M] [--repeats 5] [--threads 2] [--processes 1] [--index-ops]
 
 Switching: ``set_adapter`` between two loaded adapters, alone and followed by one single-token forward, against a
-plain copy of the targeted weights (one pass over them) and against the forward alone. Memory: peak-free RSS of a
-fresh process holding the model and 1, 2, 4 or 8 adapters, each of them made active once (so that each keeps its
-switching record), minus that of the model alone (each count its own process).
+plain copy of the targeted weights (one pass over them) and against the forward alone. ``--processes N`` times the
+switch table again in N - 1 fresh processes and prints each ratio's spread (the copy's speed differs between
+processes). ``--index-ops``: the index operations a switch is made of, on the same weights, against the copy.
+Memory: peak-free RSS of a fresh process holding the model and 1, 2, 4 or 8 adapters, each of them made active once
+(so that each keeps its switching record), minus that of the model alone (each count its own process).
 Prints markdown tables; docs/benchmarks.md records them.
 """
 
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -126,7 +129,74 @@ def memory_table(config: str) -> str:
     return markdown_table(header, rows) + note
 
 
-def switch_table(config: str, repeats: int) -> str:
+def spread_table(config: str, repeats: int, threads: int, first: dict[str, float], processes: int) -> str:
+    """Each switch ratio (to the copy) in ``processes`` processes: this one's ``first`` and fresh ones."""
+    runs = [first]
+    for _ in range(processes - 1):
+        out = subprocess.run(
+            [sys.executable, __file__, "--switch-child", config, str(repeats), str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    copy = "copy of the targeted weights"
+    rows = []
+    for name in first:
+        ratios = sorted(run[name] / run[copy] for run in runs)
+        rows.append([name, " ".join(f"{r:.2f}" for r in ratios), f"{statistics.median(ratios):.2f}"])
+    copies = ", ".join(f"{run[copy] * 1e3:.1f}" for run in runs)
+    header = ["operation", f"/ weight copy in {len(runs)} processes, sorted", "median"]
+    return markdown_table(header, rows) + f"\n\ncopy ms per process, in run order: {copies}"
+
+
+def index_ops_table(config: str, repeats: int) -> str:
+    """The writes a switch is made of, on the targeted weights with two random masks at sparsity 0.2."""
+    from peft_persona.targets import decoder_linear_modules, oriented_weight
+
+    base = random_llama(config)
+    weights = [oriented_weight(m).detach() for m in decoder_linear_modules(base).values()]
+    copies = [w.clone() for w in weights]
+    generator = torch.Generator().manual_seed(0)
+    drop_a = [torch.rand(w.numel(), generator=generator) > 0.8 for w in weights]
+    drop_b = [torch.rand(w.numel(), generator=generator) > 0.8 for w in weights]
+    index_a = [d.nonzero().squeeze(1) for d in drop_a]
+    index_b = [d.nonzero().squeeze(1) for d in drop_b]
+    values_a = [w.view(-1)[i].clone() for w, i in zip(weights, index_a, strict=True)]
+    only_a = [(a & ~b).nonzero().squeeze(1) for a, b in zip(drop_a, drop_b, strict=True)]
+    only_b = [(b & ~a).nonzero().squeeze(1) for a, b in zip(drop_a, drop_b, strict=True)]
+    values_only_a = [w.view(-1)[i].clone() for w, i in zip(weights, only_a, strict=True)]
+    bool_b = [d.view_as(w) for d, w in zip(drop_b, weights, strict=True)]
+
+    def each(fn):
+        return lambda: [
+            fn(*args)
+            for args in zip(
+                weights, copies, index_a, values_a, index_b, only_a, values_only_a, only_b, bool_b, strict=True
+            )
+        ]
+
+    functions = {
+        "copy of the targeted weights": each(lambda w, c, *_: c.copy_(w)),
+        "index_copy_ (restore)": each(lambda w, c, ia, va, *_: w.view(-1).index_copy_(0, ia, va)),
+        "index_fill_ (zero)": each(lambda w, c, ia, va, ib, *_: w.view(-1).index_fill_(0, ib, 0)),
+        "index_select (read values)": each(lambda w, c, ia, va, ib, *_: w.view(-1).index_select(0, ib)),
+        "switch writes: restore + zero": each(
+            lambda w, c, ia, va, ib, *_: w.view(-1).index_copy_(0, ia, va).index_fill_(0, ib, 0)
+        ),
+        "pair difference: restore + zero where the masks differ": each(
+            lambda w, c, ia, va, ib, oa, voa, ob, _: w.view(-1).index_copy_(0, oa, voa).index_fill_(0, ob, 0)
+        ),
+        "masked_fill_ (bool mask)": each(lambda w, *args: w.masked_fill_(args[-1], 0)),
+    }
+    with torch.no_grad():
+        t = interleaved_medians(functions, repeats)
+    copy = t["copy of the targeted weights"]
+    rows = [[name, f"{seconds * 1e3:.1f}", f"{seconds / copy:.2f}"] for name, seconds in t.items()]
+    return markdown_table(["operation (two random masks, sparsity 0.2)", "ms", "/ weight copy"], rows)
+
+
+def switch_times(config: str, repeats: int) -> dict[str, float]:
     import peft_persona  # noqa: F401 - registers the adapter type
     from peft_persona.targets import decoder_linear_modules, oriented_weight
 
@@ -176,7 +246,7 @@ def switch_table(config: str, repeats: int) -> str:
             c.copy_(w)
 
     with torch.no_grad():
-        t = interleaved_medians(
+        return interleaved_medians(
             {
                 "copy of the targeted weights": copy_weights,
                 "forward alone (1 token)": lambda: persona(tokens),
@@ -188,21 +258,22 @@ def switch_table(config: str, repeats: int) -> str:
             },
             repeats,
         )
-    rows = [
-        [name, f"{seconds * 1e3:.1f}", f"{seconds / t['copy of the targeted weights']:.2f}"]
-        for name, seconds in t.items()
-    ]
-    return markdown_table(["operation", "ms", "/ weight copy"], rows)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--switch-child":
+        torch.set_num_threads(int(sys.argv[4]))
+        print(json.dumps(switch_times(sys.argv[2], int(sys.argv[3]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="100M", choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=1, help="time the switch table in this many processes")
+    parser.add_argument("--index-ops", action="store_true", help="also time the index operations of a switch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -210,7 +281,14 @@ def main() -> None:
         f"CPU {args.threads} threads\n"
     )
     started = time.perf_counter()
-    print(switch_table(args.config, args.repeats), end="\n\n")
+    times = switch_times(args.config, args.repeats)
+    copy = times["copy of the targeted weights"]
+    rows = [[name, f"{seconds * 1e3:.1f}", f"{seconds / copy:.2f}"] for name, seconds in times.items()]
+    print(markdown_table(["operation", "ms", "/ weight copy"], rows), end="\n\n")
+    if args.processes > 1:
+        print(spread_table(args.config, args.repeats, args.threads, times, args.processes), end="\n\n")
+    if args.index_ops:
+        print(index_ops_table(args.config, args.repeats), end="\n\n")
     print(memory_table(args.config))
     print(f"\n({time.perf_counter() - started:.0f} s)")
 

@@ -297,12 +297,12 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
         current = [n for n, *_ in self._in_effect]
         groups = {
             name: ([] if name == BASE_ADAPTER or name not in self.persona_mask_bits else [name], rows)
-            for name, rows in row_groups(tuple(adapter_names)).items()
+            for name, rows in _row_groups(tuple(adapter_names)).items()
         }
         tokens_per_row = x[0].numel() // x.shape[-1] if len(x) else 0
         differences = {}
         for name, (wanted, rows) in groups.items():
-            if wanted != current and rows_count(rows) * tokens_per_row <= SPARSE_MIXED_MAX_TOKENS:
+            if wanted != current and _rows_count(rows) * tokens_per_row <= SPARSE_MIXED_MAX_TOKENS:
                 difference = self.mixed_difference(wanted)
                 if difference is not None:
                     differences[name] = difference
@@ -335,22 +335,22 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
 
 
 @functools.lru_cache(maxsize=64)
-def row_groups(adapter_names: tuple[str, ...]) -> dict[str, slice | list[int]]:
+def _row_groups(adapter_names: tuple[str, ...]) -> dict[str, slice | list[int]]:
     """The rows of each adapter in a mixed batch: a ``slice`` where they are evenly spaced (a view, no gather)."""
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(adapter_names):
         groups.setdefault(name, []).append(row)
-    return {name: as_slice(rows) for name, rows in groups.items()}
+    return {name: _as_slice(rows) for name, rows in groups.items()}
 
 
-def as_slice(rows: list[int]) -> slice | list[int]:
+def _as_slice(rows: list[int]) -> slice | list[int]:
     step = rows[1] - rows[0] if len(rows) > 1 else 1
     if step > 0 and rows == list(range(rows[0], rows[-1] + 1, step)):
         return slice(rows[0], rows[-1] + 1, step)
     return rows
 
 
-def rows_count(rows: slice | list[int]) -> int:
+def _rows_count(rows: slice | list[int]) -> int:
     return len(range(rows.start, rows.stop, rows.step)) if isinstance(rows, slice) else len(rows)
 
 

@@ -1,0 +1,70 @@
+"""Where a mixed-persona decode step goes, per layer: the persona and LoRA mixed forwards beside the plain one, and the
+sparse product that the persona path adds, in three storage formats.
+
+    python benchmarks/bench_mixed_layer.py [--config 100M] [--repeats 30] [--threads 2]
+
+The 100M model's layers with 2048 inputs (``down_proj``, one per block), one decode step of 4 rows split between two
+adapters (random masks at sparsity 0.2; LoRA r=16 on the same modules), ``cache_mixed`` on and warmed, then the
+sparse difference those layers hold (CSR, ``int32`` indices) against the same with ``int64`` indices and the dense
+product of the same two rows with the dense difference. Milliseconds per layer, medians of round-robin repeats.
+Prints a markdown table; docs/benchmarks.md records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import CONFIGS, interleaved_medians, markdown_table, random_llama
+from bench_forward import lora_model, persona_model
+from bench_serving import masks_for
+from peft.tuners.lora import Linear as LoraLinear
+
+from peft_persona.targets import decoder_linear_modules
+from peft_persona.tuner import mask_layers
+
+NAMES = ["a", "b0"] * 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="100M", choices=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = random_llama(args.config)
+    width = base.config.intermediate_size
+    persona = persona_model(base, [masks_for(base, 0), masks_for(base, 1)], cache_mixed=True)
+    lora = lora_model(base, decoder_linear_modules(base))
+    layers = [m for m in mask_layers(persona).values() if m.in_features == width]
+    lora_layers = [m for m in lora.modules() if isinstance(m, LoraLinear) and m.in_features == width]
+    x = torch.randn(4, 1, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in layers:
+            layer(x, adapter_names=NAMES)  # builds and keeps each layer's sparse difference
+        sparse32 = [layer._mixed_cache[("difference", "b0")][1] for layer in layers]
+        sparse64 = [s.to_dense().to_sparse_csr() for s in sparse32]
+        dense = [s.to_dense() for s in sparse32]
+        rows = x[1::2].reshape(-1, width).T.contiguous()
+        functions = {
+            "persona, one adapter (plain)": lambda: [m(x) for m in layers],
+            "persona mixed, cache_mixed": lambda: [m(x, adapter_names=NAMES) for m in layers],
+            "LoRA r=16, one adapter": lambda: [m(x) for m in lora_layers],
+            "LoRA r=16 mixed": lambda: [m(x, adapter_names=NAMES) for m in lora_layers],
+            "sparse difference @ 2 rows, int32 CSR (what persona mixed adds)": lambda: [s @ rows for s in sparse32],
+            "sparse difference @ 2 rows, int64 CSR": lambda: [s @ rows for s in sparse64],
+            "dense difference @ 2 rows": lambda: [d @ rows for d in dense],
+        }
+        t = interleaved_medians(functions, args.repeats)
+    density = sum(s.values().numel() for s in sparse32) / sum(d.numel() for d in dense)
+    table = [[name, f"{seconds * 1e3 / len(layers):.3f}"] for name, seconds in t.items()]
+    print(
+        f"{args.config}, {len(layers)} layers of {width} inputs, difference density {density:.3f}, "
+        f"{args.threads} threads\n"
+    )
+    print(markdown_table(["per layer, one decode step of 4 rows", "ms"], table))
+
+
+if __name__ == "__main__":
+    main()
