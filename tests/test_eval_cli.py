@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from conftest import DATA_ROOT, chat_tokenizer, tiny_llama
 from peft_persona import cli
 from peft_persona.adapter_files import adapter_dirs
@@ -160,3 +162,27 @@ def test_a_malformed_layers_is_named_before_the_model_loads(tmp_path, capsys, mo
     assert cli.main([*argv, "--data-root", str(DATA_ROOT)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("peft-persona eval: error: --layers 3-1: ") and "backwards" in err, err
+
+
+def test_eval_extract_passes_the_whole_recipe_tau_included(tmp_path, monkeypatch):
+    """``--phi sigmoid --tau 0.5`` (the recipe README recommends) reaches the extraction, not tau's default."""
+    from peft_persona import models
+    from peft_persona.commands import eval as eval_command
+    from peft_persona.eval import adapters
+
+    seen = {}
+
+    class Extracted(Exception):
+        pass
+
+    def extract_adapters(*args, **kwargs):
+        seen.update(kwargs)
+        raise Extracted
+
+    monkeypatch.setattr(adapters, "extract_adapters", extract_adapters)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (tiny_llama(0), chat_tokenizer()))
+    argv = ["eval", "--out", "o", "--adapters", str(tmp_path), "--extract", "--phi", "sigmoid", "--tau", "0.5"]
+    args = cli.build_parser().parse_args(argv)
+    with pytest.raises(Extracted):
+        eval_command.prepared_model(args, [], DATA_ROOT)
+    assert (seen["phi"], seen["tau"], seen["structure"]) == ("sigmoid", 0.5, "row")

@@ -471,7 +471,7 @@ def test_defaults_are_the_tuned_pair_everywhere():
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         by_dest = {a.dest: a for a in next(iter(sub.choices.values()))._actions}
         assert by_dest["phi"].default == DEFAULT_PHI and f"default {DEFAULT_PHI}" in by_dest["phi"].help
-        if command is extract_command:
+        if command is not tune_command:
             assert by_dest["tau"].default == DEFAULT_TAU and f"default {DEFAULT_TAU}" in by_dest["tau"].help
         if command is not tune_command:
             assert (by_dest["sparsity"].default, by_dest["strength"].default) == (DEFAULT_SPARSITY, DEFAULT_STRENGTH)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..options import DEFAULT_PHI, DEFAULT_SPARSITY, DEFAULT_STRENGTH, PHI_KINDS, STRUCTURES
+from ..options import DEFAULT_PHI, DEFAULT_SPARSITY, DEFAULT_STRENGTH, DEFAULT_TAU, PHI_KINDS, STRUCTURES
 from . import personas as persona_options
 from . import preflight
 
@@ -66,7 +66,8 @@ def register(subparsers: Any) -> None:
 
 
 def add_extract_options(parser: argparse.ArgumentParser) -> None:
-    """``--extract`` and the recipe it extracts with: sparsity, strength, method, phi, structure, target, layers."""
+    """``--extract`` and the recipe it extracts with: sparsity, strength, method, phi, tau, structure, target,
+    layers."""
     parser.add_argument(
         "--extract",
         action="store_true",
@@ -93,6 +94,12 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PHI,
         choices=PHI_KINDS,
         help=f"contrastive channel weight for --extract (default {DEFAULT_PHI})",
+    )
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=DEFAULT_TAU,
+        help=f"softplus and sigmoid temperature for --extract (default {DEFAULT_TAU})",
     )
     parser.add_argument(
         "--structure", default="row", choices=STRUCTURES, help="row, or channel (whole input channels), for --extract"
@@ -181,7 +188,13 @@ def prepared_model(args: argparse.Namespace, personas: Any, data_root: Any) -> t
             parse_layers(args.layers)
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     if args.extract and not list(Path(args.adapters).glob("*/adapter_config.json")):
-        recipe = {"phi": args.phi, "structure": args.structure, "target": args.target, "layers": args.layers}
+        recipe = {
+            "phi": args.phi,
+            "tau": args.tau,
+            "structure": args.structure,
+            "target": args.target,
+            "layers": args.layers,
+        }
         extract_adapters(
             model,
             tokenizer,
