@@ -77,3 +77,18 @@ def random_texts(n: int, vocab_size: int, min_len: int, max_len: int, seed: int 
     return [
         " ".join(f"w{int(t)}" for t in torch.randint(3, vocab_size, (int(k),), generator=generator)) for k in lengths
     ]
+
+
+def mask_pair(shapes: dict[str, tuple[int, ...]], differ: float | None, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Two random masks per shape, each dropping 20% of the entries (sparsity 0.2): independent (``differ`` None:
+    they then differ in 32% of the entries), or differing in exactly the fraction ``differ`` (at most 0.4) of them, as
+    a real pair of persona masks does (the extract command's ``overlap`` gives it: ``2 * kept * (1 - overlap)``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if differ is None:
+        return [{n: torch.rand(s, generator=generator) < 0.8 for n, s in shapes.items()} for _ in range(2)]
+    if not 0 <= differ <= 0.4:
+        raise ValueError(f"--differ must lie in [0, 0.4] for two masks at sparsity 0.2, got {differ}")
+    uniform = {n: torch.rand(s, generator=generator) for n, s in shapes.items()}
+    first = {n: u >= 0.2 for n, u in uniform.items()}
+    second = {n: ~((u < 0.2 - differ / 2) | ((u >= 0.2) & (u < 0.2 + differ / 2))) for n, u in uniform.items()}
+    return [first, second]

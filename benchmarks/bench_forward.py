@@ -1,6 +1,7 @@
 """Forward and generate speed of persona masks beside PEFT LoRA r=16 on the same modules, as ratios to the base model.
 
-    python benchmarks/bench_forward.py [--config 100M] [--repeats 10] [--threads 2] [--device cpu]
+    python benchmarks/bench_forward.py [--config 100M] [--repeats 10] [--threads 2] [--device cpu] [--differ F]
+        [--generate-only]
 
 Variants, each its own copy of one random-init Llama (nothing downloaded), timed round-robin in one run:
 
@@ -14,6 +15,10 @@ Variants, each its own copy of one random-init Llama (nothing downloaded), timed
   ``cache_mixed`` is the persona model with ``set_weight_mode(cache_mixed=True)`` (the other adapter's ``W_eff`` kept
   after the first mixed call, one more copy of the targeted weights).
 
+The two persona adapters drop 20% each, independently (they differ in 32% of the entries), or with ``--differ F``
+in exactly the fraction F of the entries, like a real pair (mixed batches with ``cache_mixed`` read that
+difference). ``--generate-only`` skips the forward table.
+
 Prints markdown tables; docs/benchmarks.md records them. On a GPU (``--device cuda``) use ``--config 7B --dtype
 bfloat16`` for the random-init 7B-shaped rows.
 """
@@ -24,7 +29,7 @@ import argparse
 import copy
 
 import torch
-from _common import CONFIGS, interleaved_medians, markdown_table, n_params, random_llama
+from _common import CONFIGS, interleaved_medians, markdown_table, mask_pair, n_params, random_llama
 from peft import LoraConfig, get_peft_model
 
 import peft_persona as pp
@@ -61,19 +66,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--differ", type=float, default=None, help="fraction of entries where the two masks differ")
+    parser.add_argument("--generate-only", action="store_true", help="only the generate table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     base = random_llama(args.config).to(args.device, dtype)
     generator = torch.Generator().manual_seed(1)
     modules = decoder_linear_modules(base)
-    masks_list = [
-        {
-            n: (torch.rand(oriented_weight(m).shape, generator=generator) < 0.8).to(args.device)
-            for n, m in modules.items()
-        }
-        for _ in range(2)
-    ]  # sparsity 0.2, the fluent regime
+    shapes = {n: tuple(oriented_weight(m).shape) for n, m in modules.items()}
+    masks_list = [  # sparsity 0.2, the fluent regime
+        {n: mask.to(args.device) for n, mask in masks.items()} for masks in mask_pair(shapes, args.differ)
+    ]
     models = {
         "base": base,
         "persona": persona_model(base, masks_list),
@@ -84,10 +88,16 @@ def main() -> None:
     cached = persona_model(base, masks_list, cache_mixed=True)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
-    print(f"{args.config}: {n_params(base) / 1e6:.1f}M parameters, {args.dtype}, {device_name}\n")
+    differ = sum(int((masks_list[0][n] != masks_list[1][n]).sum()) for n in shapes) / sum(
+        masks_list[0][n].numel() for n in shapes
+    )
+    print(
+        f"{args.config}: {n_params(base) / 1e6:.1f}M parameters, {args.dtype}, {device_name}; the two masks differ in "
+        f"{differ:.3f} of the entries\n"
+    )
 
     rows = []
-    for batch, length in SHAPES:
+    for batch, length in [] if args.generate_only else SHAPES:
         tokens = torch.randint(3, base.config.vocab_size, (batch, length), generator=generator).to(args.device)
         runs = {name: (lambda m=m, t=tokens: (m(t, use_cache=False), sync())) for name, m in models.items()}
         if batch > 1:
@@ -116,7 +126,8 @@ def main() -> None:
                     f"{t[name] / t['LoRA r=16']:.2f}",
                 ]
             )
-    print(markdown_table(["batch x tokens", "variant", "ms", "/ base", "/ LoRA unmerged"], rows))
+    if rows:
+        print(markdown_table(["batch x tokens", "variant", "ms", "/ base", "/ LoRA unmerged"], rows))
 
     prompt = torch.randint(3, base.config.vocab_size, (1, 16), generator=generator).to(args.device)
     batch4 = prompt.repeat(4, 1)

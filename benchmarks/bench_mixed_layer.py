@@ -1,10 +1,11 @@
 """Where a mixed-persona decode step goes, per layer: the persona and LoRA mixed forwards beside the plain one, and the
 sparse product that the persona path adds, in three storage formats.
 
-    python benchmarks/bench_mixed_layer.py [--config 100M] [--repeats 30] [--threads 2]
+    python benchmarks/bench_mixed_layer.py [--config 100M] [--repeats 30] [--threads 2] [--differ F]
 
 The 100M model's layers with 2048 inputs (``down_proj``, one per block), one decode step of 4 rows split between two
-adapters (random masks at sparsity 0.2; LoRA r=16 on the same modules), ``cache_mixed`` on and warmed, then the
+adapters (random masks at sparsity 0.2, independent or differing in the fraction ``--differ`` of the entries; LoRA
+r=16 on the same modules), ``cache_mixed`` on and warmed, then the
 sparse difference those layers hold (CSR, ``int32`` indices) against the same with ``int64`` indices and the dense
 product of the same two rows with the dense difference. Milliseconds per layer, medians of round-robin repeats.
 Prints a markdown table; docs/benchmarks.md records it.
@@ -15,9 +16,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import CONFIGS, interleaved_medians, markdown_table, random_llama
+from _common import CONFIGS, interleaved_medians, markdown_table, mask_pair, random_llama
 from bench_forward import lora_model, persona_model
-from bench_serving import masks_for
 from peft.tuners.lora import Linear as LoraLinear
 
 from peft_persona.targets import decoder_linear_modules
@@ -31,11 +31,15 @@ def main() -> None:
     parser.add_argument("--config", default="100M", choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--differ", type=float, default=None, help="fraction of entries where the two masks differ")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = random_llama(args.config)
     width = base.config.intermediate_size
-    persona = persona_model(base, [masks_for(base, 0), masks_for(base, 1)], cache_mixed=True)
+    from peft_persona.targets import oriented_weight
+
+    shapes = {n: tuple(oriented_weight(m).shape) for n, m in decoder_linear_modules(base).items()}
+    persona = persona_model(base, mask_pair(shapes, args.differ), cache_mixed=True)
     lora = lora_model(base, decoder_linear_modules(base))
     layers = [m for m in mask_layers(persona).values() if m.in_features == width]
     lora_layers = [m for m in lora.modules() if isinstance(m, LoraLinear) and m.in_features == width]
