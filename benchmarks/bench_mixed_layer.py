@@ -47,7 +47,7 @@ def main() -> None:
     with torch.no_grad():
         for layer in layers:
             layer(x, adapter_names=NAMES)  # builds and keeps each layer's sparse difference
-        sparse32 = [layer._mixed_cache[("difference", "b0")][1] for layer in layers]
+        sparse32 = [layer._mixed_cache[("difference", ("b0",))][1] for layer in layers]
         sparse64 = [s.to_dense().to_sparse_csr() for s in sparse32]
         dense = [s.to_dense() for s in sparse32]
         rows = x[1::2].reshape(-1, width).T.contiguous()

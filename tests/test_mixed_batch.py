@@ -202,9 +202,9 @@ def test_cache_mixed_decodes_with_the_sparse_difference_to_the_weight_in_effect(
     assert torch.allclose(got, plain, rtol=0, atol=1e-5) and torch.equal(got, again)
     for layer in mask_layers(model).values():
         differences = {k: v for k, v in layer._mixed_cache.items() if k[0] == "difference"}
-        assert set(differences) == {("difference", "intro"), ("difference",), ("difference", "far")}
-        assert differences[("difference", "far")][1] is None and ("far",) in layer._mixed_cache  # dense serves
-        sparse = differences[("difference", "intro")][1]
+        assert set(differences) == {("difference", ("intro",)), ("difference", ()), ("difference", ("far",))}
+        assert differences[("difference", ("far",))][1] is None and ("far",) in layer._mixed_cache  # dense serves
+        sparse = differences[("difference", ("intro",))][1]
         assert sparse.layout == torch.sparse_csr and sparse.col_indices().dtype == torch.int32
         want = layer.effective_weight(["intro"]) - layer.effective_weight(["extro"])
         want = want.T if layer.fan_in_fan_out else want

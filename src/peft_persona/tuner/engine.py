@@ -77,7 +77,8 @@ class WeightEngine(SwitchRecords):
         self.register_buffer("persona_dropped", None, persistent=False)
         self._in_effect: tuple = ()  # what the base weight holds, as :meth:`effect` gives it
         self.init_records()
-        self._mixed_cache: dict[tuple, tuple] = {}  # adapters -> (masks key, W_eff), with cache_mixed
+        # with cache_mixed: adapters -> (masks key, W_eff); ("difference", adapters) -> (key, sparse difference)
+        self._mixed_cache: dict[tuple, tuple] = {}
         self.in_place, self.keep_original, self.cache_mixed = bool(in_place), bool(keep_original), bool(cache_mixed)
 
     def set_weight_mode(
@@ -294,7 +295,7 @@ class WeightEngine(SwitchRecords):
         self.notice_writes()
         current = [n for n, *_ in self._in_effect]
         key = (self._in_effect, tuple((self.persona_strength[n], *self._mask_key(n)) for n in adapters))
-        cached = self._mixed_cache.get(("difference", *adapters))
+        cached = self._mixed_cache.get(("difference", tuple(adapters)))
         if cached is None or cached[0] != key:
             difference = self.effective_weight(adapters) - self.effective_weight(current)
             if self.fan_in_fan_out:
@@ -311,7 +312,7 @@ class WeightEngine(SwitchRecords):
                         csr.shape,
                         check_invariants=False,
                     )
-            cached = self._mixed_cache[("difference", *adapters)] = (key, sparse)
+            cached = self._mixed_cache[("difference", tuple(adapters))] = (key, sparse)
         return cached[1]
 
     def functional_weight(self) -> torch.Tensor:
