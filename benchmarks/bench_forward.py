@@ -12,8 +12,9 @@ Variants, each its own copy of one random-init Llama (nothing downloaded), timed
 * ``persona merged``: ``merge_adapter()``, the paper code's approach (the pruned weights, no way back but a copy);
 * ``LoRA r=16``: PEFT LoRA, unmerged, on the same modules;
 * ``mixed``: a batch whose rows are split between two adapters (``adapter_names=``), persona and LoRA alike;
-  ``cache_mixed`` is the persona model with ``set_weight_mode(cache_mixed=True)`` (the other adapter's ``W_eff`` kept
-  after the first mixed call, one more copy of the targeted weights).
+  ``cache_mixed`` is the persona model with ``set_weight_mode(cache_mixed=True)`` (what the first mixed call builds
+  for the other adapter is kept: its sparse difference to the weight in effect for groups of at most 32 tokens,
+  its dense ``W_eff`` for larger ones).
 
 The two persona adapters drop 20% each, independently (they differ in 32% of the entries), or with ``--differ F``
 in exactly the fraction F of the entries, like a real pair (mixed batches with ``cache_mixed`` read that
