@@ -1,7 +1,7 @@
 """Forward and generate speed of persona masks beside PEFT LoRA r=16 on the same modules, as ratios to the base model.
 
     python benchmarks/bench_forward.py [--config 100M] [--repeats 10] [--threads 2] [--device cpu] [--differ F]
-        [--generate-only]
+        [--generate-only] [--pair DIR]
 
 Variants, each its own copy of one random-init Llama (nothing downloaded), timed round-robin in one run:
 
@@ -18,7 +18,8 @@ Variants, each its own copy of one random-init Llama (nothing downloaded), timed
 
 The two persona adapters drop 20% each, independently (they differ in 32% of the entries), or with ``--differ F``
 in exactly the fraction F of the entries, like a real pair (mixed batches with ``cache_mixed`` read that
-difference). ``--generate-only`` skips the forward table.
+difference). ``--pair DIR``: the embedded SmolLM2-135M-Instruct instead, with the two adapters an ``extract`` run
+saved in ``DIR`` (a real pair). ``--generate-only`` skips the forward table.
 
 Prints markdown tables; docs/benchmarks.md records them. On a GPU (``--device cuda``) use ``--config 7B --dtype
 bfloat16`` for the random-init 7B-shaped rows.
@@ -59,6 +60,28 @@ def lora_model(base, modules):
     return model.eval()
 
 
+def embedded_model() -> torch.nn.Module:
+    from peft_persona.models import load_model
+
+    return load_model()[0].eval()
+
+
+def saved_pair(base: torch.nn.Module, folder: str) -> list[dict[str, torch.Tensor]]:
+    """The masks of the two adapters an ``extract`` run saved in ``folder`` (in its subfolders' order)."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from peft_persona.tuner import get_masks
+
+    names = sorted(p.parent.name for p in Path(folder).glob("*/adapter_config.json"))
+    if len(names) != 2:
+        raise SystemExit(f"--pair {folder}: expected two adapter folders, found {names}")
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(Path(folder) / names[0]), adapter_name=names[0])
+    model.load_adapter(str(Path(folder) / names[1]), adapter_name=names[1])
+    return [get_masks(model, n) for n in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="100M", choices=sorted(CONFIGS))
@@ -69,15 +92,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--differ", type=float, default=None, help="fraction of entries where the two masks differ")
     parser.add_argument("--generate-only", action="store_true", help="only the generate table")
+    parser.add_argument("--pair", default=None, help="folder of an extract run: its two adapters on SmolLM2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    base = random_llama(args.config).to(args.device, dtype)
+    base = (random_llama(args.config) if args.pair is None else embedded_model()).to(args.device, dtype)
     generator = torch.Generator().manual_seed(1)
     modules = decoder_linear_modules(base)
     shapes = {n: tuple(oriented_weight(m).shape) for n, m in modules.items()}
     masks_list = [  # sparsity 0.2, the fluent regime
-        {n: mask.to(args.device) for n, mask in masks.items()} for masks in mask_pair(shapes, args.differ)
+        {n: mask.to(args.device) for n, mask in masks.items()}
+        for masks in (mask_pair(shapes, args.differ) if args.pair is None else saved_pair(base, args.pair))
     ]
     models = {
         "base": base,
@@ -93,7 +118,8 @@ def main() -> None:
         masks_list[0][n].numel() for n in shapes
     )
     print(
-        f"{args.config}: {n_params(base) / 1e6:.1f}M parameters, {args.dtype}, {device_name}; the two masks differ in "
+        f"{args.config if args.pair is None else 'SmolLM2-135M-Instruct, pair ' + args.pair}: "
+        f"{n_params(base) / 1e6:.1f}M parameters, {args.dtype}, {device_name}; the two masks differ in "
         f"{differ:.3f} of the entries\n"
     )
 
