@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CONFIGS, interleaved_medians, markdown_table, n_params, random_llama
+from _common import CONFIGS, interleaved_medians, markdown_table, mask_pair, n_params, random_llama
 
 COUNTS = (1, 2, 4, 8)
 
@@ -157,9 +157,9 @@ def index_ops_table(config: str, repeats: int) -> str:
     base = random_llama(config)
     weights = [oriented_weight(m).detach() for m in decoder_linear_modules(base).values()]
     copies = [w.clone() for w in weights]
-    generator = torch.Generator().manual_seed(0)
-    drop_a = [torch.rand(w.numel(), generator=generator) > 0.8 for w in weights]
-    drop_b = [torch.rand(w.numel(), generator=generator) > 0.8 for w in weights]
+    kept_a, kept_b = mask_pair({str(i): tuple(w.shape) for i, w in enumerate(weights)}, None, seed=0)
+    drop_a = [~kept_a[str(i)].view(-1) for i in range(len(weights))]
+    drop_b = [~kept_b[str(i)].view(-1) for i in range(len(weights))]
     index_a = [d.nonzero().squeeze(1) for d in drop_a]
     index_b = [d.nonzero().squeeze(1) for d in drop_b]
     values_a = [w.view(-1)[i].clone() for w, i in zip(weights, index_a, strict=True)]

@@ -96,8 +96,11 @@ def best_mask(state: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
     pool = passing or {a: t for a, t in masks.items() if t["within_budget"]} or masks
     if not pool:
         return None
-    mean = lambda item: (item[1]["formats"].get(PRIMARY, {}).get("switch") or {}).get("mean", float("-inf"))  # noqa: E731
-    return max(pool.items(), key=mean)
+    return max(pool.items(), key=lambda item: _switch_mean(item[1]))
+
+
+def _switch_mean(tested: Mapping[str, Any]) -> float:
+    return (tested["formats"].get(PRIMARY, {}).get("switch") or {}).get("mean", float("-inf"))
 
 
 def headline(models: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:

@@ -342,9 +342,9 @@ def disarm_before_state_dict(layer: Any, prefix: str, keep_vars: bool) -> None:
 
 
 def disarm_before_load(layer: Any, *args: Any) -> None:
-    """``load_state_dict`` pre hook: weights are loaded over the original, not over the active adapters' product."""
+    """``load_state_dict`` pre hook: weights are loaded over the original, not over the active adapters' product
+    (what was derived from the old weights is dropped by :meth:`~.records.SwitchRecords.notice_writes`)."""
     layer.disarm()
-    layer._mixed_cache.clear()
 
 
 def sync_after_load(layer: Any, incompatible_keys: Any) -> None:

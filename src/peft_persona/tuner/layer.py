@@ -295,10 +295,10 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
         ``cache_mixed``, small groups add a sparse difference to the weight in effect's output instead."""
         base = self.get_base_layer()
         current = [n for n, *_ in self._in_effect]
-        groups = {
-            name: ([] if name == BASE_ADAPTER or name not in self.persona_mask_bits else [name], rows)
-            for name, rows in _row_groups(tuple(adapter_names)).items()
-        }
+        groups = {}  # each group's acting adapter (none for ``__base__`` or at strength 0) and rows
+        for name, rows in _row_groups(tuple(adapter_names)).items():
+            acts = name != BASE_ADAPTER and name in self.persona_mask_bits and self.persona_strength[name] > 0
+            groups[name] = ([name] if acts else [], rows)
         tokens_per_row = x[0].numel() // x.shape[-1] if len(x) else 0
         differences = {}
         for name, (wanted, rows) in groups.items():
@@ -308,6 +308,8 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
                     differences[name] = difference
         result = base(x) if differences else None  # every row under the weight in effect, corrected below
         for name, (wanted, rows) in groups.items():
+            if differences and wanted == current:
+                continue  # already in ``result``
             if isinstance(rows, list):
                 rows = torch.tensor(rows, device=x.device)
             if name in differences:
@@ -318,9 +320,7 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
                 else:
                     result.index_add_(0, rows, correction)
                 continue
-            if [n for n in wanted if self.persona_strength[n] > 0] == current:
-                if differences:
-                    continue  # already in ``result``
+            if wanted == current:
                 out = base(x[rows].contiguous())  # a strided slice is a view; GPT-2's Conv1D views its input
             else:
                 weight = self.mixed_weight(wanted)
