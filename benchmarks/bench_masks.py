@@ -1,15 +1,16 @@
 """Mask selection time against one copy of the weights: SmolLM2-135M shapes (all 30 blocks, 210 matrices) against the
-paper code's loop, then 7B-shaped matrices (one block's 4096 x 4096, 11008 x 4096 and 4096 x 11008) selected in blocks
-of rows as extraction does.
+paper code's loop, then 7B-shaped matrices (one block's 4096 x 4096, 11008 x 4096 and 4096 x 11008) selected as
+extraction does.
 
     python benchmarks/bench_masks.py [--threads 2] [--repeats 3] [--real] [--no-7b]
 
 Baselines, written from the paper code's description: a Python loop over rows calling ``torch.topk`` per row, and
 one whole-matrix ``torch.topk``. Floor: one plain copy of the weights (``clone``, memory-bound; for the 7B shapes it
-includes the first touch of the fresh 64-180 MB outputs, so a copy into tensors already touched is shown too). Ours
-keeps the exact tie rule (lower column index; for contrastive, the persona's own Wanda score first). Weights are
-random unless ``--real`` (SmolLM2-135M-Instruct's own, from the embedded GGUF); statistics are random: selection
-time depends little on them.
+includes the first touch of the fresh 64-180 MB outputs, so a copy into tensors already touched is shown too).
+Ours is ``select_by_channels``, as extraction calls it, with the numba kernels (the ``fast`` extra) where installed
+and in eager PyTorch; both keep the exact tie rule (lower column index; for contrastive, the persona's own Wanda
+score first). Weights are random unless ``--real`` (SmolLM2-135M-Instruct's own, from the embedded GGUF);
+statistics are random: selection time depends little on them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import torch
 from _common import interleaved_medians, markdown_table
 
-from peft_persona import selection
+from peft_persona import fast_select, selection
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
@@ -40,6 +41,27 @@ def smollm2_weights(real: bool, generator: torch.Generator) -> list[torch.Tensor
             weights.append(module.weight.detach().float().clone())
     assert [tuple(w.shape) for w in weights] == SHAPES
     return weights
+
+
+def ours_rows(ours, args: argparse.Namespace, prefix: str = "ours, ") -> dict:
+    """Selection as extraction runs it (``select_by_channels``, exact ties; contrastive breaks its ties by the
+    persona's own Wanda score), with the numba kernels where installed and in eager PyTorch."""
+    rows = {}
+    paths = [("numba kernel", None)] if fast_select.enabled() and args.device == "cpu" else []
+    paths.append(("eager PyTorch", fast_select.eager))
+    for path, context in paths:
+        for method, contrastive in (("wanda", False), ("contrastive", True)):
+            run = ours(contrastive)
+            rows[f"{prefix}{method} ({path})"] = run if context is None else _within(context, run)
+    return rows
+
+
+def _within(context, run):
+    def wrapped():
+        with context():
+            run()
+
+    return wrapped
 
 
 def timed(functions: dict, args: argparse.Namespace) -> dict[str, float]:
@@ -73,27 +95,34 @@ def smollm2_table(args: argparse.Namespace, generator: torch.Generator) -> None:
                 selection.channel_scores(w, n), selection.kept_per_row(w.shape[1], args.sparsity)
             )
 
-    def ours_wanda():
-        for w, n in zip(weights, norms, strict=True):
-            keys = selection.order_keys(selection.channel_scores(w, n))
-            selection.select_top_per_row(keys, selection.kept_per_row(w.shape[1], args.sparsity))
+    def ours(contrastive: bool):
+        def run():
+            for w, n, zz in zip(weights, norms, z, strict=True):
+                k = selection.kept_per_row(w.shape[1], args.sparsity)
+                if contrastive:
+                    selection.select_by_channels(w, k, zz.clamp_min(0), n)
+                else:
+                    selection.select_by_channels(w, k, n)
 
-    def ours_contrastive():
-        for w, n, zz in zip(weights, norms, z, strict=True):
-            primary, secondary = selection.channel_scores(w, zz.clamp_min(0)), selection.channel_scores(w, n)
-            selection.select_lexicographic(primary, secondary, selection.kept_per_row(w.shape[1], args.sparsity))
+        return run
 
     def copy_floor():
         for w in weights:
             w.clone()
 
+    buffers = [torch.empty_like(w) for w in weights]
+
+    def copy_into_buffers():
+        for w, buffer in zip(weights, buffers, strict=True):
+            buffer.copy_(w)
+
     times = timed(
         {
             "per-row topk loop (paper code)": per_row_loop,
             "whole-matrix topk": whole_topk,
-            "ours, wanda (exact ties)": ours_wanda,
-            "ours, contrastive (exact ties, 2 keys)": ours_contrastive,
+            **ours_rows(ours, args),
             "one copy of the weights": copy_floor,
+            "copy into allocated tensors": copy_into_buffers,
         },
         args,
     )
@@ -112,13 +141,16 @@ def seven_b_table(args: argparse.Namespace, generator: torch.Generator) -> None:
     norms = [torch.rand(s[1], generator=generator).to(args.device) for s in SHAPES_7B]
     z = [torch.randn(s[1], generator=generator).to(args.device) for s in SHAPES_7B]
 
-    def wanda():
-        for w, n in zip(weights, norms, strict=True):
-            selection.select_by_channels(w, selection.kept_per_row(w.shape[1], args.sparsity), n)
+    def ours(contrastive: bool):
+        def run():
+            for w, n, zz in zip(weights, norms, z, strict=True):
+                k = selection.kept_per_row(w.shape[1], args.sparsity)
+                if contrastive:
+                    selection.select_by_channels(w, k, zz.clamp_min(0), n)
+                else:
+                    selection.select_by_channels(w, k, n)
 
-    def contrastive():
-        for w, n, zz in zip(weights, norms, z, strict=True):
-            selection.select_by_channels(w, selection.kept_per_row(w.shape[1], args.sparsity), zz.clamp_min(0), n)
+        return run
 
     def copy_floor():
         for w in weights:
@@ -132,8 +164,7 @@ def seven_b_table(args: argparse.Namespace, generator: torch.Generator) -> None:
 
     times = timed(
         {
-            "wanda": wanda,
-            "contrastive": contrastive,
+            **ours_rows(ours, args, prefix=""),
             "one copy of the weights": copy_floor,
             "copy into allocated tensors (no page faults)": copy_into_buffers,
         },
@@ -143,7 +174,7 @@ def seven_b_table(args: argparse.Namespace, generator: torch.Generator) -> None:
     rows = [[name, f"{t:.3f}", f"{t / floor:.1f}x"] for name, t in times.items()]
     print(
         f"\n7B shapes (random, float32): device={args.device} threads={args.threads} sparsity={args.sparsity}, "
-        f"{' + '.join(f'{a} x {b}' for a, b in SHAPES_7B)}, rows in blocks of {selection.CHUNK_ELEMENTS} entries"
+        f"{' + '.join(f'{a} x {b}' for a, b in SHAPES_7B)}, eager rows in blocks of {selection.CHUNK_ELEMENTS} entries"
     )
     print(markdown_table(["select_by_channels", "seconds", "time / copy"], rows))
 

@@ -2,19 +2,33 @@
 ``int32`` extremes, odd shapes, transposed layouts and ``k`` from 0 to past the row length. The selection finds its
 cut by histograms of the key bits (several passes, then only the unresolved rows), so these cases reach every path:
 one-key buckets (ties), buckets that start exactly at the cut, the row's smallest key as the cut, and the
-``torch.kthvalue`` fallback for rows whose keys span more than ``NARROW``."""
+``torch.kthvalue`` fallback for rows whose keys span more than ``NARROW``. Every test runs twice: on the numba kernels
+(:mod:`peft_persona.fast_select`) and in eager PyTorch."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from peft_persona import fast_select
 from peft_persona.selection import order_keys, select_lexicographic, select_top_per_row, select_topk_reference
 
 INT32 = np.iinfo(np.int32)
+# the monkeypatched environment variable is the same for every example of a test
+ONE_PATH = HealthCheck.function_scoped_fixture
+
+
+@pytest.fixture(autouse=True, params=["kernels", "eager"])
+def selection_path(request, monkeypatch):
+    """Run the test on the numba kernels (installed with the test extra: missing numba fails here) and in eager
+    PyTorch."""
+    monkeypatch.setenv(fast_select.ENV_SWITCH, "1" if request.param == "kernels" else "0")
+    assert fast_select.enabled() == (request.param == "kernels"), "numba is part of the test extra"
+    return request.param
 
 
 def sorted_top(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,7 +71,7 @@ def matrices(draw, kinds):
     return tensor, draw(st.integers(-1, shape[1] + 1))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[ONE_PATH])
 @given(matrices([small_integers, any_floats]))
 def test_select_top_per_row_equals_a_stable_sort(case):
     scores, k = case
@@ -65,14 +79,14 @@ def test_select_top_per_row_equals_a_stable_sort(case):
     assert torch.equal(select_top_per_row(keys, k), sorted_top(keys, k))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[ONE_PATH])
 @given(matrices([near_int32_extremes]))
 def test_select_top_per_row_on_int32_extremes(case):
     keys, k = case
     assert torch.equal(select_top_per_row(keys, k), sorted_top(keys, k))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[ONE_PATH])
 @given(matrices([small_integers, any_floats]), st.data())
 def test_select_lexicographic_equals_a_stable_sort(case, data):
     primary, k = case

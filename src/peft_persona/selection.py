@@ -7,6 +7,8 @@ mapped to ``int32`` keys (their IEEE bits, which order non-negative floats exact
 histograms of the key bits (a radix select: each pass counts every row's keys in about ``cols / 8`` buckets and keeps
 the bucket holding the ``k``-th largest), and the few rows with ties at the cut keep their lowest columns. A secondary
 score costs one more such selection over the rows with ties. No Python loop runs over rows, and nothing is sorted.
+On the CPU, where numba is installed (the ``fast`` extra), :mod:`peft_persona.fast_select` selects each row in one
+fused pass instead, with the same result.
 
 The methods that score ``|W_ij| * c_j`` for a per-input-channel vector ``c`` (Wanda, contrastive, magnitude) are
 fully described by that vector, read as ``float32``: :func:`select_by_channels` re-derives their masks bit-exactly
@@ -22,6 +24,7 @@ from fractions import Fraction
 
 import torch
 
+from . import fast_select
 from .checks import check_sparsity
 
 CHUNK_ELEMENTS = 1 << 20  # entries per block of rows in select_by_channels (4 MiB of float32 scores)
@@ -61,6 +64,8 @@ def select_top_per_row(keys: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(keys, dtype=torch.bool)
     if k <= 0 or rows == 0:
         return torch.zeros_like(keys, dtype=torch.bool)
+    if fast_select.applies(keys):
+        return fast_select.top_per_row(keys, k)
     cut, kept = _cut(keys, k)
     keep = _at_least(keys, cut, kept is not None)
     surplus = (keep.sum(1) if kept is None else kept) - k
@@ -176,6 +181,8 @@ def select_lexicographic(primary: torch.Tensor, secondary: torch.Tensor, k: int)
     rows, cols = primary.shape
     if k >= cols or k <= 0 or rows == 0:
         return select_top_per_row(order_keys(primary), k)
+    if fast_select.applies(primary, secondary):
+        return fast_select.top_per_row(order_keys(primary), k, order_keys(secondary.expand_as(primary)))
     first = order_keys(primary)
     cut, kept = _cut(first, k)
     narrow = kept is not None
@@ -230,9 +237,11 @@ def select_by_channels(
 ) -> torch.Tensor:
     """Keep the ``k`` best of each row by ``|W| * channel``, ties by ``|W| * tiebreak``, then by lower column.
 
-    Rows are independent, so a large weight is selected in blocks of rows of about ``CHUNK_ELEMENTS`` entries: the
-    result is the same, and the score and key temporaries stay a few times one block instead of the whole matrix.
+    Rows are independent: the numba kernels select each row in cache; eager PyTorch selects a large weight in blocks
+    of rows of about ``CHUNK_ELEMENTS`` entries, so that its score and key temporaries stay a few times one block.
     """
+    if 0 < k < weight.shape[1] and fast_select.applies(weight):
+        return fast_select.top_by_channels(weight, k, channel, tiebreak)
     rows = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
     if weight.shape[0] <= rows:
         return _select_rows(weight, k, channel, tiebreak)

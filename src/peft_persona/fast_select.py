@@ -1,0 +1,337 @@
+"""Optional fused CPU kernels (numba) for the per-row selection of :mod:`peft_persona.selection`: the same masks.
+
+A row is selected while it sits in cache. Its keys are built (for ``|W| * c`` scores straight from the weight, with
+the bits :func:`selection.order_keys` gives), counted once in 256 buckets spanning the row's own range, and every key
+above the bucket holding the ``k``-th largest is kept; the keys inside that bucket are gathered (ascending columns)
+and refined by 256-bucket passes over them alone until the cut is one key wide. Among keys equal at the cut the
+lower columns win; with a secondary key, the tied entries are first narrowed by it (an insertion pass where only a
+few are kept or dropped, else the same bucket passes). Blocks of rows run on a thread pool, one per torch thread.
+
+Installed with the ``fast`` extra (``pip install "peft-persona[fast]"``). Without numba, with
+``PEFT_PERSONA_KERNELS=0`` in the environment, inside :func:`eager`, or for tensors off the CPU, selection runs in
+eager PyTorch. The first call in a fresh environment compiles the kernels (seconds; cached beside the module).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+try:  # optional: the `fast` extra
+    import numba
+except ImportError:  # pragma: no cover - exercised by the CI job without the extra
+    numba = None
+
+BUCKET_BITS = 8
+ENV_SWITCH = "PEFT_PERSONA_KERNELS"
+FEW = 32  # tie sets keeping or dropping at most this many are settled by insertion, not histograms
+MIN_ROWS_PER_THREAD = 64  # fewer rows per thread than this run on the calling thread
+
+
+def enabled() -> bool:
+    """Whether the kernels run: numba is importable and ``PEFT_PERSONA_KERNELS`` is not ``0``."""
+    return numba is not None and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """Within this block, selection runs in eager PyTorch even where the kernels are installed (sets
+    ``PEFT_PERSONA_KERNELS=0``, then restores it)."""
+    before = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_SWITCH]
+        else:
+            os.environ[ENV_SWITCH] = before
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`enabled` and every tensor is on the CPU (the kernels read host memory)."""
+    return enabled() and all(t.device.type == "cpu" for t in tensors)
+
+
+if numba is not None:
+    _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+    @_jit
+    def _ordered(bits):
+        """``selection.order_keys`` of a ``float32``'s ``int32`` bits, shifted to ``[0, 2**32)`` as an ``int64``."""
+        bits = np.int64(bits)
+        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 0x80000000
+
+    @_jit
+    def _bit_length(value):
+        """How many bits a non-negative ``int64`` needs."""
+        length = 0
+        while value:
+            value >>= 1
+            length += 1
+        return length
+
+    @_jit
+    def _span(keys, n):
+        """The smallest and largest of ``keys[:n]``."""
+        low, high = keys[0], keys[0]
+        for j in range(n):
+            low = min(low, keys[j])
+            high = max(high, keys[j])
+        return low, high
+
+    @_jit
+    def _bucket_of(counts, total, need):
+        """The bucket (of ``2**BUCKET_BITS``) holding the ``need``-th largest of ``total`` counted keys, and how many
+        lie above it: scanned from the nearer end, sixteen buckets at a time until the one holding it."""
+        buckets = 1 << BUCKET_BITS
+        if 2 * need <= total:
+            group, above = buckets - 16, 0
+            while True:
+                size = 0
+                for b in range(group, group + 16):
+                    size += counts[b]
+                if above + size >= need:
+                    break
+                above += size
+                group -= 16
+            bucket = group + 15
+            while above + counts[bucket] < need:
+                above += counts[bucket]
+                bucket -= 1
+            return bucket, above
+        group, below = 0, 0
+        while True:
+            size = 0
+            for b in range(group, group + 16):
+                size += counts[b]
+            if total - below - size < need:
+                break
+            below += size
+            group += 16
+        bucket = group
+        while total - below - counts[bucket] >= need:
+            below += counts[bucket]
+            bucket += 1
+        return bucket, total - below - counts[bucket]
+
+    @_jit
+    def _histogram(digits, counts):
+        """``counts[:2**BUCKET_BITS]``: how many ``digits`` take each value (four interleaved tallies, so that runs
+        of equal digits do not wait on one counter)."""
+        buckets = 1 << BUCKET_BITS
+        counts[:] = 0
+        n = digits.shape[0]
+        j = 0
+        while j + 4 <= n:
+            counts[digits[j]] += 1
+            counts[buckets + digits[j + 1]] += 1
+            counts[2 * buckets + digits[j + 2]] += 1
+            counts[3 * buckets + digits[j + 3]] += 1
+            j += 4
+        while j < n:
+            counts[digits[j]] += 1
+            j += 1
+        for b in range(buckets):
+            counts[b] += counts[buckets + b] + counts[2 * buckets + b] + counts[3 * buckets + b]
+
+    @_jit
+    def _cut(keys, k, keep, digits, counts, cand_keys, cand_pos):
+        """Mark in ``keep`` the positions above the ``k``-th largest of ``keys`` (``int64`` in ``[0, 2**32)``,
+        ``0 < k <= len``) and gather those equal to it, ascending, in ``cand_pos``: returns how many were gathered
+        and how many of them to keep."""
+        n = keys.shape[0]
+        low, high = _span(keys, n)
+        shift = max(_bit_length(high - low) - BUCKET_BITS, 0)
+        for j in range(n):
+            digits[j] = np.uint8((keys[j] - low) >> shift)
+        _histogram(digits[:n], counts)
+        bucket, above = _bucket_of(counts, n, k)
+        top = np.uint8(bucket)
+        for j in range(n):
+            keep[j] = digits[j] > top
+        m = 0
+        for j in range(n):
+            if digits[j] == top:
+                cand_keys[m] = keys[j]
+                cand_pos[m] = j
+                m += 1
+        need = k - above
+        while shift > 0 and need < m:  # refine inside the bucket: its keys' own span, 2**BUCKET_BITS buckets
+            low, high = _span(cand_keys, m)
+            if low == high:
+                break
+            shift = max(_bit_length(high - low) - BUCKET_BITS, 0)
+            counts[: 1 << BUCKET_BITS] = 0
+            for i in range(m):
+                counts[(cand_keys[i] - low) >> shift] += 1
+            bucket, above = _bucket_of(counts, m, need)
+            start = low + (bucket << shift)
+            end = start + (1 << shift)
+            kept = 0
+            for i in range(m):
+                if cand_keys[i] >= end:
+                    keep[cand_pos[i]] = True
+                elif cand_keys[i] >= start:
+                    cand_keys[kept] = cand_keys[i]
+                    cand_pos[kept] = cand_pos[i]
+                    kept += 1
+            m, need = kept, need - above
+        return m, need
+
+    @_jit
+    def _keep_first(keep, positions, need):
+        """Set ``keep`` at the first ``need`` of ``positions``."""
+        for i in range(need):
+            keep[positions[i]] = True
+
+    @_jit
+    def _mark_few(keys, m, count, positions, keep, worst, buffer_keys, buffer_pos):
+        """Set ``keep[positions[i]]`` for the ``count`` (at most ``FEW``) best of the ``m`` positions by
+        ``keys[positions[i]]`` (largest, ties to the lower ``i``), or with ``worst`` clear it for the ``count``
+        worst (smallest, ties to the higher ``i``): one pass keeping the best so far in a sorted buffer."""
+        size = 0
+        floor = np.int64(-1)
+        for step in range(m):
+            i = m - 1 - step if worst else step
+            key = 0xFFFFFFFF - keys[positions[i]] if worst else keys[positions[i]]
+            if key <= floor:
+                continue
+            p = size if size < count else count - 1
+            while p > 0 and buffer_keys[p - 1] < key:
+                buffer_keys[p] = buffer_keys[p - 1]
+                buffer_pos[p] = buffer_pos[p - 1]
+                p -= 1
+            buffer_keys[p] = key
+            buffer_pos[p] = i
+            size = min(size + 1, count)
+            if size == count:
+                floor = buffer_keys[count - 1]
+        for t in range(size):
+            keep[positions[buffer_pos[t]]] = not worst
+
+    @_jit
+    def _finish(keep, m, need, tie_keys, two, scratch):
+        """Keep ``need`` of the ``m`` tied positions in ``scratch[3]``: the lowest, or (``two``) the best by
+        ``tie_keys`` (a key per position of the row), then the lowest."""
+        digits, counts, cand_keys, cand_pos, tied, chosen, buffer_keys, buffer_pos = scratch
+        if not two or need == m:
+            _keep_first(keep, cand_pos, need)
+        elif need <= FEW:  # the few best
+            _mark_few(tie_keys, m, need, cand_pos, keep, False, buffer_keys, buffer_pos)
+        elif m - need <= FEW:  # all but the few worst
+            for i in range(m):
+                keep[cand_pos[i]] = True
+            _mark_few(tie_keys, m, m - need, cand_pos, keep, True, buffer_keys, buffer_pos)
+        else:
+            for i in range(m):
+                tied[i] = cand_pos[i]
+                cand_keys[i] = tie_keys[cand_pos[i]]
+            chosen[:m] = False
+            m2, need2 = _cut(cand_keys[:m].copy(), need, chosen[:m], digits, counts, cand_keys, cand_pos)
+            _keep_first(chosen, cand_pos, need2)
+            for i in range(m):
+                if chosen[i]:
+                    keep[tied[i]] = True
+
+    @_jit
+    def _scratch(cols):
+        """The arrays one thread's rows are selected in: digits, tallies, gathered keys and positions, tied
+        positions, tie choices, and the insertion buffer (keys, positions)."""
+        return (
+            np.empty(cols, np.uint8),
+            np.empty(4 << BUCKET_BITS, np.int64),
+            np.empty(cols, np.int64),
+            np.empty(cols, np.int64),
+            np.empty(cols, np.int64),
+            np.empty(cols, np.bool_),
+            np.empty(FEW, np.int64),
+            np.empty(FEW, np.int64),
+        )
+
+    @_jit
+    def _select_keys(primary, secondary, two, k, keep):
+        """``keep`` for ``int32`` keys ``primary`` (ties by ``secondary`` where ``two``), ``0 < k < cols``."""
+        rows, cols = primary.shape
+        scratch = _scratch(cols)
+        keys = np.empty(cols, np.int64)
+        for r in range(rows):
+            for j in range(cols):
+                keys[j] = np.int64(primary[r, j]) + 0x80000000
+            m, need = _cut(keys, k, keep[r], scratch[0], scratch[1], scratch[2], scratch[3])
+            if two and need < m:
+                for j in range(cols):
+                    keys[j] = np.int64(secondary[r, j]) + 0x80000000
+            _finish(keep[r], m, need, keys, two, scratch)
+
+    @_jit
+    def _select_channels(weight, channel, tiebreak, two, k, keep):
+        """``keep`` for the scores ``|weight| * channel`` (ties by ``|weight| * tiebreak`` where ``two``)."""
+        rows, cols = weight.shape
+        zero = np.float32(0.0)
+        scratch = _scratch(cols)
+        keys = np.empty(cols, np.int64)
+        score = np.empty(cols, np.float32)
+        bits = score.view(np.int32)
+        for r in range(rows):
+            for j in range(cols):
+                score[j] = abs(weight[r, j]) * channel[j] + zero
+            for j in range(cols):
+                keys[j] = _ordered(bits[j])
+            m, need = _cut(keys, k, keep[r], scratch[0], scratch[1], scratch[2], scratch[3])
+            if two and need < m:
+                for j in range(cols):
+                    score[j] = abs(weight[r, j]) * tiebreak[j] + zero
+                for j in range(cols):
+                    keys[j] = _ordered(bits[j])
+            _finish(keep[r], m, need, keys, two, scratch)
+
+
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _run(kernel, rows_args: tuple[np.ndarray, ...], shared: tuple, keep: np.ndarray) -> None:
+    """Run ``kernel(*row_block_args, *shared, keep_block)`` over blocks of rows, one per torch thread (the kernels
+    release the GIL)."""
+    rows = keep.shape[0]
+    threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        kernel(*rows_args, *shared, keep)
+        return
+    key = (os.getpid(), threads)  # a forked child starts its own pool: the parent's threads are not in it
+    pool = _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(threads, "peft-persona-select"))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    futures = [
+        pool.submit(kernel, *(a[start:end] for a in rows_args), *shared, keep[start:end])
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    for future in futures:
+        future.result()
+
+
+def top_per_row(primary: torch.Tensor, k: int, secondary: torch.Tensor | None = None) -> torch.Tensor:
+    """``bool`` mask of the ``k`` largest ``int32`` keys per row (``0 < k < cols``), ties by ``secondary`` keys,
+    then by the lower column: what :func:`selection.select_top_per_row` and ``select_lexicographic`` return."""
+    keep = torch.empty(primary.shape, dtype=torch.bool)
+    first = primary.contiguous().numpy()
+    second = first if secondary is None else secondary.contiguous().numpy()
+    _run(_select_keys, (first, second), (secondary is not None, k), keep.numpy())
+    return keep
+
+
+def top_by_channels(
+    weight: torch.Tensor, k: int, channel: torch.Tensor, tiebreak: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``bool`` mask of the ``k`` best of each row by ``|W| * channel`` in ``float32`` (``0 < k < cols``), ties by
+    ``|W| * tiebreak``, then by the lower column: what :func:`selection.select_by_channels` returns."""
+    keep = torch.empty(weight.shape, dtype=torch.bool)
+    w = weight.detach().float().contiguous().numpy()
+    c = channel.detach().float().contiguous().numpy()
+    t = c if tiebreak is None else tiebreak.detach().float().contiguous().numpy()
+    _run(_select_channels, (w,), (c, t, tiebreak is not None, k), keep.numpy())
+    return keep
