@@ -122,3 +122,16 @@ def test_eager_sets_and_restores_the_switch(monkeypatch, before):
     assert os.environ.get(fast_select.ENV_SWITCH) == before and fast_select.enabled()
     monkeypatch.setenv(fast_select.ENV_SWITCH, "0")
     assert not fast_select.enabled()
+
+
+def test_every_nan_is_one_key_above_every_number():
+    """Which NaN ``NaN * NaN`` returns depends on the operands' order, which differs between torch's vectorised
+    multiply and the kernel's; both paths therefore key every NaN as the same positive NaN."""
+    bits = torch.tensor([0x7FC00000, 0x7FC00001, -0x00400000, -1, 0x7F800000, -0x00800000], dtype=torch.int32)
+    nan_pos, nan_payload, nan_neg, nan_neg_payload, inf, neg_inf = bits.view(torch.float32)
+    keys = selection.order_keys(torch.stack([nan_pos, nan_payload, nan_neg, nan_neg_payload, inf, neg_inf]))
+    assert keys[:4].eq(keys[0]).all() and keys[0] > keys[4] > keys[5]
+    weight = torch.stack([nan_neg, nan_pos]).view(1, 2)
+    for channel in (torch.stack([nan_neg, torch.tensor(0.0)]), torch.stack([nan_payload, nan_neg])):
+        kernel, eager = both_paths(selection.select_by_channels, weight, 1, channel)
+        assert torch.equal(kernel, eager) and kernel.tolist() == [[True, False]]  # equal NaN keys: lower column

@@ -63,8 +63,11 @@ if numba is not None:
 
     @_jit
     def _ordered(bits):
-        """``selection.order_keys`` of a ``float32``'s ``int32`` bits, shifted to ``[0, 2**32)`` as an ``int64``."""
+        """``selection.order_keys`` of a ``float32``'s ``int32`` bits (every NaN the one canonical NaN), shifted to
+        ``[0, 2**32)`` as an ``int64``."""
         bits = np.int64(bits)
+        if (bits & 0x7FFFFFFF) > 0x7F800000:
+            bits = np.int64(0x7FC00000)
         return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 0x80000000
 
     @_jit

@@ -31,6 +31,8 @@ CHUNK_ELEMENTS = 1 << 20  # entries per block of rows in select_by_channels (4 M
 
 
 SIGN_FLIP = 0x7FFFFFFF  # flips the exponent and mantissa bits of a negative float's int32 view
+POSITIVE_INFINITY = 0x7F800000  # int32 views above it are positive NaNs (negative NaNs have negative views)
+CANONICAL_NAN = 0x7FC00000  # the one NaN every NaN score is keyed as
 NARROW = (1 << 31) - 2  # rows whose keys span at most this are cut by histograms (differences fit in int32)
 
 
@@ -48,11 +50,16 @@ def order_keys(scores: torch.Tensor) -> torch.Tensor:
     """``int32`` keys ordered like the ``float32`` ``scores``: their IEEE bit patterns, with the magnitude bits of
     negative scores flipped so that they order below every non-negative score and among themselves.
 
-    ``-0.0`` is mapped to ``+0.0``; a (positive) NaN ranks above every number. A non-negative score's key is its bit
-    pattern, unchanged.
+    ``-0.0`` is mapped to ``+0.0``; every NaN (either sign, any payload: which one an operation on NaNs returns
+    depends on the order of its operands, so it differs between implementations) is mapped to one positive NaN,
+    which ranks above every number. A non-negative score's key is its bit pattern, unchanged.
     """
     keys = (scores.float() + 0.0).view(torch.int32)
-    if keys.numel() and int(keys.amin()) < 0:
+    if not keys.numel():
+        return keys
+    low, high = torch.aminmax(keys)
+    if int(high) > POSITIVE_INFINITY or int(low) < 0:  # a positive NaN, or negative views (numbers or NaNs)
+        keys = keys.masked_fill(torch.isnan(scores), CANONICAL_NAN)
         keys ^= (keys >> 31) & SIGN_FLIP
     return keys
 
