@@ -135,3 +135,13 @@ def test_every_nan_is_one_key_above_every_number():
     for channel in (torch.stack([nan_neg, torch.tensor(0.0)]), torch.stack([nan_payload, nan_neg])):
         kernel, eager = both_paths(selection.select_by_channels, weight, 1, channel)
         assert torch.equal(kernel, eager) and kernel.tolist() == [[True, False]]  # equal NaN keys: lower column
+
+
+def test_without_numba_selection_runs_eager(monkeypatch):
+    """What a plain install (no ``fast`` extra) does: the switch reads off, and selection gives the same masks."""
+    weight, channel = torch.randn(70, 33), torch.rand(33)
+    with_kernels = selection.select_by_channels(weight, 9, channel)
+    monkeypatch.setattr(fast_select, "numba", None)
+    monkeypatch.setattr(fast_select, "top_by_channels", None)  # any call would fail
+    assert not fast_select.enabled() and not fast_select.applies(weight)
+    assert torch.equal(selection.select_by_channels(weight, 9, channel), with_kernels)

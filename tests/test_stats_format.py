@@ -86,6 +86,22 @@ def test_peft_from_pretrained_rederives_bit_identical_masks(saved):
         )  # bits are derived, not saved
 
 
+@pytest.mark.parametrize("made_on", ["kernels", "eager"])
+def test_stats_adapters_cross_between_the_kernels_and_eager_selection(made_on, tmp_path, monkeypatch):
+    """A ``stats`` adapter extracted where numba is installed loads where it is not (its digests check the masks
+    the other path re-derives), and the other way round."""
+    from peft_persona import fast_select
+
+    monkeypatch.setenv(fast_select.ENV_SWITCH, "1" if made_on == "kernels" else "0")
+    model = extract("contrastive", "stats")
+    model.save_pretrained(tmp_path)
+    monkeypatch.setenv(fast_select.ENV_SWITCH, "0" if made_on == "kernels" else "1")
+    assert fast_select.enabled() == (made_on == "eager")
+    for name in model.peft_config:
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / name, adapter_name=name)
+        assert _equal_masks(pp.get_masks(loaded, name), pp.get_masks(model, name))
+
+
 def test_transformers_load_adapter_rederives_and_switches(saved):
     base = tiny_llama()
     for name in saved["names"]:
