@@ -236,7 +236,7 @@ if numba is not None:
                 tied[i] = cand_pos[i]
                 cand_keys[i] = tie_keys[cand_pos[i]]
             chosen[:m] = False
-            m2, need2 = _cut(cand_keys[:m].copy(), need, chosen[:m], digits, counts, cand_keys, cand_pos)
+            _, need2 = _cut(cand_keys[:m].copy(), need, chosen[:m], digits, counts, cand_keys, cand_pos)
             _keep_first(chosen, cand_pos, need2)
             for i in range(m):
                 if chosen[i]:
