@@ -16,6 +16,8 @@ statistics are random: selection time depends little on them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 
 import torch
 from _common import interleaved_medians, markdown_table
@@ -43,25 +45,26 @@ def smollm2_weights(real: bool, generator: torch.Generator) -> list[torch.Tensor
     return weights
 
 
-def ours_rows(ours, args: argparse.Namespace, prefix: str = "ours, ") -> dict:
-    """Selection as extraction runs it (``select_by_channels``, exact ties; contrastive breaks its ties by the
-    persona's own Wanda score), with the numba kernels where installed and in eager PyTorch."""
-    rows = {}
-    paths = [("numba kernel", None)] if fast_select.enabled() and args.device == "cpu" else []
-    paths.append(("eager PyTorch", fast_select.eager))
-    for path, context in paths:
-        for method, contrastive in (("wanda", False), ("contrastive", True)):
-            run = ours(contrastive)
-            rows[f"{prefix}{method} ({path})"] = run if context is None else _within(context, run)
-    return rows
+def ours_rows(weights, norms, z, args: argparse.Namespace, prefix: str = "ours, ") -> dict:
+    """Selection as extraction runs it (``select_by_channels``, exact ties; contrastive scores ``|W| relu(z)`` and
+    breaks its ties by the persona's own Wanda score), with the numba kernels where installed and in eager PyTorch."""
 
-
-def _within(context, run):
-    def wrapped():
+    def run(contrastive: bool, context) -> None:
         with context():
-            run()
+            for w, n, zz in zip(weights, norms, z, strict=True):
+                k = selection.kept_per_row(w.shape[1], args.sparsity)
+                if contrastive:
+                    selection.select_by_channels(w, k, zz.clamp_min(0), n)
+                else:
+                    selection.select_by_channels(w, k, n)
 
-    return wrapped
+    paths = [("numba kernel", contextlib.nullcontext)] if fast_select.enabled() and args.device == "cpu" else []
+    paths.append(("eager PyTorch", fast_select.eager))
+    return {
+        f"{prefix}{method} ({path})": functools.partial(run, contrastive, context)
+        for path, context in paths
+        for method, contrastive in (("wanda", False), ("contrastive", True))
+    }
 
 
 def timed(functions: dict, args: argparse.Namespace) -> dict[str, float]:
@@ -95,17 +98,6 @@ def smollm2_table(args: argparse.Namespace, generator: torch.Generator) -> None:
                 selection.channel_scores(w, n), selection.kept_per_row(w.shape[1], args.sparsity)
             )
 
-    def ours(contrastive: bool):
-        def run():
-            for w, n, zz in zip(weights, norms, z, strict=True):
-                k = selection.kept_per_row(w.shape[1], args.sparsity)
-                if contrastive:
-                    selection.select_by_channels(w, k, zz.clamp_min(0), n)
-                else:
-                    selection.select_by_channels(w, k, n)
-
-        return run
-
     def copy_floor():
         for w in weights:
             w.clone()
@@ -120,7 +112,7 @@ def smollm2_table(args: argparse.Namespace, generator: torch.Generator) -> None:
         {
             "per-row topk loop (paper code)": per_row_loop,
             "whole-matrix topk": whole_topk,
-            **ours_rows(ours, args),
+            **ours_rows(weights, norms, z, args),
             "one copy of the weights": copy_floor,
             "copy into allocated tensors": copy_into_buffers,
         },
@@ -141,17 +133,6 @@ def seven_b_table(args: argparse.Namespace, generator: torch.Generator) -> None:
     norms = [torch.rand(s[1], generator=generator).to(args.device) for s in SHAPES_7B]
     z = [torch.randn(s[1], generator=generator).to(args.device) for s in SHAPES_7B]
 
-    def ours(contrastive: bool):
-        def run():
-            for w, n, zz in zip(weights, norms, z, strict=True):
-                k = selection.kept_per_row(w.shape[1], args.sparsity)
-                if contrastive:
-                    selection.select_by_channels(w, k, zz.clamp_min(0), n)
-                else:
-                    selection.select_by_channels(w, k, n)
-
-        return run
-
     def copy_floor():
         for w in weights:
             w.clone()
@@ -164,7 +145,7 @@ def seven_b_table(args: argparse.Namespace, generator: torch.Generator) -> None:
 
     times = timed(
         {
-            **ours_rows(ours, args, prefix=""),
+            **ours_rows(weights, norms, z, args, prefix=""),
             "one copy of the weights": copy_floor,
             "copy into allocated tensors (no page faults)": copy_into_buffers,
         },
