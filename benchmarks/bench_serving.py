@@ -6,6 +6,8 @@ Switching: ``set_adapter`` between two loaded adapters, alone and followed by on
 plain copy of the targeted weights (one pass over them) and against the forward alone. ``--processes N`` times the
 switch table again in N - 1 fresh processes and prints each ratio's spread (the copy's speed differs between
 processes). ``--index-ops``: the index operations a switch is made of, on the same weights, against the copy.
+The ``keep_original`` rows switch with the fused kernel of :mod:`peft_persona.fast_mask` where numba is installed
+(the ``fast`` extra); the ``eager`` row is the same switch with the kernels off (``PEFT_PERSONA_KERNELS=0``).
 Memory: peak-free RSS of a fresh process holding the model and 1, 2, 4 or 8 adapters, each of them made active once
 (so that each keeps its switching record), minus that of the model alone (each count its own process).
 Prints markdown tables; docs/benchmarks.md records them.
@@ -124,7 +126,9 @@ def memory_table(config: str) -> str:
         f"\n\n{targeted / 1e6:.1f}M targeted weights: 1 bit each is {targeted / 8 / 2**20:.1f} MiB per persona "
         f"adapter; the switching record of each of the two adapters most recently in effect (int64 indices of its "
         f"20% dropped entries, {targeted * 0.2 * 8 / 2**20:.1f} MiB, and their original fp32 values, "
-        f"{targeted * 0.2 * 4 / 2**20:.1f} MiB; the active adapter's values are the stash itself)"
+        f"{targeted * 0.2 * 4 / 2**20:.1f} MiB; the active adapter's values are the stash itself). keep_original: "
+        f"one dense copy of the targeted weights per model ({targeted * 4 / 2**20:.1f} MiB in fp32) and, with the "
+        f"fused kernel, no record"
     )
     return markdown_table(header, rows) + note
 
@@ -197,7 +201,7 @@ def index_ops_table(config: str, repeats: int) -> str:
 
 
 def switch_times(config: str, repeats: int) -> dict[str, float]:
-    import peft_persona  # noqa: F401 - registers the adapter type
+    from peft_persona import fast_select  # importing the package registers the adapter type
     from peft_persona.targets import decoder_linear_modules, oriented_weight
 
     base = random_llama(config)
@@ -241,6 +245,26 @@ def switch_times(config: str, repeats: int) -> dict[str, float]:
         dense_state["next"] = "p0" if dense_state["next"] == "p1" else "p1"
         dense(tokens)
 
+    dense_merged = build("persona", random_llama(config), 2)
+    set_weight_mode(dense_merged, keep_original=True)
+    dense_merged.merge_adapter()
+    dense_merged_state = {"next": "p1"}
+
+    def merged_switch_dense():
+        dense_merged.unmerge_adapter()
+        dense_merged.set_adapter(dense_merged_state["next"])
+        dense_merged_state["next"] = "p0" if dense_merged_state["next"] == "p1" else "p1"
+        dense_merged.merge_adapter()
+
+    eager = build("persona", random_llama(config), 2)
+    set_weight_mode(eager, keep_original=True)
+    eager_state = {"next": "p1"}
+
+    def switch_dense_eager():
+        with fast_select.eager():
+            eager.set_adapter(eager_state["next"])
+        eager_state["next"] = "p0" if eager_state["next"] == "p1" else "p1"
+
     def copy_weights():
         for w, c in zip(weights, copies, strict=True):
             c.copy_(w)
@@ -255,6 +279,8 @@ def switch_times(config: str, repeats: int) -> dict[str, float]:
                 "merged switch (unmerge, set_adapter, merge)": merged_switch,
                 "set_adapter alone, keep_original": switch_dense_alone,
                 "set_adapter + forward, keep_original": switch_dense,
+                "merged switch, keep_original": merged_switch_dense,
+                "set_adapter alone, keep_original, eager (no kernel)": switch_dense_eager,
             },
             repeats,
         )

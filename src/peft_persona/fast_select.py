@@ -40,8 +40,8 @@ def enabled() -> bool:
 
 @contextmanager
 def eager() -> Iterator[None]:
-    """Within this block, selection runs in eager PyTorch even where the kernels are installed (sets
-    ``PEFT_PERSONA_KERNELS=0``, then restores it)."""
+    """Within this block the kernels are off (selection here, :mod:`peft_persona.fast_mask` too) and eager
+    PyTorch runs even where numba is installed (sets ``PEFT_PERSONA_KERNELS=0``, then restores it)."""
     before = os.environ.get(ENV_SWITCH)
     os.environ[ENV_SWITCH] = "0"
     try:

@@ -26,7 +26,9 @@ and changed with :meth:`WeightEngine.set_weight_mode` (for a whole model, :func:
 * ``in_place`` (default ``True``): write ``W_eff`` into the base weight; ``False`` computes it apart in every forward,
   the smallest memory (no per-weight state but the masks);
 * ``keep_original`` (default ``False``): keep a dense copy of the original weight and rewrite the weight from it:
-  one more copy of the weight;
+  one more copy of the weight, and nothing per adapter but its mask. With the ``fast`` extra (numba) a switch at full
+  strength is then one fused pass (:mod:`~peft_persona.fast_mask`), about one copy of the weight; without it, a copy
+  and an index write (with the dropped entries' indices recorded per adapter, :mod:`.records`);
 * ``cache_mixed`` (default ``False``): keep what a mixed-persona batch (``adapter_names=``) builds for each adapter
   other than the one in effect, so that later mixed calls do not rebuild it: for groups of at most
   :data:`SPARSE_MIXED_MAX_TOKENS` tokens (decoding) in float32/64 without grad, the *difference* to the weight in
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import fast_mask
 from ..bits import byte_table, unpack_mask, unpack_to
 from .records import SwitchRecords, version
 
@@ -88,6 +91,8 @@ class WeightEngine(SwitchRecords):
         if in_place is not None:
             self.in_place = bool(in_place)
         if keep_original is not None:
+            if keep_original and not self.keep_original:
+                self._dropped_cache.clear()  # switches start from the copy: the records are rebuilt only if needed
             self.keep_original = bool(keep_original)
         if cache_mixed is not None:
             self.cache_mixed = bool(cache_mixed)
@@ -233,8 +238,11 @@ class WeightEngine(SwitchRecords):
             self.persona_original = self.original_weight()
             self._set_stash(None, None)
         plan = self._plan(target)
+        kept = self._kept_bits(plan, weight)
         if not plan:
             weight.copy_(self.persona_original)
+        elif kept is not None:  # full strength, the fused kernel: one pass, no record of dropped entries
+            fast_mask.copy_masked(self.persona_original, kept, weight)
         elif len(plan) == 1 and plan[0][1] == 1.0:  # one adapter at full strength: copy, then zero by index
             weight.copy_(self.persona_original)
             weight.view(-1).index_fill_(0, self._dropped_index(plan), 0)
@@ -245,6 +253,16 @@ class WeightEngine(SwitchRecords):
         if not self.keep_original and not plan:
             self.persona_original = None
         self._in_effect = target
+
+    def _kept_bits(self, plan: list[tuple[str, float]], weight: torch.Tensor) -> torch.Tensor | None:
+        """The packed mask ``plan`` keeps (its masks ANDed) where :mod:`~peft_persona.fast_mask` can write
+        ``original * mask`` into ``weight``: every adapter at strength 1, the weight in ``(out, in)`` layout."""
+        if not plan or any(s != 1.0 for _, s in plan) or self.fan_in_fan_out:
+            return None
+        kept = self.persona_mask_bits[plan[0][0]]
+        for name, _ in plan[1:]:
+            kept = kept & self.persona_mask_bits[name]
+        return kept if fast_mask.supports(weight, kept) else None
 
     def release_weight(self, keep_effect: bool) -> None:
         """Leave the weight holding the merged adapters (``keep_effect``) or the original, and forget how to restore

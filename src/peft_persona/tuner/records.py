@@ -34,18 +34,23 @@ class SwitchRecords:
         # adapter -> (mask key, dropped indices, their original values or None)
         self._dropped_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
         self._seen_weight: tuple = ()  # :meth:`_weight_key` when the engine last checked for writes by others
+        self._keeps_all: dict[str, tuple[tuple, bool]] = {}  # adapter -> (mask key, whether its mask is all ones)
 
     def _keeps_everything(self, adapter_name: str) -> bool:
         """Whether ``adapter_name``'s mask is all ones (a freshly injected adapter), read from the packed bits."""
         packed = self.persona_mask_bits[adapter_name]
         if packed.device.type == "meta":
             return False
-        cached = self._dropped_cache.get(adapter_name)
-        if cached is not None and cached[0] == self._mask_key(adapter_name):
-            return cached[1].numel() == 0
+        key = self._mask_key(adapter_name)
+        cached = self._keeps_all.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         if self.in_features % 8 == 0:
-            return bool((packed == 255).all())
-        return torch.equal(packed, full_mask_packed((self.out_features, self.in_features), device=packed.device))
+            full = bool((packed == 255).all())
+        else:
+            full = torch.equal(packed, full_mask_packed((self.out_features, self.in_features), device=packed.device))
+        self._keeps_all[adapter_name] = (key, full)  # read once per mask: a switch would otherwise read every mask
+        return full
 
     def _dropped_index(self, plan: list[tuple[str, float]]) -> torch.Tensor:
         """Flat indices (into the weight's own layout) of the entries that some adapter of ``plan`` drops; recorded
@@ -105,6 +110,7 @@ class SwitchRecords:
     def forget_adapter(self, adapter_name: str) -> None:
         """Drop what the engine recorded for ``adapter_name`` (it is being deleted)."""
         self._dropped_cache.pop(adapter_name, None)
+        self._keeps_all.pop(adapter_name, None)
         self._mixed_cache.clear()
 
     def _find_dropped(self, plan: list[tuple[str, float]]) -> torch.Tensor:
