@@ -54,7 +54,7 @@ def test_copy_masked_names_the_shapes_that_do_not_fit():
         fast_mask.copy_masked(weight, torch.zeros(4, 2, dtype=torch.uint8), torch.empty(4, 12, dtype=torch.bfloat16))
 
 
-def test_supports_only_contiguous_cpu_floats_of_16_or_32_bits_with_the_kernels_on():
+def test_supports_only_contiguous_cpu_floats_of_16_or_32_bits_with_the_kernels_on(monkeypatch):
     packed = torch.zeros(4, 2, dtype=torch.uint8)
     assert fast_mask.supports(torch.zeros(4, 12), packed)
     assert fast_mask.supports(torch.zeros(4, 12, dtype=torch.bfloat16), packed)
@@ -63,6 +63,8 @@ def test_supports_only_contiguous_cpu_floats_of_16_or_32_bits_with_the_kernels_o
     assert not fast_mask.supports(torch.zeros(4, 12, device="meta"), packed)
     with fast_select.eager():
         assert not fast_mask.supports(torch.zeros(4, 12), packed)
+    monkeypatch.setattr(fast_select, "numba", None)  # no fast extra: the engine keeps its PyTorch path
+    assert not fast_mask.supports(torch.zeros(4, 12), packed)
 
 
 def switched_weights(model, order) -> list[dict[str, torch.Tensor]]:
