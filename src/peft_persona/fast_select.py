@@ -64,11 +64,10 @@ if numba is not None:
     @_jit
     def _ordered(bits):
         """``selection.order_keys`` of a ``float32``'s ``int32`` bits (every NaN the one canonical NaN), shifted to
-        ``[0, 2**32)`` as an ``int64``."""
-        bits = np.int64(bits)
-        if (bits & 0x7FFFFFFF) > 0x7F800000:
-            bits = np.int64(0x7FC00000)
-        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 0x80000000
+        ``[0, 2**32)`` as a ``uint32``."""
+        if (bits & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000):
+            bits = np.int32(0x7FC00000)
+        return np.uint32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))) ^ np.uint32(0x80000000)
 
     @_jit
     def _bit_length(value):
@@ -145,14 +144,14 @@ if numba is not None:
 
     @_jit
     def _cut(keys, k, keep, digits, counts, cand_keys, cand_pos):
-        """Mark in ``keep`` the positions above the ``k``-th largest of ``keys`` (``int64`` in ``[0, 2**32)``,
+        """Mark in ``keep`` the positions above the ``k``-th largest of ``keys`` (``uint32``: order keys plus 2**31,
         ``0 < k <= len``) and gather those equal to it, ascending, in ``cand_pos``: returns how many were gathered
         and how many of them to keep."""
         n = keys.shape[0]
         low, high = _span(keys, n)
         shift = max(_bit_length(high - low) - BUCKET_BITS, 0)
         for j in range(n):
-            digits[j] = np.uint8((keys[j] - low) >> shift)
+            digits[j] = np.uint8((keys[j] - low) >> np.uint32(shift))
         _histogram(digits[:n], counts)
         bucket, above = _bucket_of(counts, n, k)
         top = np.uint8(bucket)
@@ -248,8 +247,8 @@ if numba is not None:
         positions, tie choices, and the insertion buffer (keys, positions)."""
         return (
             np.empty(cols, np.uint8),
-            np.empty(4 << BUCKET_BITS, np.int64),
-            np.empty(cols, np.int64),
+            np.empty(4 << BUCKET_BITS, np.int32),
+            np.empty(cols, np.uint32),
             np.empty(cols, np.int64),
             np.empty(cols, np.int64),
             np.empty(cols, np.bool_),
@@ -262,14 +261,14 @@ if numba is not None:
         """``keep`` for ``int32`` keys ``primary`` (ties by ``secondary`` where ``two``), ``0 < k < cols``."""
         rows, cols = primary.shape
         scratch = _scratch(cols)
-        keys = np.empty(cols, np.int64)
+        keys = np.empty(cols, np.uint32)
         for r in range(rows):
             for j in range(cols):
-                keys[j] = np.int64(primary[r, j]) + 0x80000000
+                keys[j] = np.uint32(primary[r, j]) ^ np.uint32(0x80000000)
             m, need = _cut(keys, k, keep[r], scratch[0], scratch[1], scratch[2], scratch[3])
             if two and need < m:
                 for j in range(cols):
-                    keys[j] = np.int64(secondary[r, j]) + 0x80000000
+                    keys[j] = np.uint32(secondary[r, j]) ^ np.uint32(0x80000000)
             _finish(keep[r], m, need, keys, two, scratch)
 
     @_jit
@@ -278,7 +277,7 @@ if numba is not None:
         rows, cols = weight.shape
         zero = np.float32(0.0)
         scratch = _scratch(cols)
-        keys = np.empty(cols, np.int64)
+        keys = np.empty(cols, np.uint32)
         score = np.empty(cols, np.float32)
         bits = score.view(np.int32)
         for r in range(rows):
