@@ -4,7 +4,9 @@ Switching: the layer keeps, for the :data:`RECORDS_KEPT` adapters most recently 
 each drops: their flat indices (``int64``, 8 bytes per dropped entry) and their original values (in the weight's
 dtype; the active adapter's record is the stash itself, not a copy). A switch between recorded adapters is then two
 index writes: restore the old entries, zero the new ones (with ``keep_original``: copy the original, zero the new
-entries). An adapter without a record finds its entries once (``torch.nonzero`` over its unpacked mask).
+entries; with the ``fast`` extra, ``keep_original`` writes ``original * mask`` in one pass and keeps no record). An
+adapter without a record finds its entries once (``torch.nonzero`` over its unpacked mask). Whether a mask is all
+ones (an adapter that changes nothing) is read once per mask and kept with the mask's key.
 
 Writes by others: the engine writes through ``weight.data``, whose version counter is its own, so a change of the
 weight *parameter*'s version counter (or of the parameter, its storage, dtype or device) means someone else wrote
