@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import statistics
 import subprocess
@@ -213,57 +214,29 @@ def switch_times(config: str, repeats: int) -> dict[str, float]:
     dense = build("persona", random_llama(config), 2)
     set_weight_mode(dense, keep_original=True)
     tokens = torch.randint(3, base.config.vocab_size, (1, 1))
-    state = {"next": "p1"}
-
-    def switch_and_forward():
-        persona.set_adapter(state["next"])
-        state["next"] = "p0" if state["next"] == "p1" else "p1"
-        persona(tokens)
-
-    def switch_alone():
-        persona.set_adapter(state["next"])
-        state["next"] = "p0" if state["next"] == "p1" else "p1"
-
     merged = build("persona", random_llama(config), 2)
     merged.merge_adapter()
-    merged_state = {"next": "p1"}
-
-    def merged_switch():
-        merged.unmerge_adapter()
-        merged.set_adapter(merged_state["next"])
-        merged_state["next"] = "p0" if merged_state["next"] == "p1" else "p1"
-        merged.merge_adapter()
-
-    dense_state = {"next": "p1"}
-
-    def switch_dense_alone():
-        dense.set_adapter(dense_state["next"])
-        dense_state["next"] = "p0" if dense_state["next"] == "p1" else "p1"
-
-    def switch_dense():
-        dense.set_adapter(dense_state["next"])
-        dense_state["next"] = "p0" if dense_state["next"] == "p1" else "p1"
-        dense(tokens)
-
     dense_merged = build("persona", random_llama(config), 2)
     set_weight_mode(dense_merged, keep_original=True)
     dense_merged.merge_adapter()
-    dense_merged_state = {"next": "p1"}
-
-    def merged_switch_dense():
-        dense_merged.unmerge_adapter()
-        dense_merged.set_adapter(dense_merged_state["next"])
-        dense_merged_state["next"] = "p0" if dense_merged_state["next"] == "p1" else "p1"
-        dense_merged.merge_adapter()
-
     eager = build("persona", random_llama(config), 2)
     set_weight_mode(eager, keep_original=True)
-    eager_state = {"next": "p1"}
+    turns = {id(m): itertools.cycle(["p1", "p0"]) for m in (persona, dense, merged, dense_merged, eager)}
 
-    def switch_dense_eager():
-        with fast_select.eager():
-            eager.set_adapter(eager_state["next"])
-        eager_state["next"] = "p0" if eager_state["next"] == "p1" else "p1"
+    def switch(model, forward=False, merge=False, context=contextlib.nullcontext):
+        """One switch of ``model`` to its other adapter: merged around it, or followed by a one-token forward."""
+
+        def run():
+            if merge:
+                model.unmerge_adapter()
+            with context():
+                model.set_adapter(next(turns[id(model)]))
+            if merge:
+                model.merge_adapter()
+            if forward:
+                model(tokens)
+
+        return run
 
     def copy_weights():
         for w, c in zip(weights, copies, strict=True):
@@ -274,13 +247,13 @@ def switch_times(config: str, repeats: int) -> dict[str, float]:
             {
                 "copy of the targeted weights": copy_weights,
                 "forward alone (1 token)": lambda: persona(tokens),
-                "set_adapter alone": switch_alone,
-                "set_adapter + forward": switch_and_forward,
-                "merged switch (unmerge, set_adapter, merge)": merged_switch,
-                "set_adapter alone, keep_original": switch_dense_alone,
-                "set_adapter + forward, keep_original": switch_dense,
-                "merged switch, keep_original": merged_switch_dense,
-                "set_adapter alone, keep_original, eager (no kernel)": switch_dense_eager,
+                "set_adapter alone": switch(persona),
+                "set_adapter + forward": switch(persona, forward=True),
+                "merged switch (unmerge, set_adapter, merge)": switch(merged, merge=True),
+                "set_adapter alone, keep_original": switch(dense),
+                "set_adapter + forward, keep_original": switch(dense, forward=True),
+                "merged switch, keep_original": switch(dense_merged, merge=True),
+                "set_adapter alone, keep_original, eager (no kernel)": switch(eager, context=fast_select.eager),
             },
             repeats,
         )

@@ -54,6 +54,15 @@ def test_copy_masked_names_the_shapes_that_do_not_fit():
         fast_mask.copy_masked(weight, torch.zeros(4, 2, dtype=torch.uint8), torch.empty(4, 12, dtype=torch.bfloat16))
 
 
+def test_copy_masked_names_an_unsupported_dtype_and_a_missing_numba(monkeypatch):
+    packed = torch.zeros(4, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="weight dtype torch.float64 is not float32, bfloat16 or float16"):
+        fast_mask.copy_masked(torch.zeros(4, 12, dtype=torch.float64), packed, torch.zeros(4, 12, dtype=torch.float64))
+    monkeypatch.setattr(fast_select, "numba", None)  # without it the kernels would be Python loops over rows
+    with pytest.raises(RuntimeError, match="needs numba"):
+        fast_mask.copy_masked(torch.zeros(4, 12), packed, torch.zeros(4, 12))
+
+
 def test_supports_only_contiguous_cpu_floats_of_16_or_32_bits_with_the_kernels_on(monkeypatch):
     packed = torch.zeros(4, 2, dtype=torch.uint8)
     assert fast_mask.supports(torch.zeros(4, 12), packed)

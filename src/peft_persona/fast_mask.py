@@ -38,6 +38,10 @@ def copy_masked(source: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -
     """Write ``source`` where ``packed`` keeps and ``+0`` elsewhere into ``out`` (same shape and dtype as ``source``,
     both ``(out_features, in_features)``; ``packed`` as :func:`peft_persona.bits.pack_mask` gives it); returns
     ``out``. Call it where :func:`supports` holds."""
+    if fast_select.numba is None:
+        raise RuntimeError("copy_masked needs numba: pip install 'peft-persona[fast]'")
+    if source.dtype not in UNSIGNED_VIEW:
+        raise ValueError(f"copy_masked: weight dtype {source.dtype} is not float32, bfloat16 or float16")
     if source.shape != out.shape or source.dtype != out.dtype:
         raise ValueError(
             f"copy_masked: source {tuple(source.shape)} {source.dtype} and out {tuple(out.shape)} {out.dtype} differ"
