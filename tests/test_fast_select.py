@@ -69,13 +69,17 @@ def test_large_matrices_match_eager_on_every_thread_count(threads, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("rows_alike", [True, False])
 @pytest.mark.parametrize("extra", [5, 150, 290])
-def test_contrastive_tie_sets_of_every_size(extra):
+def test_contrastive_tie_sets_of_every_size(extra, rows_alike):
     """A contrastive primary score is zero on the channels with ``z <= 0`` (296 of 576 here), so each row's cut
     falls among them and the Wanda score picks ``extra`` of them: a few kept (5), a few dropped (290 of 296, six
-    dropped), and many of each (150): the kernel's three ways of settling a tie set."""
+    dropped), and many of each (150): the kernel's three ways of settling a tie set. Rows scaled by 1e-3 or 1e3 at
+    random make the floor a row carries to the next miss as often as it holds."""
     generator = torch.Generator().manual_seed(extra)
     weight = torch.randn(128, 576, generator=generator)
+    if not rows_alike:
+        weight *= 1e3 ** torch.randint(-1, 2, (128, 1), generator=generator)
     z = torch.rand(576, generator=generator) + 0.1
     z[torch.randperm(576, generator=generator)[:296]] = -1.0
     positive, wanda = z.clamp_min(0), torch.rand(576, generator=generator)

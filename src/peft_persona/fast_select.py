@@ -3,9 +3,11 @@
 A row is selected while it sits in cache. Its keys are built (for ``|W| * c`` scores straight from the weight, with
 the bits :func:`selection.order_keys` gives), counted once in 256 buckets spanning the row's own range, and every key
 above the bucket holding the ``k``-th largest is kept; the keys inside that bucket are gathered (ascending columns)
-and refined by 256-bucket passes over them alone until the cut is one key wide. Among keys equal at the cut the
-lower columns win; with a secondary key, the tied entries are first narrowed by it (an insertion pass where only a
-few are kept or dropped, else the same bucket passes). Blocks of rows run on a thread pool, one per torch thread.
+and refined by 256-bucket passes over them alone until the cut is one key wide; where the ``k``-th largest key is
+the row's smallest (contrastive scores are zero on half the channels), one pass cuts there. Among keys equal at the
+cut the lower columns win; with a secondary key, the tied entries are first narrowed by it (its keys built for them
+alone; an insertion pass where only a few are kept or dropped, starting from the previous row's floor where enough
+keys reach it, else the same bucket passes). Blocks of rows run on a thread pool, one per torch thread.
 
 Installed with the ``fast`` extra (``pip install "peft-persona[fast]"``). Without numba, with
 ``PEFT_PERSONA_KERNELS=0`` in the environment, inside :func:`eager`, or for tensors off the CPU, selection runs in
@@ -123,24 +125,29 @@ if numba is not None:
         return bucket, total - below - counts[bucket]
 
     @_jit
-    def _histogram(digits, counts):
-        """``counts[:2**BUCKET_BITS]``: how many ``digits`` take each value (four interleaved tallies, so that runs
-        of equal digits do not wait on one counter)."""
+    def _histogram(digits, counts, clustered):
+        """``counts[:2**BUCKET_BITS]``: how many ``digits`` take each value. Where many are equal (``clustered``),
+        four interleaved tallies, so that runs of equal digits do not wait on one counter; else one (a short row's
+        time goes to clearing and summing the other three)."""
         buckets = 1 << BUCKET_BITS
-        counts[:] = 0
         n = digits.shape[0]
         j = 0
-        while j + 4 <= n:
-            counts[digits[j]] += 1
-            counts[buckets + digits[j + 1]] += 1
-            counts[2 * buckets + digits[j + 2]] += 1
-            counts[3 * buckets + digits[j + 3]] += 1
-            j += 4
+        if clustered:
+            counts[: 4 * buckets] = 0
+            while j + 4 <= n:
+                counts[digits[j]] += 1
+                counts[buckets + digits[j + 1]] += 1
+                counts[2 * buckets + digits[j + 2]] += 1
+                counts[3 * buckets + digits[j + 3]] += 1
+                j += 4
+        else:
+            counts[:buckets] = 0
         while j < n:
             counts[digits[j]] += 1
             j += 1
-        for b in range(buckets):
-            counts[b] += counts[buckets + b] + counts[2 * buckets + b] + counts[3 * buckets + b]
+        if clustered:
+            for b in range(buckets):
+                counts[b] += counts[buckets + b] + counts[2 * buckets + b] + counts[3 * buckets + b]
 
     @_jit
     def _cut(keys, k, keep, digits, counts, cand_keys, cand_pos):
@@ -150,9 +157,20 @@ if numba is not None:
         n = keys.shape[0]
         low, high = _span(keys, n)
         shift = max(_bit_length(high - low) - BUCKET_BITS, 0)
+        lowest = 0
         for j in range(n):
             digits[j] = np.uint8((keys[j] - low) >> np.uint32(shift))
-        _histogram(digits[:n], counts)
+            lowest += keys[j] == low
+        if n - lowest < k:  # the k-th largest is the row's smallest (as zero scores often make it)
+            m = 0
+            for j in range(n):
+                keep[j] = keys[j] != low
+            for j in range(n):
+                if keys[j] == low:
+                    cand_pos[m] = j
+                    m += 1
+            return m, k - (n - lowest)
+        _histogram(digits[:n], counts, 8 * lowest >= n)  # clustered: an eighth of the keys are the smallest
         bucket, above = _bucket_of(counts, n, k)
         top = np.uint8(bucket)
         for j in range(n):
@@ -193,15 +211,30 @@ if numba is not None:
             keep[positions[i]] = True
 
     @_jit
-    def _mark_few(keys, m, count, positions, keep, worst, buffer_keys, buffer_pos):
+    def _mark_few(keys, m, count, positions, keep, worst, buffer_keys, buffer_pos, hint):
         """Set ``keep[positions[i]]`` for the ``count`` (at most ``FEW``) best of the ``m`` positions by
-        ``keys[positions[i]]`` (largest, ties to the lower ``i``), or with ``worst`` clear it for the ``count``
-        worst (smallest, ties to the higher ``i``): one pass keeping the best so far in a sorted buffer."""
-        size = 0
+        ``keys[i]`` (largest, ties to the lower ``i``), or with ``worst`` clear it for the ``count`` worst
+        (smallest, ties to the higher ``i``): one pass keeping the best so far in a sorted buffer. ``hint``
+        (``[threshold, margin]`` per direction) carries a floor from the row before: where at least ``count`` keys
+        reach it, the pass starts from it."""
+        base = 2 if worst else 0
         floor = np.int64(-1)
+        reached = 0
+        if hint[base + 1] > 0:
+            if worst:
+                bound = 0xFFFFFFFF - hint[base]
+                for i in range(m):
+                    reached += keys[i] <= bound
+            else:
+                bound = hint[base]
+                for i in range(m):
+                    reached += keys[i] >= bound
+            if reached >= count:
+                floor = hint[base] - 1
+        size = 0
         for step in range(m):
             i = m - 1 - step if worst else step
-            key = 0xFFFFFFFF - keys[positions[i]] if worst else keys[positions[i]]
+            key = 0xFFFFFFFF - np.int64(keys[i]) if worst else np.int64(keys[i])
             if key <= floor:
                 continue
             p = size if size < count else count - 1
@@ -216,26 +249,32 @@ if numba is not None:
                 floor = buffer_keys[count - 1]
         for t in range(size):
             keep[positions[buffer_pos[t]]] = not worst
+        if hint[base + 1] == 0:
+            hint[base + 1] = 1 << 16
+        elif reached < count:
+            hint[base + 1] = min(hint[base + 1] * 2, np.int64(1) << 32)
+        elif reached > 2 * count + 8:
+            hint[base + 1] = max(hint[base + 1] * 3 // 4, 1)
+        hint[base] = max(buffer_keys[count - 1] - hint[base + 1], 0)
 
     @_jit
     def _finish(keep, m, need, tie_keys, two, scratch):
         """Keep ``need`` of the ``m`` tied positions in ``scratch[3]``: the lowest, or (``two``) the best by
         ``tie_keys`` (a key per position of the row), then the lowest."""
-        digits, counts, cand_keys, cand_pos, tied, chosen, buffer_keys, buffer_pos = scratch
+        digits, counts, cand_keys, cand_pos, tied, chosen, buffer_keys, buffer_pos, hint = scratch
         if not two or need == m:
             _keep_first(keep, cand_pos, need)
         elif need <= FEW:  # the few best
-            _mark_few(tie_keys, m, need, cand_pos, keep, False, buffer_keys, buffer_pos)
+            _mark_few(tie_keys, m, need, cand_pos, keep, False, buffer_keys, buffer_pos, hint)
         elif m - need <= FEW:  # all but the few worst
             for i in range(m):
                 keep[cand_pos[i]] = True
-            _mark_few(tie_keys, m, m - need, cand_pos, keep, True, buffer_keys, buffer_pos)
+            _mark_few(tie_keys, m, m - need, cand_pos, keep, True, buffer_keys, buffer_pos, hint)
         else:
             for i in range(m):
                 tied[i] = cand_pos[i]
-                cand_keys[i] = tie_keys[cand_pos[i]]
             chosen[:m] = False
-            _, need2 = _cut(cand_keys[:m].copy(), need, chosen[:m], digits, counts, cand_keys, cand_pos)
+            _, need2 = _cut(tie_keys[:m], need, chosen[:m], digits, counts, cand_keys, cand_pos)
             _keep_first(chosen, cand_pos, need2)
             for i in range(m):
                 if chosen[i]:
@@ -254,6 +293,7 @@ if numba is not None:
             np.empty(cols, np.bool_),
             np.empty(FEW, np.int64),
             np.empty(FEW, np.int64),
+            np.zeros(4, np.int64),
         )
 
     @_jit
@@ -267,8 +307,8 @@ if numba is not None:
                 keys[j] = np.uint32(primary[r, j]) ^ np.uint32(0x80000000)
             m, need = _cut(keys, k, keep[r], scratch[0], scratch[1], scratch[2], scratch[3])
             if two and need < m:
-                for j in range(cols):
-                    keys[j] = np.uint32(secondary[r, j]) ^ np.uint32(0x80000000)
+                for i in range(m):
+                    keys[i] = np.uint32(secondary[r, scratch[3][i]]) ^ np.uint32(0x80000000)
             _finish(keep[r], m, need, keys, two, scratch)
 
     @_jit
@@ -287,10 +327,12 @@ if numba is not None:
                 keys[j] = _ordered(bits[j])
             m, need = _cut(keys, k, keep[r], scratch[0], scratch[1], scratch[2], scratch[3])
             if two and need < m:
-                for j in range(cols):
-                    score[j] = abs(weight[r, j]) * tiebreak[j] + zero
-                for j in range(cols):
-                    keys[j] = _ordered(bits[j])
+                positions = scratch[3]
+                for i in range(m):
+                    j = positions[i]
+                    score[i] = abs(weight[r, j]) * tiebreak[j] + zero
+                for i in range(m):
+                    keys[i] = _ordered(bits[i])
             _finish(keep[r], m, need, keys, two, scratch)
 
 
