@@ -91,8 +91,10 @@ def test_failed_load_leaves_model_as_it_was(tmp_path, breakage, path):
     assert_same_state(before, model_state(model))
 
 
-@pytest.mark.parametrize("name", ["/tmp/x", "..", "a/b", "a\\b", "", " x", "a.b"])
+@pytest.mark.parametrize("name", ["/tmp/x", "..", "a/b", "a\\b", "", " x", "a.b", "__base__"])
 def test_unsafe_adapter_names_are_refused(tmp_path, name):
+    """Names that would escape a folder, and ``__base__``, which a mixed batch (``adapter_names=[...]``) reads as
+    "no adapter" (an adapter under it would be silently skipped there)."""
     with pytest.raises(pp.PersonaAdapterError, match="adapter name"):
         pp.add_mask_adapter(tiny_llama(), random_masks(tiny_llama(), 1), name)
     with pytest.raises(pp.PersonaAdapterError, match="adapter name"):

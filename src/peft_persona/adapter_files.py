@@ -70,6 +70,7 @@ __all__ = [
     "weights_format",
 ]
 MAX_NAME_LENGTH = 128
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch: no adapter may take it
 _FORBIDDEN_IN_NAMES = set("/\\.:\0")
 
 
@@ -77,10 +78,15 @@ def check_adapter_name(name: object, what: str = "adapter name") -> str:
     """``name`` if it is safe as an adapter name, which becomes a directory name and a buffer key; else raise.
 
     A name must be a non-empty string of at most 128 characters without path separators, dots (so neither ``..``
-    nor an absolute path), colons, control characters or surrounding whitespace.
+    nor an absolute path), colons, control characters or surrounding whitespace, and not ``__base__``, which
+    PEFT's mixed batches (``adapter_names=[...]``) read as "no adapter".
     """
     if not isinstance(name, str):
         raise PersonaAdapterError(f"{what} must be a string, got {type(name).__name__}")
+    if name == BASE_ADAPTER:
+        raise PersonaAdapterError(
+            f"{what} {name!r} is reserved: in a mixed batch (adapter_names=[...]) PEFT reads it as 'no adapter'"
+        )
     bad = sorted({c for c in name if c in _FORBIDDEN_IN_NAMES or ord(c) < 32})
     if not name or name != name.strip() or len(name) > MAX_NAME_LENGTH or bad:
         reason = f"contains {bad!r}" if bad else "is empty, too long or padded with whitespace"

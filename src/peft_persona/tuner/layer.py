@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..adapter_files import BASE_ADAPTER
 from ..bits import full_mask_packed, pack_mask, packed_shape, unpack_mask
 from ..checks import check_mask_shape, check_strength
 from ..selection import ChannelSelection
@@ -32,8 +33,6 @@ from .engine import (
     sync_after_load,
 )
 from .stats_format import StatsFormatLayer
-
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class PersonaMaskLayer(WeightEngine, StatsFormatLayer, BaseTunerLayer):
