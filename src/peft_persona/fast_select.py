@@ -125,29 +125,15 @@ if numba is not None:
         return bucket, total - below - counts[bucket]
 
     @_jit
-    def _histogram(digits, counts, clustered):
-        """``counts[:2**BUCKET_BITS]``: how many ``digits`` take each value. Where many are equal (``clustered``),
-        four interleaved tallies, so that runs of equal digits do not wait on one counter; else one (a short row's
-        time goes to clearing and summing the other three)."""
+    def _histogram(digits, counts, keys, low, lowest):
+        """``counts[:2**BUCKET_BITS]``: how many ``digits`` take each value. The ``lowest`` keys equal to ``low`` (all
+        in bucket 0; contrastive scores are zero on about half the channels) are tallied apart, in eight slots by
+        position so that runs of them do not wait on one counter, and added to bucket 0 at the end."""
         buckets = 1 << BUCKET_BITS
-        n = digits.shape[0]
-        j = 0
-        if clustered:
-            counts[: 4 * buckets] = 0
-            while j + 4 <= n:
-                counts[digits[j]] += 1
-                counts[buckets + digits[j + 1]] += 1
-                counts[2 * buckets + digits[j + 2]] += 1
-                counts[3 * buckets + digits[j + 3]] += 1
-                j += 4
-        else:
-            counts[:buckets] = 0
-        while j < n:
-            counts[digits[j]] += 1
-            j += 1
-        if clustered:
-            for b in range(buckets):
-                counts[b] += counts[buckets + b] + counts[2 * buckets + b] + counts[3 * buckets + b]
+        counts[: buckets + 8] = 0
+        for j in range(digits.shape[0]):
+            counts[buckets + (j & 7) if keys[j] == low else np.int64(digits[j])] += 1
+        counts[0] += lowest
 
     @_jit
     def _cut(keys, k, keep, digits, counts, cand_keys, cand_pos):
@@ -170,7 +156,7 @@ if numba is not None:
                     cand_pos[m] = j
                     m += 1
             return m, k - (n - lowest)
-        _histogram(digits[:n], counts, 8 * lowest >= n)  # clustered: an eighth of the keys are the smallest
+        _histogram(digits[:n], counts, keys, low, lowest)
         bucket, above = _bucket_of(counts, n, k)
         top = np.uint8(bucket)
         for j in range(n):
@@ -211,29 +197,26 @@ if numba is not None:
             keep[positions[i]] = True
 
     @_jit
-    def _mark_few(keys, m, count, positions, keep, worst, buffer_keys, buffer_pos, hint):
+    def _mark_few(keys, m, count, positions, keep, worst, buffer_keys, buffer_pos, hint, reaching):
         """Set ``keep[positions[i]]`` for the ``count`` (at most ``FEW``) best of the ``m`` positions by
         ``keys[i]`` (largest, ties to the lower ``i``), or with ``worst`` clear it for the ``count`` worst
         (smallest, ties to the higher ``i``): one pass keeping the best so far in a sorted buffer. ``hint``
         (``[threshold, margin]`` per direction) carries a floor from the row before: where at least ``count`` keys
-        reach it, the pass starts from it."""
+        reach it, only those (gathered in ``reaching``) are passed over."""
         base = 2 if worst else 0
-        floor = np.int64(-1)
         reached = 0
         if hint[base + 1] > 0:
-            if worst:
-                bound = 0xFFFFFFFF - hint[base]
-                for i in range(m):
-                    reached += keys[i] <= bound
-            else:
-                bound = hint[base]
-                for i in range(m):
-                    reached += keys[i] >= bound
-            if reached >= count:
-                floor = hint[base] - 1
+            bound = 0xFFFFFFFF - hint[base] if worst else hint[base]
+            for step in range(m):
+                i = m - 1 - step if worst else step
+                reaching[reached] = i
+                reached += (keys[i] <= bound) if worst else (keys[i] >= bound)
+        hinted = reached >= count
+        total = reached if hinted else m
         size = 0
-        for step in range(m):
-            i = m - 1 - step if worst else step
+        floor = np.int64(-1)
+        for step in range(total):
+            i = reaching[step] if hinted else (m - 1 - step if worst else step)
             key = 0xFFFFFFFF - np.int64(keys[i]) if worst else np.int64(keys[i])
             if key <= floor:
                 continue
@@ -265,11 +248,11 @@ if numba is not None:
         if not two or need == m:
             _keep_first(keep, cand_pos, need)
         elif need <= FEW:  # the few best
-            _mark_few(tie_keys, m, need, cand_pos, keep, False, buffer_keys, buffer_pos, hint)
+            _mark_few(tie_keys, m, need, cand_pos, keep, False, buffer_keys, buffer_pos, hint, tied)
         elif m - need <= FEW:  # all but the few worst
             for i in range(m):
                 keep[cand_pos[i]] = True
-            _mark_few(tie_keys, m, m - need, cand_pos, keep, True, buffer_keys, buffer_pos, hint)
+            _mark_few(tie_keys, m, m - need, cand_pos, keep, True, buffer_keys, buffer_pos, hint, tied)
         else:
             for i in range(m):
                 tied[i] = cand_pos[i]
@@ -286,7 +269,7 @@ if numba is not None:
         positions, tie choices, and the insertion buffer (keys, positions)."""
         return (
             np.empty(cols, np.uint8),
-            np.empty(4 << BUCKET_BITS, np.int32),
+            np.empty((1 << BUCKET_BITS) + 8, np.int32),
             np.empty(cols, np.uint32),
             np.empty(cols, np.int64),
             np.empty(cols, np.int64),
