@@ -243,7 +243,7 @@ if numba is not None:
     @_jit
     def _finish(keep, m, need, tie_keys, two, scratch):
         """Keep ``need`` of the ``m`` tied positions in ``scratch[3]``: the lowest, or (``two``) the best by
-        ``tie_keys`` (a key per position of the row), then the lowest."""
+        ``tie_keys[:m]`` (one key per tied entry, in the order of ``scratch[3]``), then the lowest."""
         digits, counts, cand_keys, cand_pos, tied, chosen, buffer_keys, buffer_pos, hint = scratch
         if not two or need == m:
             _keep_first(keep, cand_pos, need)
@@ -265,8 +265,9 @@ if numba is not None:
 
     @_jit
     def _scratch(cols):
-        """The arrays one thread's rows are selected in: digits, tallies, gathered keys and positions, tied
-        positions, tie choices, and the insertion buffer (keys, positions)."""
+        """The arrays one thread's rows are selected in: digits, tallies (and eight slots for the smallest keys),
+        gathered keys and positions, tied positions (or the entries reaching the carried floor), tie choices, the
+        insertion buffer (keys, positions), and the floor carried from row to row (``_mark_few``'s ``hint``)."""
         return (
             np.empty(cols, np.uint8),
             np.empty((1 << BUCKET_BITS) + 8, np.int32),
