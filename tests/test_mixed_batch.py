@@ -12,7 +12,7 @@ from peft import PeftModel
 import peft_persona as pp
 from conftest import MODEL_FACTORIES, VOCAB, random_masks
 from peft_persona.tuner import mask_layers
-from peft_persona.tuner.engine import SPARSE_MIXED_MAX_TOKENS
+from peft_persona.tuner.mixed_forward import SPARSE_MIXED_MAX_TOKENS
 
 ROWS = ["extro", "intro", "__base__", "extro", "intro", "extro"]
 

@@ -29,19 +29,20 @@ and changed with :meth:`WeightEngine.set_weight_mode` (for a whole model, :func:
   one more copy of the weight, and nothing per adapter but its mask. With the ``fast`` extra (numba) a switch at full
   strength is then one fused pass (:mod:`~peft_persona.fast_mask`), about one copy of the weight; without it, a copy
   and an index write (with the dropped entries' indices recorded per adapter, :mod:`.records`);
-* ``cache_mixed`` (default ``False``): keep what a mixed-persona batch (``adapter_names=``) builds for each adapter
-  other than the one in effect, so that later mixed calls do not rebuild it: for groups of at most
-  :data:`SPARSE_MIXED_MAX_TOKENS` tokens (decoding) in float32/64 without grad, the *difference* to the weight in
-  effect as a sparse CSR matrix (8 bytes per entry where the two differ; used only where that is under half the
-  dense bytes), so that those rows cost the weight in effect's matmul plus a sparse one; for larger groups, its dense
-  ``W_eff`` (one copy of the weight per adapter used there).
+* ``cache_mixed`` (default ``False``): keep what a mixed-persona batch (``adapter_names=``, :mod:`.mixed_forward`)
+  builds, so that later mixed calls do not rebuild it: for decoding steps with the ``fast`` extra, the original weight
+  that :mod:`~peft_persona.fast_mixed` reads (one copy of the weight per layer, whatever the adapters; none is made
+  where the weight holds no change or ``keep_original`` keeps one); without numba, for groups of at most
+  :data:`~.mixed_forward.SPARSE_MIXED_MAX_TOKENS` tokens in float32/64 without grad, the *difference* of an adapter's
+  ``W_eff`` to the weight in effect as a sparse CSR matrix (8 bytes per entry where the two differ; used only where
+  that is under half the dense bytes); for larger groups, an adapter's dense ``W_eff`` (one copy of the weight per
+  adapter used there).
 
 Switching records and writes by others: :mod:`.records`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,10 +54,6 @@ from ..bits import byte_table, unpack_mask, unpack_to
 from .records import SwitchRecords, version
 
 DEFAULT_WEIGHT_MODE: dict[str, bool] = {"in_place": True, "keep_original": False, "cache_mixed": False}
-# up to this many tokens of one adapter, a mixed batch adds a sparse difference to the weight in effect's output
-# instead of a dense matmul with its own W_eff (on 100M shapes, CPU: 4x faster at 2 tokens, even at 32, 1.4x slower
-# at 128), so that decoding after a short prompt never builds the dense W_eff
-SPARSE_MIXED_MAX_TOKENS = 32
 
 
 class WeightEngine(SwitchRecords):
@@ -66,7 +63,8 @@ class WeightEngine(SwitchRecords):
     ``in_features``, ``fan_in_fan_out`` and base layer, and owns the buffers ``persona_dropped`` /
     ``persona_dropped_index`` (the original values of the changed entries and their flat indices) and
     ``persona_original`` (the dense original copy, only with ``keep_original``), and two caches: each adapter's
-    dropped indices, and (with ``cache_mixed``) the ``W_eff`` of adapters used in mixed batches.
+    dropped indices, and what mixed batches keep with ``cache_mixed`` (``_mixed_cache``, filled by
+    :class:`~.mixed_forward.MixedBatchForward`; cleared here when the weight or a mask changes).
     """
 
     in_place: bool
@@ -293,47 +291,6 @@ class WeightEngine(SwitchRecords):
         for name, strength in self._plan([(n, self.persona_strength[n]) for n in adapters]):
             weight.mul_(self.factors(name, strength, weight.dtype))
         return weight
-
-    def mixed_weight(self, adapters: Sequence[str]) -> torch.Tensor:
-        """:meth:`effective_weight` for a mixed batch; kept for the next call with ``cache_mixed``."""
-        if not self.cache_mixed:
-            return self.effective_weight(adapters)
-        self.notice_writes()
-        key = tuple((self.persona_strength[n], *self._mask_key(n)) for n in adapters)
-        cached = self._mixed_cache.get(tuple(adapters))
-        if cached is None or cached[0] != key:  # a changed mask or strength replaces the entry
-            cached = self._mixed_cache[tuple(adapters)] = (key, self.effective_weight(adapters))
-        return cached[1]
-
-    def mixed_difference(self, adapters: Sequence[str]) -> torch.Tensor | None:
-        """With ``cache_mixed``, a float32/64 weight and no grad: ``W_eff(adapters)`` minus the ``W_eff`` the weight
-        holds, as a cached sparse CSR ``(out, in)`` matrix with ``int32`` indices; ``None`` where that is not under
-        half the dense bytes (or those conditions fail), and the dense :meth:`mixed_weight` serves."""
-        weight = self.base_layer.weight
-        if not self.cache_mixed or torch.is_grad_enabled() or weight.dtype not in (torch.float32, torch.float64):
-            return None
-        self.notice_writes()
-        current = [n for n, *_ in self._in_effect]
-        key = (self._in_effect, tuple((self.persona_strength[n], *self._mask_key(n)) for n in adapters))
-        cached = self._mixed_cache.get(("difference", tuple(adapters)))
-        if cached is None or cached[0] != key:
-            difference = self.effective_weight(adapters) - self.effective_weight(current)
-            if self.fan_in_fan_out:
-                difference = difference.T
-            sparse = None
-            if 2 * int(torch.count_nonzero(difference)) < difference.numel():
-                with warnings.catch_warnings():  # torch's "in beta state" notice, once per process
-                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                    csr = difference.to_sparse_csr()
-                    sparse = torch.sparse_csr_tensor(
-                        csr.crow_indices().int(),
-                        csr.col_indices().int(),
-                        csr.values(),
-                        csr.shape,
-                        check_invariants=False,
-                    )
-            cached = self._mixed_cache[("difference", tuple(adapters))] = (key, sparse)
-        return cached[1]
 
     def functional_weight(self) -> torch.Tensor:
         """``W_eff`` of the active adapters as a differentiable function of the (unmodified) base weight."""

@@ -9,7 +9,6 @@ through :mod:`.stats_format`.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -19,19 +18,18 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..adapter_files import BASE_ADAPTER
 from ..bits import full_mask_packed, pack_mask, packed_shape, unpack_mask
 from ..checks import check_mask_shape, check_strength
 from ..selection import ChannelSelection
 from ..targets import is_conv1d, oriented_weight
 from .engine import (
     DEFAULT_WEIGHT_MODE,
-    SPARSE_MIXED_MAX_TOKENS,
     WeightEngine,
     disarm_before_load,
     disarm_before_state_dict,
     sync_after_load,
 )
+from .mixed_forward import MixedBatchForward
 from .stats_format import StatsFormatLayer
 
 
@@ -185,7 +183,7 @@ class PersonaMaskLayer(WeightEngine, StatsFormatLayer, BaseTunerLayer):
             self.sync()
 
 
-class MaskedLinear(nn.Module, PersonaMaskLayer):
+class MaskedLinear(nn.Module, MixedBatchForward, PersonaMaskLayer):
     """A ``nn.Linear`` (or transformers ``Conv1D``) whose weight is multiplied by the active persona masks.
 
     ``in_place``, ``keep_original`` and ``cache_mixed`` set the layer's weight engine (:mod:`.engine`); the rest is
@@ -289,68 +287,8 @@ class MaskedLinear(nn.Module, PersonaMaskLayer):
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
 
-    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
-        """One matmul per distinct adapter in the batch, each on its own rows (see :mod:`.mixed`); with
-        ``cache_mixed``, small groups add a sparse difference to the weight in effect's output instead."""
-        base = self.get_base_layer()
-        current = [n for n, *_ in self._in_effect]
-        groups = {}  # each group's acting adapter (none for ``__base__`` or at strength 0) and rows
-        for name, rows in _row_groups(tuple(adapter_names)).items():
-            acts = name != BASE_ADAPTER and name in self.persona_mask_bits and self.persona_strength[name] > 0
-            groups[name] = ([name] if acts else [], rows)
-        tokens_per_row = x[0].numel() // x.shape[-1] if len(x) else 0
-        differences = {}
-        for name, (wanted, rows) in groups.items():
-            if wanted != current and _rows_count(rows) * tokens_per_row <= SPARSE_MIXED_MAX_TOKENS:
-                difference = self.mixed_difference(wanted)
-                if difference is not None:
-                    differences[name] = difference
-        result = base(x) if differences else None  # every row under the weight in effect, corrected below
-        for name, (wanted, rows) in groups.items():
-            if differences and wanted == current:
-                continue  # already in ``result``
-            if isinstance(rows, list):
-                rows = torch.tensor(rows, device=x.device)
-            if name in differences:
-                inputs = x[rows].reshape(-1, x.shape[-1]).T.contiguous()  # (in, tokens): CSR @ dense, contiguous
-                correction = (differences[name] @ inputs).T.reshape(-1, *result.shape[1:]).to(result.dtype)
-                if isinstance(rows, slice):
-                    result[rows] += correction
-                else:
-                    result.index_add_(0, rows, correction)
-                continue
-            if wanted == current:
-                out = base(x[rows].contiguous())  # a strided slice is a view; GPT-2's Conv1D views its input
-            else:
-                weight = self.mixed_weight(wanted)
-                out = F.linear(x[rows], weight.T if self.fan_in_fan_out else weight, base.bias)
-            if result is None:
-                result = out.new_empty((len(adapter_names), *out.shape[1:]))
-            result[rows] = out
-        return result
-
     def __repr__(self) -> str:
         return "persona_mask." + super().__repr__()
-
-
-@functools.lru_cache(maxsize=64)
-def _row_groups(adapter_names: tuple[str, ...]) -> dict[str, slice | list[int]]:
-    """The rows of each adapter in a mixed batch: a ``slice`` where they are evenly spaced (a view, no gather)."""
-    groups: dict[str, list[int]] = {}
-    for row, name in enumerate(adapter_names):
-        groups.setdefault(name, []).append(row)
-    return {name: _as_slice(rows) for name, rows in groups.items()}
-
-
-def _as_slice(rows: list[int]) -> slice | list[int]:
-    step = rows[1] - rows[0] if len(rows) > 1 else 1
-    if step > 0 and rows == list(range(rows[0], rows[-1] + 1, step)):
-        return slice(rows[0], rows[-1] + 1, step)
-    return rows
-
-
-def _rows_count(rows: slice | list[int]) -> int:
-    return len(range(rows.start, rows.stop, rows.step)) if isinstance(rows, slice) else len(rows)
 
 
 def check_adapter_strength(strength: Any, adapter_name: str) -> float:

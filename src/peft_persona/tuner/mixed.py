@@ -20,7 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from .layer import BASE_ADAPTER, PersonaMaskLayer
+from ..adapter_files import BASE_ADAPTER
+from .layer import PersonaMaskLayer
 
 HOOKS_ATTRIBUTE = "_persona_mixed_batch_hooks"
 
