@@ -1,14 +1,17 @@
-"""Where a mixed-persona decode step goes, per layer: the persona and LoRA mixed forwards beside the plain one, and the
-sparse product that the persona path adds, in three storage formats.
+"""Where a mixed-persona decode step goes, per layer: the persona mixed forward (the fused kernel of the ``fast`` extra,
+and without it the sparse difference) and LoRA's beside the plain one, and the sparse product that the path without
+numba adds, in three storage formats.
 
     python benchmarks/bench_mixed_layer.py [--config 100M] [--repeats 30] [--threads 2] [--differ F]
 
 The 100M model's layers with 2048 inputs (``down_proj``, one per block), one decode step of 4 rows split between two
 adapters (random masks at sparsity 0.2, independent or differing in the fraction ``--differ`` of the entries; LoRA
-r=16 on the same modules), ``cache_mixed`` on and warmed, then the
-sparse difference those layers hold (CSR, ``int32`` indices) against the same with ``int64`` indices and the dense
-product of the same two rows with the dense difference. Milliseconds per layer, medians of round-robin repeats.
-Prints a markdown table; docs/benchmarks.md records it.
+r=16 on the same modules), ``cache_mixed`` on and warmed; the persona mixed forward with the fused kernel
+(:mod:`peft_persona.fast_mixed`, one pass over the original weight) and under ``fast_select.eager()`` (the path
+without numba: the weight in effect's product plus a sparse difference); then the sparse difference those layers
+hold (CSR, ``int32`` indices) against the same with ``int64`` indices and the dense product of the same two rows with
+the dense difference. Milliseconds per layer, medians of round-robin repeats. Prints a markdown table;
+docs/benchmarks.md records it.
 """
 
 from __future__ import annotations
@@ -20,10 +23,16 @@ from _common import CONFIGS, interleaved_medians, markdown_table, mask_pair, ran
 from bench_forward import lora_model, persona_model
 from peft.tuners.lora import Linear as LoraLinear
 
+from peft_persona.fast_select import eager
 from peft_persona.targets import decoder_linear_modules
 from peft_persona.tuner import mask_layers
 
 NAMES = ["a", "b0"] * 2
+
+
+def without_kernels(layers: list, x: torch.Tensor) -> list:
+    with eager():
+        return [m(x, adapter_names=NAMES) for m in layers]
 
 
 def main() -> None:
@@ -46,17 +55,23 @@ def main() -> None:
     x = torch.randn(4, 1, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for layer in layers:
-            layer(x, adapter_names=NAMES)  # builds and keeps each layer's sparse difference
+            layer(x, adapter_names=NAMES)  # keeps each layer's original weight for the fused kernel
+        with eager():
+            for layer in layers:
+                layer(x, adapter_names=NAMES)  # builds and keeps each layer's sparse difference
         sparse32 = [layer._mixed_cache[("difference", ("b0",))][1] for layer in layers]
         sparse64 = [s.to_dense().to_sparse_csr() for s in sparse32]
         dense = [s.to_dense() for s in sparse32]
         rows = x[1::2].reshape(-1, width).T.contiguous()
         functions = {
             "persona, one adapter (plain)": lambda: [m(x) for m in layers],
-            "persona mixed, cache_mixed": lambda: [m(x, adapter_names=NAMES) for m in layers],
+            "persona mixed, cache_mixed, fused kernel": lambda: [m(x, adapter_names=NAMES) for m in layers],
+            "persona mixed, cache_mixed, without numba (sparse difference)": lambda: without_kernels(layers, x),
             "LoRA r=16, one adapter": lambda: [m(x) for m in lora_layers],
             "LoRA r=16 mixed": lambda: [m(x, adapter_names=NAMES) for m in lora_layers],
-            "sparse difference @ 2 rows, int32 CSR (what persona mixed adds)": lambda: [s @ rows for s in sparse32],
+            "sparse difference @ 2 rows, int32 CSR (what the path without numba adds)": lambda: [
+                s @ rows for s in sparse32
+            ],
             "sparse difference @ 2 rows, int64 CSR": lambda: [s @ rows for s in sparse64],
             "dense difference @ 2 rows": lambda: [d @ rows for d in dense],
         }
