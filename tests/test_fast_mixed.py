@@ -45,13 +45,36 @@ def mixed_cases(draw):
 
 
 @settings(max_examples=200, deadline=None)
-@given(mixed_cases())
-def test_each_group_gets_the_weight_times_its_factor(case):
+@given(mixed_cases(), st.sampled_from([None, 1.0, 0.5]))
+def test_each_group_gets_the_weight_times_its_factor(case, held_strength):
+    """From the original weight, or (``held_strength``) from the engine's state: ``W_eff`` of another mask in the
+    weight and the original values it changed in a stash."""
     weight, x, groups, masks, strengths = case
     packed = [None if m is None else pack_mask(m) for m in masks]
-    got = fast_mixed.mixed_linear(weight, x, fast_mixed.plan_groups(weight.shape, groups, packed, strengths))
+    plan = fast_mixed.plan_groups(weight.shape, groups, packed, strengths)
+    if held_strength is None:
+        got = fast_mixed.mixed_linear(weight, x, plan)
+    else:
+        held = torch.rand(weight.shape, generator=torch.Generator().manual_seed(len(x))) > 0.3
+        in_effect = weight * torch.where(held, torch.tensor(1.0), torch.tensor(1.0 - held_strength))
+        got = fast_mixed.mixed_linear(in_effect, x, plan, pack_mask(held), weight[~held].contiguous())
     want = reference(weight, x, groups, masks, strengths)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def test_a_stash_that_does_not_fit_the_held_mask_is_refused_without_reading_past_it():
+    generator = torch.Generator().manual_seed(2)
+    weight, x = torch.randn(6, 40, generator=generator), torch.randn(2, 40, generator=generator)
+    held = torch.rand(6, 40, generator=generator) > 0.5
+    plan = fast_mixed.plan_groups((6, 40), [torch.tensor([0, 1])], [pack_mask(held)], [1.0])
+    stash = weight[~held].contiguous()
+    for wrong in (stash[:-1], stash[:3], torch.zeros(0), torch.cat([stash, stash])):
+        with pytest.raises(ValueError, match="are not the entries that held drops"):
+            fast_mixed.mixed_linear(weight * held, x, plan, pack_mask(held), wrong)
+    with pytest.raises(ValueError, match="held and stash go together"):
+        fast_mixed.mixed_linear(weight, x, plan, pack_mask(held))
+    with pytest.raises(ValueError, match=r"held \(6, 4\) torch.uint8 and stash"):
+        fast_mixed.mixed_linear(weight, x, plan, pack_mask(held)[:, :4].contiguous(), stash)
 
 
 def test_a_decoding_step_on_model_shapes_matches_dense_products():
@@ -150,7 +173,33 @@ def test_groups_above_the_limit_take_a_product_per_adapter(monkeypatch):
     assert calls == [] and torch.allclose(got, alone(model, tokens[:, :1], names), rtol=0, atol=1e-5)
 
 
-def test_cache_mixed_keeps_one_original_per_layer_and_drops_it_when_the_weight_is_written():
+def test_by_default_the_kernel_reads_the_engines_state_without_a_copy(monkeypatch):
+    """The weight holding ``W_eff`` and the engine's stash of original values: nothing kept, nothing copied."""
+    model = decoding_model()
+    model.set_adapter("extro")
+    names = ["extro", "intro", "extro", "__base__"]
+    tokens = torch.randint(3, VOCAB, (4, 1), generator=torch.Generator().manual_seed(5))
+    held = []
+    kernel = fast_mixed.mixed_linear
+    monkeypatch.setattr(
+        fast_mixed,
+        "mixed_linear",
+        lambda w, x, plan, h=None, s=None: (held.append((w, h, s)), kernel(w, x, plan, h, s))[1],
+    )
+    with torch.no_grad():
+        got = model(tokens, adapter_names=names).logits
+    layers = list(mask_layers(model).values())
+    assert [(w.data_ptr(), s.data_ptr()) for w, _, s in held] == [
+        (m.get_base_weight().data_ptr(), m.persona_dropped.data_ptr()) for m in layers
+    ]
+    assert all(not m._mixed_cache for m in layers)
+    monkeypatch.setattr(fast_mixed, "mixed_linear", kernel)
+    assert torch.allclose(got, alone(model, tokens, names), rtol=0, atol=1e-5)
+
+
+def test_cache_mixed_keeps_one_original_and_the_plan_until_they_change():
+    """With ``cache_mixed``: one copy of the original per layer (the fastest read) and the batch's plan, kept until
+    the names, a mask or a strength change, or the weight is written."""
     model = decoding_model()
     set_weight_mode(model, cache_mixed=True)
     model.set_adapter("extro")
@@ -159,10 +208,9 @@ def test_cache_mixed_keeps_one_original_per_layer_and_drops_it_when_the_weight_i
     layer = next(iter(mask_layers(model).values()))
     with torch.no_grad():
         first = model(tokens, adapter_names=names).logits
-        kept = layer._mixed_cache[("original", None)][1]
-        assert set(layer._mixed_cache) == {("original", None), ("plan", None)}  # one copy, whatever the adapters
-        plan = layer._mixed_cache[("plan", None)][1]
-        assert torch.equal(kept, layer.original_weight()) and kept is not layer.get_base_weight()
+        assert set(layer._mixed_cache) == {("original", None), ("plan", None)}
+        kept, plan = layer._mixed_cache[("original", None)][1], layer._mixed_cache[("plan", None)][1]
+        assert torch.equal(kept, layer.original_weight())
         assert torch.equal(model(tokens, adapter_names=names).logits, first)
         assert layer._mixed_cache[("original", None)][1] is kept and layer._mixed_cache[("plan", None)][1] is plan
         pp.set_strength(model, "intro", 0.25)  # a new strength: a new plan
@@ -170,9 +218,21 @@ def test_cache_mixed_keeps_one_original_per_layer_and_drops_it_when_the_weight_i
         assert layer._mixed_cache[("plan", None)][1].offs.tolist() == [0.0, 0.75, 1.0]  # extro, intro, __base__
         with model.disable_adapter():  # a write by someone else: new original values
             model(tokens)  # the weight holds the original
-            layer.base_layer.weight.mul_(2)  # through the parameter, as a user writes it
-        model(tokens, adapter_names=names)
+            for module in mask_layers(model).values():
+                module.base_layer.weight.mul_(2)  # through the parameter, as a user writes it
+        got = model(tokens, adapter_names=names).logits
     assert torch.equal(layer._mixed_cache[("original", None)][1], kept * 2)
+    assert torch.allclose(got, alone(model, tokens, names), rtol=0, atol=1e-5)
+
+
+def test_several_adapters_in_effect_give_the_kernel_their_masks_anded(monkeypatch):
+    model = decoding_model()
+    pp.add_mask_adapter(model, random_masks(MODEL_FACTORIES["llama"](0), 3), "third")
+    model.base_model.set_adapter(["extro", "third"])
+    names = ["intro", "__base__"]
+    tokens = torch.randint(3, VOCAB, (2, 1), generator=torch.Generator().manual_seed(9))
+    got, calls = run_counting(model, tokens, names, monkeypatch)
+    assert calls and torch.allclose(got, alone(model, tokens, names), rtol=0, atol=1e-5)
 
 
 def test_a_batch_with_no_adapter_acting_skips_the_kernel(monkeypatch):

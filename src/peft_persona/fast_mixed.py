@@ -11,7 +11,10 @@ the weight once per adapter. The factors are exactly :meth:`~peft_persona.tuner.
 bit for bit.
 
 :func:`plan_groups` turns the groups (token indices, packed masks, strengths) into a :class:`MixedPlan` once;
-:func:`mixed_linear` runs it. The mask layers use it for the decoding steps of mixed batches (``adapter_names=``,
+:func:`mixed_linear` runs it, on the original weight or on the weight engine's in-place state (``W_eff`` in the weight
+and the original values of the entries it changed in a stash, row-major): then each row is first rebuilt in a
+scratch row, an expanding load of the stash per 16 columns (``llvm.masked.expandload``), so no copy of the weight is
+made. The mask layers use it for the decoding steps of mixed batches (``adapter_names=``,
 :mod:`peft_persona.tuner.mixed_forward`) where :func:`supports` holds: kernels enabled
 (:func:`peft_persona.fast_select.enabled`), float32 CPU tensors, a contiguous weight and no grad. It runs on the
 calling thread: single-threaded it already reads the weight faster than torch's 4-row ``F.linear`` on two threads
@@ -97,9 +100,21 @@ def plan_groups(
     )
 
 
-def mixed_linear(weight: torch.Tensor, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
+def mixed_linear(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    plan: MixedPlan,
+    held: torch.Tensor | None = None,
+    stash: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x`` ``(tokens, in)`` times ``W * F`` per group of ``plan``, as ``(tokens, out)`` float32 (no bias); a row
-    of the output is written only for a token in some group. Call it where :func:`supports` holds."""
+    of the output is written only for a token in some group. Call it where :func:`supports` holds.
+
+    ``W`` is ``weight``, or, given ``held`` (a packed mask of ``weight``'s shape) and ``stash`` (float32, 1-D),
+    ``weight`` where ``held`` keeps and the values of ``stash`` in row-major order where it drops: the weight engine's
+    in-place state (``W_eff`` in the weight, the original values of the entries it changed kept apart), read as the
+    original weight without copying it.
+    """
     if fast_select.numba is None:
         raise RuntimeError("mixed_linear needs numba: pip install 'peft-persona[fast]'")
     if x.dim() != 2 or x.shape[1] != weight.shape[1] or tuple(weight.shape) != plan.shape:
@@ -109,10 +124,31 @@ def mixed_linear(weight: torch.Tensor, x: torch.Tensor, plan: MixedPlan) -> torc
         )
     if plan.tokens > len(x):
         raise ValueError(f"mixed_linear: the plan reaches token {plan.tokens - 1}; the input has {len(x)} rows")
+    packed = (weight.shape[0], (weight.shape[1] + 7) // 8)
+    if (held is None) != (stash is None):
+        raise ValueError("mixed_linear: held and stash go together")
+    if held is None:
+        held, stash = torch.zeros((0, packed[1]), dtype=torch.uint8), torch.zeros(0, dtype=torch.float32)
+    elif tuple(held.shape) != packed or held.dtype != torch.uint8 or stash.dtype != torch.float32 or stash.dim() != 1:
+        raise ValueError(
+            f"mixed_linear: held {tuple(held.shape)} {held.dtype} and stash {tuple(stash.shape)} {stash.dtype} do not "
+            f"fit a weight of shape {tuple(weight.shape)} (want uint8 {packed} and 1-D float32)"
+        )
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
-    _mixed_rows(
-        weight.numpy(), x.contiguous().numpy(), plan.rows, plan.starts, plan.slots, plan.offs, plan.bits, out.numpy()
+    mismatch = _mixed_rows(
+        weight.numpy(),
+        held.contiguous().numpy(),
+        stash.contiguous().numpy(),
+        x.contiguous().numpy(),
+        plan.rows,
+        plan.starts,
+        plan.slots,
+        plan.offs,
+        plan.bits,
+        out.numpy(),
     )
+    if mismatch:
+        raise ValueError(f"mixed_linear: the stash's {len(stash)} values are not the entries that held drops")
     return out
 
 
@@ -137,6 +173,54 @@ if fast_select.numba is not None:
         for k in range(1, total.type.count):
             value = builder.fadd(value, builder.extract_element(total, ir.IntType(32)(k)))
         return value
+
+    def _restore_blocks(checked: bool):
+        """An intrinsic: ``scratch[:16 * blocks] = w`` where the packed row ``held`` keeps, else the next values of
+        ``stash`` from ``start`` on (an expanding load per 16 columns); returns the next stash position and 1 if the
+        stash ran out. ``checked`` tests every block against the stash's end (nothing is read past it); unchecked,
+        the caller has made sure that a whole row fits."""
+
+        def codegen(context, builder, signature, args):
+            w, held, stash, start, blocks, scratch = args
+            index = blocks.type
+            f32 = ir.FloatType()
+            vec, keep_type, i16 = ir.VectorType(f32, LANES), ir.VectorType(ir.IntType(1), LANES), ir.IntType(16)
+            proxies = {
+                i: cgutils.create_struct_proxy(signature.args[i])(context, builder, value=args[i]) for i in (0, 1, 2, 5)
+            }
+            w_ptr, held_ptr, stash_ptr, scratch_ptr = (proxies[i].data for i in (0, 1, 2, 5))
+            size = cgutils.unpack_tuple(builder, proxies[2].shape, 1)[0]
+            function = ir.FunctionType(vec, [f32.as_pointer(), keep_type, vec])
+            expand = cgutils.get_or_insert_function(builder.module, function, "llvm.masked.expandload.v16f32")
+            count = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+            position, error = cgutils.alloca_once_value(builder, start), cgutils.alloca_once_value(builder, index(0))
+            with cgutils.for_range(builder, blocks) as loop:
+                column = builder.mul(loop.index, index(LANES))
+                w_vector = builder.load(builder.bitcast(builder.gep(w_ptr, [column]), vec.as_pointer()), align=4)
+                two_bytes = builder.bitcast(
+                    builder.gep(held_ptr, [builder.mul(loop.index, index(2))]), i16.as_pointer()
+                )
+                dropped = builder.xor(builder.load(two_bytes, align=1), i16(0xFFFF))
+                here, taken = builder.load(position), builder.zext(builder.call(count, [dropped]), index)
+                if checked:
+                    fits = builder.icmp_unsigned("<=", builder.add(here, taken), size)  # never read past the stash
+                    dropped, taken = builder.select(fits, dropped, i16(0)), builder.select(fits, taken, index(0))
+                    builder.store(builder.or_(builder.load(error), builder.zext(builder.not_(fits), index)), error)
+                keep = builder.bitcast(dropped, keep_type)
+                restored = builder.call(expand, [builder.gep(stash_ptr, [here]), keep, w_vector])
+                builder.store(restored, builder.bitcast(builder.gep(scratch_ptr, [column]), vec.as_pointer()), align=4)
+                builder.store(builder.add(here, taken), position)
+            return context.make_tuple(builder, signature.return_type, [builder.load(position), builder.load(error)])
+
+        def typer(typingctx, w, held, stash, start, blocks, scratch):
+            arrays = (w, held, stash, scratch)
+            if [a.dtype for a in arrays] != [types.float32, types.uint8, types.float32, types.float32]:
+                return None
+            return types.UniTuple(types.int64, 2)(w, held, stash, start, blocks, scratch), codegen
+
+        return intrinsic(typer)
+
+    _restore_fast, _restore_checked = _restore_blocks(False), _restore_blocks(True)
 
     def _masked_dots(tokens: int):
         """An intrinsic summing ``x[rows[first + t]] * select(bit, w, off * w)`` over the first ``16 * blocks``
@@ -210,12 +294,38 @@ if fast_select.numba is not None:
         return total
 
     @fast_select.numba.njit(cache=True, nogil=True, boundscheck=False)
-    def _mixed_rows(weight, x, rows, starts, slots, offs, bits, out):
+    def _restore_row(w, held, stash, start, scratch):
+        """``scratch`` = row ``w`` with the stash's values from ``start`` where ``held`` drops; (next position, 1 if
+        the stash ran out)."""
+        in_features = w.shape[0]
+        if start + in_features <= stash.shape[0]:  # the whole row fits: no test per block
+            position, error = _restore_fast(w, held, stash, start, in_features // LANES, scratch)
+        else:
+            position, error = _restore_checked(w, held, stash, start, in_features // LANES, scratch)
+        for j in range(in_features // LANES * LANES, in_features):
+            if (held[j >> 3] >> (j & 7)) & 1:
+                scratch[j] = w[j]
+            elif position < stash.shape[0]:
+                scratch[j] = stash[position]
+                position += 1
+            else:
+                scratch[j] = w[j]
+                error = 1
+        return position, error
+
+    @fast_select.numba.njit(cache=True, nogil=True, boundscheck=False)
+    def _mixed_rows(weight, held, stash, x, rows, starts, slots, offs, bits, out):
         out_features, in_features = weight.shape
         blocks = in_features // LANES
         tail = blocks * LANES
+        scratch = np.empty(in_features, dtype=np.float32)
+        position, error = 0, 0
         for o in range(out_features):
             w = weight[o]
+            if held.shape[0]:  # the weight holds W_eff: its original row, rebuilt once for every group
+                position, bad = _restore_row(w, held[o], stash, position, scratch)
+                error |= bad
+                w = scratch
             for g in range(len(slots)):
                 p, off = bits[slots[g], o], offs[g]
                 t, end = starts[g], starts[g + 1]
@@ -236,5 +346,7 @@ if fast_select.numba is not None:
                 if tail < in_features:
                     for i in range(starts[g], end):
                         out[rows[i], o] += _tail(w, p, x, rows[i], tail, off)
+        return error != 0 or (held.shape[0] > 0 and position != stash.shape[0])
+
 else:
     _mixed_rows = None

@@ -30,9 +30,10 @@ and changed with :meth:`WeightEngine.set_weight_mode` (for a whole model, :func:
   strength is then one fused pass (:mod:`~peft_persona.fast_mask`), about one copy of the weight; without it, a copy
   and an index write (with the dropped entries' indices recorded per adapter, :mod:`.records`);
 * ``cache_mixed`` (default ``False``): keep what a mixed-persona batch (``adapter_names=``, :mod:`.mixed_forward`)
-  builds, so that later mixed calls do not rebuild it: for decoding steps with the ``fast`` extra, the original weight
-  that :mod:`~peft_persona.fast_mixed` reads (one copy of the weight per layer, whatever the adapters; none is made
-  where the weight holds no change or ``keep_original`` keeps one); without numba, for groups of at most
+  builds, so that later mixed calls do not rebuild it: for decoding steps with the ``fast`` extra, a copy of the
+  original weight for :mod:`~peft_persona.fast_mixed` (one per layer, whatever the adapters; none where the weight
+  holds no change or ``keep_original`` keeps one; without ``cache_mixed`` the kernel reads the weight and the stash
+  of original values instead, a little slower) and the batch's plan; without numba, for groups of at most
   :data:`~.mixed_forward.SPARSE_MIXED_MAX_TOKENS` tokens in float32/64 without grad, the *difference* of an adapter's
   ``W_eff`` to the weight in effect as a sparse CSR matrix (8 bytes per entry where the two differ; used only where
   that is under half the dense bytes); for larger groups, an adapter's dense ``W_eff`` (one copy of the weight per

@@ -51,21 +51,31 @@ class MixedBatchForward:
             cached = self._mixed_cache[tuple(adapters)] = (key, self.effective_weight(adapters))
         return cached[1]
 
-    def mixed_original(self) -> torch.Tensor:
-        """The original weight for :mod:`~peft_persona.fast_mixed`, not copied where one is at hand: the
-        ``keep_original`` copy, or the base weight while it holds no change; else a copy of it, kept for the next
-        call with ``cache_mixed`` (one dense copy per layer, whatever the adapters)."""
+    def mixed_source(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What :func:`~peft_persona.fast_mixed.mixed_linear` reads as the original weight: the ``keep_original``
+        copy or the base weight while it holds no change (``held`` and ``stash`` ``None``); with ``cache_mixed``, a
+        copy of the original kept for the next call (one per layer, whatever the adapters: the fastest read); else,
+        with no copy, the base weight holding ``W_eff`` with ``held`` (the packed mask of the entries it keeps: the
+        masks in effect ANDed) and ``stash`` (the original values of the others, in row-major order, as the engine
+        keeps them), which the kernel expands row by row."""
         self.notice_writes()
+        weight = self.get_base_weight().detach()
         if self.persona_original is not None:
-            return self.persona_original
+            return self.persona_original, None, None
         if self.persona_dropped_index is None:
-            return self.get_base_weight().detach()
-        if not self.cache_mixed:
-            return self.original_weight()
-        cached = self._mixed_cache.get(("original", None))
-        if cached is None:
-            cached = self._mixed_cache[("original", None)] = (None, self.original_weight())
-        return cached[1]
+            return weight, None, None
+        plan = self._plan(self._in_effect)
+        if self.cache_mixed or not plan:  # (no plan with a stash is not a state the engine leaves: copy then)
+            cached = self._mixed_cache.get(("original", None))
+            if cached is None:
+                cached = (None, self.original_weight())
+                if self.cache_mixed:
+                    self._mixed_cache[("original", None)] = cached
+            return cached[1], None, None
+        held = self.persona_mask_bits[plan[0][0]]
+        for name, _ in plan[1:]:
+            held = held & self.persona_mask_bits[name]
+        return weight, held, self.persona_dropped
 
     def mixed_difference(self, adapters: Sequence[str]) -> torch.Tensor | None:
         """With ``cache_mixed``, a float32/64 weight and no grad: ``W_eff(adapters)`` minus the ``W_eff`` the weight
@@ -182,7 +192,8 @@ class MixedBatchForward:
         if not fast_mixed.supports(self.get_base_weight(), x, *[m for m in masks if m is not None]):
             return None
         plan = self._mixed_plan(adapter_names, tokens_per_row, groups, masks)
-        out = fast_mixed.mixed_linear(self.mixed_original(), x.reshape(-1, x.shape[-1]), plan)
+        weight, held, stash = self.mixed_source()
+        out = fast_mixed.mixed_linear(weight, x.reshape(-1, x.shape[-1]), plan, held, stash)
         bias = self.get_base_layer().bias
         if bias is not None:
             out += bias
