@@ -7,7 +7,8 @@ numba adds, in three storage formats.
 The 100M model's layers with 2048 inputs (``down_proj``, one per block), one decode step of 4 rows split between two
 adapters (random masks at sparsity 0.2, independent or differing in the fraction ``--differ`` of the entries; LoRA
 r=16 on the same modules), ``cache_mixed`` on and warmed; the persona mixed forward with the fused kernel
-(:mod:`peft_persona.fast_mixed`, one pass over the original weight) and under ``fast_select.eager()`` (the path
+(:mod:`peft_persona.fast_mixed`, one pass over the original weight; and without ``cache_mixed``, reading the weight
+holding ``W_eff`` and the engine's stash of original values) and under ``fast_select.eager()`` (the path
 without numba: the weight in effect's product plus a sparse difference); then the sparse difference those layers
 hold (CSR, ``int32`` indices) against the same with ``int64`` indices and the dense product of the same two rows with
 the dense difference. Milliseconds per layer, medians of round-robin repeats. Prints a markdown table;
@@ -48,9 +49,12 @@ def main() -> None:
     from peft_persona.targets import oriented_weight
 
     shapes = {n: tuple(oriented_weight(m).shape) for n, m in decoder_linear_modules(base).items()}
-    persona = persona_model(base, mask_pair(shapes, args.differ), cache_mixed=True)
+    pair = mask_pair(shapes, args.differ)
+    persona = persona_model(base, pair, cache_mixed=True)
+    uncached = persona_model(base, pair, cache_mixed=False)
     lora = lora_model(base, decoder_linear_modules(base))
     layers = [m for m in mask_layers(persona).values() if m.in_features == width]
+    uncached_layers = [m for m in mask_layers(uncached).values() if m.in_features == width]
     lora_layers = [m for m in lora.modules() if isinstance(m, LoraLinear) and m.in_features == width]
     x = torch.randn(4, 1, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -66,6 +70,9 @@ def main() -> None:
         functions = {
             "persona, one adapter (plain)": lambda: [m(x) for m in layers],
             "persona mixed, cache_mixed, fused kernel": lambda: [m(x, adapter_names=NAMES) for m in layers],
+            "persona mixed, fused kernel, no cache (W_eff and stash)": lambda: [
+                m(x, adapter_names=NAMES) for m in uncached_layers
+            ],
             "persona mixed, cache_mixed, without numba (sparse difference)": lambda: without_kernels(layers, x),
             "LoRA r=16, one adapter": lambda: [m(x) for m in lora_layers],
             "LoRA r=16 mixed": lambda: [m(x, adapter_names=NAMES) for m in lora_layers],
