@@ -97,6 +97,10 @@ def test_bad_shapes_and_indices_are_named():
         fast_mixed.mixed_linear(weight, torch.randn(2, 23), plan)
     with pytest.raises(ValueError, match=r"a plan for \(4, 24\) do not fit a weight of shape \(5, 24\)"):
         fast_mixed.mixed_linear(torch.randn(5, 24), x, plan)
+    with pytest.raises(ValueError, match="both must be float32 and the weight contiguous"):
+        fast_mixed.mixed_linear(weight.double(), x, plan)
+    with pytest.raises(ValueError, match=r"contiguous: False"):
+        fast_mixed.mixed_linear(torch.randn(24, 4).T, x, plan)
     with pytest.raises(ValueError, match="the plan reaches token 1; the input has 1 rows"):
         fast_mixed.mixed_linear(weight, x[:1], plan)
     with pytest.raises(ValueError, match=r"packed mask \(4, 2\) torch.uint8 does not fit \(4, 24\)"):

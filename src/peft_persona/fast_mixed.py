@@ -47,8 +47,8 @@ def supports(weight: torch.Tensor, x: torch.Tensor, *packed: torch.Tensor) -> bo
 
 
 class MixedPlan(NamedTuple):
-    """A mixed batch's groups as :func:`mixed_linear` reads them (from :func:`plan_groups`); reusable across calls
-    with the same groups, masks and strengths (a decoding loop)."""
+    """A mixed batch's groups as :func:`mixed_linear` reads them; made (and checked) by :func:`plan_groups`, not by
+    hand. Reusable across calls with the same groups, masks and strengths (a decoding loop)."""
 
     shape: tuple[int, int]  # the weight's (out, in)
     tokens: int  # the input rows it reaches (largest token index + 1)
@@ -117,6 +117,11 @@ def mixed_linear(
     """
     if fast_select.numba is None:
         raise RuntimeError("mixed_linear needs numba: pip install 'peft-persona[fast]'")
+    if weight.dtype != torch.float32 or x.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError(
+            f"mixed_linear: weight {weight.dtype} (contiguous: {weight.is_contiguous()}) and input {x.dtype}; "
+            "both must be float32 and the weight contiguous"
+        )
     if x.dim() != 2 or x.shape[1] != weight.shape[1] or tuple(weight.shape) != plan.shape:
         raise ValueError(
             f"mixed_linear: input {tuple(x.shape)} and a plan for {plan.shape} do not fit a weight of shape "
