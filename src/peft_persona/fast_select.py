@@ -2,12 +2,13 @@
 
 A row is selected while it sits in cache. Its keys are built (for ``|W| * c`` scores straight from the weight, with
 the bits :func:`selection.order_keys` gives), counted once in 256 buckets spanning the row's own range, and every key
-above the bucket holding the ``k``-th largest is kept; the keys inside that bucket are gathered (ascending columns)
-and refined by 256-bucket passes over them alone until the cut is one key wide; where the ``k``-th largest key is
-the row's smallest (contrastive scores are zero on half the channels), one pass cuts there. Among keys equal at the
-cut the lower columns win; with a secondary key, the tied entries are first narrowed by it (its keys built for them
-alone; an insertion pass where only a few are kept or dropped, starting from the previous row's floor where enough
-keys reach it, else the same bucket passes). Blocks of rows run on a thread pool, one per torch thread.
+above the bucket holding the ``k``-th largest is kept; the keys inside that bucket are gathered (ascending columns,
+found 64 digits at a time by one vector compare written as LLVM IR) and refined by 256-bucket passes over them alone
+until the cut is one key wide; where the ``k``-th largest key is the row's smallest (contrastive scores are zero on
+half the channels), one pass cuts there. Among keys equal at the cut the lower columns win; with a secondary key, the
+tied entries are first narrowed by it (its keys built for them alone; an insertion pass where only a few are kept or
+dropped, starting from the previous row's floor where enough keys reach it, else the same bucket passes). Blocks of
+rows run on a thread pool, one per torch thread.
 
 Installed with the ``fast`` extra (``pip install "peft-persona[fast]"``). Without numba, with
 ``PEFT_PERSONA_KERNELS=0`` in the environment, inside :func:`eager`, or for tensors off the CPU, selection runs in
@@ -61,7 +62,29 @@ def applies(*tensors: torch.Tensor) -> bool:
 
 
 if numba is not None:
+    from llvmlite import ir
+    from numba.core import cgutils
+    from numba.cpython.unsafe.numbers import trailing_zeros
+    from numba.extending import intrinsic
+
     _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+    @intrinsic
+    def _equal_bits(typingctx, digits, start, value):
+        """A ``uint64`` whose bit ``i`` is ``digits[start + i] == value``: 64 bytes, one vector compare."""
+        if digits.dtype != numba.types.uint8 or digits.layout != "C":
+            return None
+
+        def codegen(context, builder, signature, args):
+            array, first, wanted = args
+            data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=array).data
+            lanes = ir.VectorType(ir.IntType(8), 64)
+            chunk = builder.load(builder.bitcast(builder.gep(data, [first]), lanes.as_pointer()), align=1)
+            splat = builder.insert_element(ir.Constant(lanes, ir.Undefined), wanted, ir.IntType(32)(0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64))
+            return builder.bitcast(builder.icmp_unsigned("==", chunk, splat), ir.IntType(64))
+
+        return numba.types.uint64(digits, start, value), codegen
 
     @_jit
     def _ordered(bits):
@@ -136,6 +159,23 @@ if numba is not None:
         counts[0] += lowest
 
     @_jit
+    def _gather_bucket(keys, n, digits, top, cand_keys, cand_pos):
+        """Gather the keys of the first ``n`` whose digit is ``top`` and their positions; returns how many. Found 64
+        digits at a time (``digits`` has room past ``n``; bits past ``n`` are cleared)."""
+        m = 0
+        for base in range(0, n, 64):
+            found = _equal_bits(digits, base, top)
+            if n - base < 64:
+                found &= (np.uint64(1) << np.uint64(n - base)) - np.uint64(1)
+            while found:
+                j = base + trailing_zeros(found)
+                cand_keys[m] = keys[j]
+                cand_pos[m] = j
+                m += 1
+                found &= found - np.uint64(1)
+        return m
+
+    @_jit
     def _cut(keys, k, keep, digits, counts, cand_keys, cand_pos):
         """Mark in ``keep`` the positions above the ``k``-th largest of ``keys`` (``uint32``: order keys plus 2**31,
         ``0 < k <= len``) and gather those equal to it, ascending, in ``cand_pos``: returns how many were gathered
@@ -161,12 +201,7 @@ if numba is not None:
         top = np.uint8(bucket)
         for j in range(n):
             keep[j] = digits[j] > top
-        m = 0
-        for j in range(n):
-            if digits[j] == top:
-                cand_keys[m] = keys[j]
-                cand_pos[m] = j
-                m += 1
+        m = _gather_bucket(keys, n, digits, top, cand_keys, cand_pos)
         need = k - above
         while shift > 0 and need < m:  # refine inside the bucket: its keys' own span, 2**BUCKET_BITS buckets
             low, high = _span(cand_keys, m)
@@ -269,7 +304,7 @@ if numba is not None:
         gathered keys and positions, tied positions (or the entries reaching the carried floor), tie choices, the
         insertion buffer (keys, positions), and the floor carried from row to row (``_mark_few``'s ``hint``)."""
         return (
-            np.empty(cols, np.uint8),
+            np.empty(cols + 63, np.uint8),  # room for the last 64-digit compare of _gather_bucket
             np.empty((1 << BUCKET_BITS) + 8, np.int32),
             np.empty(cols, np.uint32),
             np.empty(cols, np.int64),
