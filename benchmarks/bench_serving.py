@@ -1,11 +1,15 @@
 """Serving costs of persona masks beside PEFT LoRA r=16: adapter switching time and resident memory per adapter.
 
     python benchmarks/bench_serving.py [--config 100M] [--repeats 5] [--threads 2] [--processes 1] [--index-ops]
+        [--mixed]
 
 Switching: ``set_adapter`` between two loaded adapters, alone and followed by one single-token forward, against a
 plain copy of the targeted weights (one pass over them) and against the forward alone. ``--processes N`` times the
 switch table again in N - 1 fresh processes and prints each ratio's spread (the copy's speed differs between
 processes). ``--index-ops``: the index operations a switch is made of, on the same weights, against the copy.
+``--mixed``: mixed-persona decoding in the same run (``generate`` with ``adapter_names=``, 4 rows split between two
+adapters, 16 new tokens after a 16-token prompt, greedy) with and without ``cache_mixed``, against PEFT LoRA r=16's
+mixed decoding on the same modules, timed round-robin.
 The ``keep_original`` rows switch with the fused kernel of :mod:`peft_persona.fast_mask` where numba is installed
 (the ``fast`` extra); the ``eager`` row is the same switch with the kernels off (``PEFT_PERSONA_KERNELS=0``).
 Memory: peak-free RSS of a fresh process holding the model and 1, 2, 4 or 8 adapters, each of them made active once
@@ -259,6 +263,33 @@ def switch_times(config: str, repeats: int) -> dict[str, float]:
         )
 
 
+def mixed_decode_table(config: str, repeats: int, new_tokens: int = 16) -> str:
+    """Tokens/s of mixed-persona decoding (4 rows, two adapters) with and without ``cache_mixed``, and LoRA's."""
+    from bench_forward import lora_model, persona_model
+
+    from peft_persona.targets import decoder_linear_modules, oriented_weight
+
+    base = random_llama(config)
+    shapes = {n: tuple(oriented_weight(m).shape) for n, m in decoder_linear_modules(base).items()}
+    pair = mask_pair(shapes, None)
+    models = {
+        "persona mixed": persona_model(base, pair),
+        "persona mixed, cache_mixed": persona_model(base, pair, cache_mixed=True),
+        "LoRA r=16 mixed": lora_model(base, decoder_linear_modules(base)),
+    }
+    prompt = torch.randint(3, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).repeat(4, 1)
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    names = ["a", "b0"] * 2
+    with torch.no_grad():
+        runs = {
+            k: (lambda m=m: m.generate(input_ids=prompt, adapter_names=names, **settings)) for k, m in models.items()
+        }
+        t = interleaved_medians(runs, max(3, repeats))
+    lora = t["LoRA r=16 mixed"]
+    rows = [[k, f"{4 * new_tokens / v:.1f}", f"{lora / v:.2f}"] for k, v in t.items()]
+    return markdown_table(["mixed decoding, 4 rows, two adapters", "tokens/s", "/ LoRA mixed"], rows)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
@@ -273,6 +304,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--processes", type=int, default=1, help="time the switch table in this many processes")
     parser.add_argument("--index-ops", action="store_true", help="also time the index operations of a switch")
+    parser.add_argument("--mixed", action="store_true", help="also time mixed-persona decoding against LoRA's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -288,6 +320,8 @@ def main() -> None:
         print(spread_table(args.config, args.repeats, args.threads, times, args.processes), end="\n\n")
     if args.index_ops:
         print(index_ops_table(args.config, args.repeats), end="\n\n")
+    if args.mixed:
+        print(mixed_decode_table(args.config, args.repeats), end="\n\n")
     print(memory_table(args.config))
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
