@@ -69,12 +69,12 @@ def plan_groups(
     indices into the input's rows, each token in at most one group) under the packed mask ``packed[g]`` ``(out,
     ceil(in / 8))`` at ``strengths[g]``, or under no mask where ``packed[g]`` is ``None``."""
     if not len(token_groups) == len(packed) == len(strengths):
-        raise ValueError("mixed_linear: token_groups, packed and strengths differ in length")
+        raise ValueError("plan_groups: token_groups, packed and strengths differ in length")
     want = (shape[0], (shape[1] + 7) // 8)
     masks = [p for p in packed if p is not None]
     for p in masks:
         if tuple(p.shape) != want or p.dtype != torch.uint8:
-            raise ValueError(f"mixed_linear: packed mask {tuple(p.shape)} {p.dtype} does not fit {tuple(shape)}")
+            raise ValueError(f"plan_groups: packed mask {tuple(p.shape)} {p.dtype} does not fit {tuple(shape)}")
     if len(masks) == 1 and masks[0].is_contiguous():
         bits = masks[0].unsqueeze(0)  # a view: no copy for one adapter
     else:
@@ -86,7 +86,7 @@ def plan_groups(
         slot += p is not None
     rows = torch.cat(token_groups).to(torch.int64) if token_groups else torch.zeros(0, dtype=torch.int64)
     if len(rows) and int(rows.min()) < 0:
-        raise ValueError(f"mixed_linear: negative token index {int(rows.min())}")
+        raise ValueError(f"plan_groups: negative token index {int(rows.min())}")
     starts = np.zeros(len(token_groups) + 1, dtype=np.int64)
     starts[1:] = np.cumsum([len(g) for g in token_groups])
     return MixedPlan(
@@ -169,6 +169,16 @@ if fast_select.numba is not None:
         vector = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.IntType(32)(0))
         return builder.shuffle_vector(vector, vector, lane_zero)
 
+    def _vector_at(builder, pointer, column, vector_type):
+        """A pointer to the ``vector_type`` starting at element ``column`` of ``pointer``."""
+        return builder.bitcast(builder.gep(pointer, [column]), vector_type.as_pointer())
+
+    def _mask_word(builder, bits, block):
+        """Block ``block``'s 16 mask bits (two bytes of a packed row), as an ``i16``."""
+        word = ir.IntType(16)
+        two_bytes = builder.bitcast(builder.gep(bits, [builder.mul(block, block.type(2))]), word.as_pointer())
+        return builder.load(two_bytes, align=1)
+
     def _horizontal_sum(builder, vectors):
         """The sum of every lane of ``vectors`` (added lane by lane first), as a scalar."""
         total = vectors[0]
@@ -201,11 +211,8 @@ if fast_select.numba is not None:
             position, error = cgutils.alloca_once_value(builder, start), cgutils.alloca_once_value(builder, index(0))
             with cgutils.for_range(builder, blocks) as loop:
                 column = builder.mul(loop.index, index(LANES))
-                w_vector = builder.load(builder.bitcast(builder.gep(w_ptr, [column]), vec.as_pointer()), align=4)
-                two_bytes = builder.bitcast(
-                    builder.gep(held_ptr, [builder.mul(loop.index, index(2))]), i16.as_pointer()
-                )
-                dropped = builder.xor(builder.load(two_bytes, align=1), i16(0xFFFF))
+                w_vector = builder.load(_vector_at(builder, w_ptr, column, vec), align=4)
+                dropped = builder.xor(_mask_word(builder, held_ptr, loop.index), i16(0xFFFF))
                 here, taken = builder.load(position), builder.zext(builder.call(count, [dropped]), index)
                 if checked:
                     fits = builder.icmp_unsigned("<=", builder.add(here, taken), size)  # never read past the stash
@@ -213,7 +220,7 @@ if fast_select.numba is not None:
                     builder.store(builder.or_(builder.load(error), builder.zext(builder.not_(fits), index)), error)
                 keep = builder.bitcast(dropped, keep_type)
                 restored = builder.call(expand, [builder.gep(stash_ptr, [here]), keep, w_vector])
-                builder.store(restored, builder.bitcast(builder.gep(scratch_ptr, [column]), vec.as_pointer()), align=4)
+                builder.store(restored, _vector_at(builder, scratch_ptr, column, vec), align=4)
                 builder.store(builder.add(here, taken), position)
             return context.make_tuple(builder, signature.return_type, [builder.load(position), builder.load(error)])
 
@@ -244,7 +251,7 @@ if fast_select.numba is not None:
                 return cgutils.create_struct_proxy(signature.args[position])(context, builder, value=value)
 
             def load_vector(pointer, column):
-                return builder.load(builder.bitcast(builder.gep(pointer, [column]), vec.as_pointer()), align=4)
+                return builder.load(_vector_at(builder, pointer, column, vec), align=4)
 
             w_ptr, bits_ptr, rows_ptr, x_proxy = data(0, w).data, data(1, bits).data, data(3, rows).data, data(2, x)
             x_stride = builder.sdiv(cgutils.unpack_tuple(builder, x_proxy.strides, 2)[0], index(4))  # bytes: float32
@@ -260,10 +267,7 @@ if fast_select.numba is not None:
             def step(block, lane):
                 column = builder.mul(block, index(LANES))
                 w_vector = load_vector(w_ptr, column)
-                two_bytes = builder.bitcast(
-                    builder.gep(bits_ptr, [builder.mul(block, index(2))]), ir.IntType(16).as_pointer()
-                )
-                keep = builder.bitcast(builder.load(two_bytes, align=1), ir.VectorType(ir.IntType(1), LANES))
+                keep = builder.bitcast(_mask_word(builder, bits_ptr, block), ir.VectorType(ir.IntType(1), LANES))
                 factored = builder.select(keep, w_vector, builder.fmul(w_vector, off_vector))
                 for t in range(tokens):
                     total = builder.call(fma, [load_vector(x_rows[t], column), factored, builder.load(sums[t][lane])])

@@ -258,12 +258,9 @@ class WeightEngine(SwitchRecords):
         ``original * mask`` into ``weight``: every adapter at strength 1, the weight in ``(out, in)`` layout."""
         if not plan or any(s != 1.0 for _, s in plan) or self.fan_in_fan_out:
             return None
-        kept = self.persona_mask_bits[plan[0][0]]
-        if not fast_mask.supports(weight, kept):
+        if not fast_mask.supports(weight, self.persona_mask_bits[plan[0][0]]):
             return None
-        for name, _ in plan[1:]:
-            kept = kept & self.persona_mask_bits[name]
-        return kept
+        return self.kept_by(plan)
 
     def release_weight(self, keep_effect: bool) -> None:
         """Leave the weight holding the merged adapters (``keep_effect``) or the original, and forget how to restore

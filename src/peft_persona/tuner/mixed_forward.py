@@ -59,23 +59,18 @@ class MixedBatchForward:
         masks in effect ANDed) and ``stash`` (the original values of the others, in row-major order, as the engine
         keeps them), which the kernel expands row by row."""
         self.notice_writes()
-        weight = self.get_base_weight().detach()
         if self.persona_original is not None:
             return self.persona_original, None, None
         if self.persona_dropped_index is None:
-            return weight, None, None
+            return self.get_base_weight().detach(), None, None
         plan = self._plan(self._in_effect)
-        if self.cache_mixed or not plan:  # (no plan with a stash is not a state the engine leaves: copy then)
-            cached = self._mixed_cache.get(("original", None))
-            if cached is None:
-                cached = (None, self.original_weight())
-                if self.cache_mixed:
-                    self._mixed_cache[("original", None)] = cached
-            return cached[1], None, None
-        held = self.persona_mask_bits[plan[0][0]]
-        for name, _ in plan[1:]:
-            held = held & self.persona_mask_bits[name]
-        return weight, held, self.persona_dropped
+        if not plan:  # a stash with nothing in effect is not a state the engine leaves: read a copy
+            return self.original_weight(), None, None
+        if self.cache_mixed:
+            if ("original", None) not in self._mixed_cache:
+                self._mixed_cache[("original", None)] = (None, self.original_weight())
+            return self._mixed_cache[("original", None)][1], None, None
+        return self.get_base_weight().detach(), self.kept_by(plan), self.persona_dropped
 
     def mixed_difference(self, adapters: Sequence[str]) -> torch.Tensor | None:
         """With ``cache_mixed``, a float32/64 weight and no grad: ``W_eff(adapters)`` minus the ``W_eff`` the weight
@@ -138,10 +133,10 @@ class MixedBatchForward:
         for name, rows in _row_groups(tuple(adapter_names)).items():
             acts = name != BASE_ADAPTER and name in self.persona_mask_bits and self.persona_strength[name] > 0
             groups[name] = ([name] if acts else [], rows)
-        fused = self._fused_mixed_forward(x, tuple(adapter_names), groups)
+        tokens_per_row = x[0].numel() // x.shape[-1] if len(x) and x.shape[-1] else 0
+        fused = self._fused_mixed_forward(x, tuple(adapter_names), groups, tokens_per_row)
         if fused is not None:
             return fused
-        tokens_per_row = x[0].numel() // x.shape[-1] if len(x) else 0
         differences = {}
         for name, (wanted, rows) in groups.items():
             if wanted != current and _rows_count(rows) * tokens_per_row <= SPARSE_MIXED_MAX_TOKENS:
@@ -173,13 +168,16 @@ class MixedBatchForward:
         return result
 
     def _fused_mixed_forward(
-        self, x: torch.Tensor, adapter_names: tuple[str, ...], groups: dict[str, tuple[list[str], Any]]
+        self,
+        x: torch.Tensor,
+        adapter_names: tuple[str, ...],
+        groups: dict[str, tuple[list[str], Any]],
+        tokens_per_row: int,
     ) -> torch.Tensor | None:
         """The mixed batch through :func:`~peft_persona.fast_mixed.mixed_linear` (one read of the original weight and
         of each adapter's packed mask), or ``None`` where it does not run: a group above
         :data:`.FUSED_MIXED_MAX_TOKENS` tokens, no adapter acting, a transposed (``fan_in_fan_out``) weight, under
         ``torch.compile``, or where :func:`~peft_persona.fast_mixed.supports` fails."""
-        tokens_per_row = x[0].numel() // x.shape[-1] if len(x) and x.shape[-1] else 0
         if (
             self.fan_in_fan_out
             or not tokens_per_row

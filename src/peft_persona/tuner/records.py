@@ -115,11 +115,15 @@ class SwitchRecords:
         self._keeps_all.pop(adapter_name, None)
         self._mixed_cache.clear()
 
-    def _find_dropped(self, plan: list[tuple[str, float]]) -> torch.Tensor:
+    def kept_by(self, plan: list[tuple[str, float]]) -> torch.Tensor:
+        """The packed mask of the entries every adapter of ``plan`` keeps (their masks ANDed; one mask as it is)."""
         kept = self.persona_mask_bits[plan[0][0]]
         for name, _ in plan[1:]:
             kept = kept & self.persona_mask_bits[name]
-        dropped = ~unpack_mask(kept, self.in_features)
+        return kept
+
+    def _find_dropped(self, plan: list[tuple[str, float]]) -> torch.Tensor:
+        dropped = ~unpack_mask(self.kept_by(plan), self.in_features)
         if self.fan_in_fan_out:
             dropped = dropped.T.contiguous()
         return torch.nonzero(dropped.view(-1)).squeeze(1)
